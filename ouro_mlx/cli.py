@@ -1,0 +1,46 @@
+"""``ouro-mlx <verb>``: a small lazy dispatcher, one module per verb."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "generate": "Generate text from a prompt.",
+    "convert": "Convert between HF PyTorch-format and MLX checkpoints.",
+    "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
+}
+
+
+def usage() -> str:
+    lines = ["usage: ouro-mlx <verb> [options]", "", "verbs:"]
+    lines += [f"  {verb:<10} {text}" for verb, text in VERBS.items()]
+    lines += ["", "ouro-mlx <verb> --help shows a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb in ("-V", "--version"):
+        from . import __version__
+
+        print(f"ouro-mlx {__version__}")
+        return 0
+    if verb not in VERBS:
+        print(f"ouro-mlx: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"ouro_mlx.commands.{verb.replace('-', '_')}")
+    try:
+        return module.main(rest) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        # Bad input: say what is wrong, without a traceback.
+        print(f"ouro-mlx {verb}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

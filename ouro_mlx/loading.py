@@ -1,0 +1,335 @@
+"""Finding, reading, checking and saving Ouro checkpoints.
+
+The one module that talks to the Hugging Face hub and to mlx-lm's loader
+internals. Nothing here imports or executes code from a model directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .model import Model, ModelArgs
+
+# Files a checkpoint directory may hold that we read. No "*.py": we never run them.
+CONFIG_FILES = ["config.json", "generation_config.json"]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+WEIGHT_PATTERNS = ["model*.safetensors", "model.safetensors.index.json"]
+TORCH_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+CHAT_END = "<|im_end|>"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message says why."""
+
+
+def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def resolve(
+    path_or_repo: str | Path,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """A local directory, or a Hugging Face repo id fetched into (or found in, with
+    ``HF_HUB_OFFLINE=1``) the local HF cache, with a progress bar."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a checkpoint directory.")
+        return path
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise FileNotFoundError(f"No such directory: {path_or_repo}")
+    from huggingface_hub import snapshot_download
+
+    patterns = allow_patterns or CONFIG_FILES + TOKENIZER_FILES + WEIGHT_PATTERNS
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # the hub raises many types; all mean "not available"
+        raise FileNotFoundError(
+            f"{repo!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub ({type(e).__name__}: {e}). Offline, it must already be "
+            "in the local HF cache (HF_HUB_OFFLINE=1 reads only from there)."
+        ) from e
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{path} has no config.json; is it a model directory?")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    if config.get("model_type") != "ouro":
+        raise CheckpointError(
+            f"{file} has model_type {config.get('model_type')!r}; ouro-mlx loads only "
+            "Ouro checkpoints (model_type 'ouro')."
+        )
+    gen = path / "generation_config.json"
+    if gen.exists():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError:
+            eos = None
+        if eos is not None:
+            config["eos_token_id"] = eos
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint; with an index, exactly those it names."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if missing := [n for n in names if not (path / n).exists()]:
+            raise CheckpointError(f"{index} names missing files: {', '.join(missing)}")
+        return [path / n for n in names]
+    files = sorted(Path(f) for f in glob.glob(str(path / "model*.safetensors")))
+    if not files:
+        torch_files = [f for p in TORCH_PATTERNS for f in glob.glob(str(path / p))]
+        hint = (
+            " It holds PyTorch weights; convert them first: "
+            f"ouro-mlx convert --hf-path {path} --mlx-path OUT"
+            if torch_files
+            else ""
+        )
+        raise CheckpointError(f"No model*.safetensors in {path}.{hint}")
+    return files
+
+
+def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
+    """Lazily read tensors (nothing is materialised until evaluated)."""
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise CheckpointError(f"Cannot read {f} (truncated or corrupt?): {e}") from e
+    return weights
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """One error listing every missing, unexpected and misshapen tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(weights[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    problems = [
+        (f"missing tensors ({len(missing)})", missing),
+        (f"unexpected tensors ({len(extra)})", extra),
+        (f"wrong shapes ({len(shapes)})", shapes),
+    ]
+    if any(items for _, items in problems):
+        lines = [f"  {title}:\n" + "\n".join(f"    {i}" for i in items)
+                 for title, items in problems if items]
+        raise CheckpointError("The checkpoint does not match its config:\n" + "\n".join(lines))
+
+
+def apply_quantization(model: nn.Module, config: dict, weights: dict) -> None:
+    """Turn the layers an mlx-lm checkpoint stores quantized into quantized layers
+    (per-layer settings from the config, else inferred from the stored shapes)."""
+    from mlx_lm.utils import infer_quant_config
+
+    quant = config.get("quantization")
+    if quant is None:
+        return
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in quant and isinstance(quant[path], (bool, dict)):
+            return quant[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quant.get("group_size", 64),
+        bits=quant.get("bits", 4),
+        mode=quant.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    return {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+
+
+def build_model(
+    path: Path,
+    config: dict,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+) -> Model:
+    try:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"Invalid Ouro config in {path}: {e}") from e
+    model = Model(args)
+    weights = model.sanitize(read_safetensors(weight_files(path)))
+    apply_quantization(model, config, weights)
+    check_weights(model, weights)
+    if (dtype := parse_dtype(dtype)) is not None:
+        weights = cast_floats(weights, dtype)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load_model(
+    path_or_repo: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    ut_steps: int | None = None,
+    exit_threshold: float | None = None,
+    revision: str | None = None,
+) -> Model:
+    """Load an Ouro model (HF safetensors or an mlx-lm/ouro-mlx MLX directory).
+
+    Args:
+        path_or_repo: a local directory or a Hugging Face repo id.
+        dtype: cast floating weights ("float32", "bfloat16", "float16").
+        lazy: leave weights unevaluated (read on first use).
+        ut_steps: default loop steps, overriding the config's ``total_ut_steps``.
+        exit_threshold: default Q-exit threshold, overriding ``early_exit_threshold``.
+        revision: hub revision (branch, tag or commit).
+    """
+    path = resolve(path_or_repo, revision)
+    model = build_model(path, read_config(path), dtype=dtype, lazy=lazy)
+    set_runtime_defaults(model, ut_steps, exit_threshold)
+    return model
+
+
+def set_runtime_defaults(
+    model: Model, ut_steps: int | None, exit_threshold: float | None
+) -> None:
+    from .exit import check_threshold
+    from .model import check_ut_steps
+
+    if ut_steps is not None:
+        model.ut_steps = check_ut_steps(ut_steps)
+    if exit_threshold is not None:
+        model.exit_threshold = check_threshold(exit_threshold)
+
+
+def load_tokenizer(path: Path, config: dict | None = None):
+    """mlx-lm's tokenizer wrapper; stops on the config's eos and on ``<|im_end|>``
+    (the released configs say eos = 0, but chat turns end with ``<|im_end|>``)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
+
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+        raise CheckpointError(f"{path} has no tokenizer (tokenizer.json).")
+    eos = (config or {}).get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    with quiet_transformers():
+        tokenizer = load_tokenizer_wrapper(path, eos_token_ids=eos)
+    if CHAT_END in tokenizer.get_vocab():
+        tokenizer.add_eos_token(CHAT_END)
+    return tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers warns that it does not know model_type "ouro" (it reads
+    config.json to pick a tokenizer class); harmless here, so hide it."""
+    import warnings
+
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def load(
+    path_or_repo: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    ut_steps: int | None = None,
+    exit_threshold: float | None = None,
+    revision: str | None = None,
+):
+    """Load ``(model, tokenizer)``; options as in :func:`load_model`."""
+    path = resolve(path_or_repo, revision)
+    config = read_config(path)
+    model = build_model(path, config, dtype=dtype, lazy=lazy)
+    set_runtime_defaults(model, ut_steps, exit_threshold)
+    return model, load_tokenizer(path, config)
+
+
+@contextmanager
+def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; on success it replaces ``dest``.
+    On any error the temporary directory is removed and ``dest`` is untouched."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+        raise FileExistsError(f"{dest} exists and is not empty; pass --force to replace it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def copy_support_files(src: Path, dst: Path) -> None:
+    """Tokenizer files and generation config (never code) from ``src`` to ``dst``."""
+    for name in TOKENIZER_FILES + ["generation_config.json"]:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)

@@ -198,12 +198,14 @@ def mlx_to_hf(
     mlx_path: str | Path,
     hf_path: str | Path,
     *,
-    dtype: str | None = "bfloat16",
+    dtype: str | None = None,
     force: bool = False,
     verify: bool = False,
 ) -> float | None:
     """Export an MLX directory (quantized or not) as an HF PyTorch-format checkpoint:
-    dequantized safetensors under the HF key names and a released-style config."""
+    dequantized safetensors under the HF key names and a released-style config.
+    ``dtype`` casts the output (the released checkpoints are bfloat16); by default
+    tensors keep their dtype (dequantized ones take their scales' dtype)."""
     from mlx_lm.utils import dequantize_model, make_shards
 
     src = resolve(mlx_path)

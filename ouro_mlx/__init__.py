@@ -1,17 +1,33 @@
-"""ouro-mlx: ByteDance's Ouro looped language models on MLX."""
+"""ouro-mlx: ByteDance's Ouro looped language models on MLX.
+
+Public API: ``load``, ``load_model``, ``Model``, ``ModelArgs``, ``LoopOutputs``,
+``CheckpointError`` and the ``exit`` module. Attributes are imported lazily: this
+package is imported at interpreter start-up by the mlx-lm hook (see
+``_mlx_lm_hook``), which must not pull in mlx.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from . import _mlx_lm_hook  # noqa: F401  (makes mlx-lm resolve model_type "ouro")
-from . import exit
-from .loading import CheckpointError, load, load_model
-from .model import LoopOutputs, Model, ModelArgs
 
 __version__ = "0.1.0"
-__all__ = [
-    "CheckpointError",
-    "LoopOutputs",
-    "Model",
-    "ModelArgs",
-    "exit",
-    "load",
-    "load_model",
-]
+
+_EXPORTS = {
+    "load": "loading",
+    "load_model": "loading",
+    "CheckpointError": "loading",
+    "Model": "model",
+    "ModelArgs": "model",
+    "LoopOutputs": "model",
+}
+__all__ = [*_EXPORTS, "exit", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name == "exit":
+        return importlib.import_module(".exit", __name__)
+    raise AttributeError(f"module 'ouro_mlx' has no attribute {name!r}")

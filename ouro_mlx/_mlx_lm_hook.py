@@ -8,14 +8,13 @@ nothing heavy until mlx-lm actually asks for the module.
 """
 
 import importlib
-import importlib.abc
-import importlib.util
 import sys
+from importlib.machinery import ModuleSpec
 
 NAME = "mlx_lm.models.ouro"
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     def create_module(self, spec):
         module = importlib.import_module("ouro_mlx.model")
         self._own_spec = module.__spec__
@@ -25,11 +24,9 @@ class _Loader(importlib.abc.Loader):
         module.__spec__ = self._own_spec  # importlib set it to the alias's spec
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != NAME:
-            return None
-        return importlib.util.spec_from_loader(fullname, _Loader())
+        return ModuleSpec(fullname, _Loader()) if fullname == NAME else None
 
 
 def register() -> None:

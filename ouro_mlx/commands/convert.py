@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="config.json (or its directory) for a raw .bin/.pt weights file.")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="Output dtype (default: as stored; bfloat16 for --to-hf).")
+                   help="Output dtype (default: as stored).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize (HF → MLX).")
     p.add_argument("--q-bits", type=int, default=None)
     p.add_argument("--q-group-size", type=int, default=None)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.to_hf:
         if args.quantize:
             raise ValueError("--quantize applies to HF → MLX only.")
-        diff = mlx_to_hf(args.mlx_path, args.hf_path, dtype=args.dtype or "bfloat16",
+        diff = mlx_to_hf(args.mlx_path, args.hf_path, dtype=args.dtype,
                          force=args.force, verify=args.verify)
         dest = args.hf_path
     else:

@@ -1,0 +1,129 @@
+"""The command line, and Ouro inside mlx-lm's own tools (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ouro_mlx.convert import hf_to_mlx
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(*args: str, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          input=stdin, env=ENV, timeout=timeout)
+
+
+def ouro(*args: str, **kw):
+    return run("-m", "ouro_mlx", *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def mlx_dir(tiny_dir, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("mlx") / "tiny-8bit"
+    hf_to_mlx(tiny_dir, dst, quantize=True, q_bits=8, q_group_size=32)
+    return dst
+
+
+def test_help_and_unknown_verb():
+    out = ouro("--help")
+    assert out.returncode == 0 and "generate" in out.stdout and "convert" in out.stdout
+    out = ouro("frobnicate")
+    assert out.returncode == 2 and "unknown verb" in out.stderr
+
+
+def test_random_then_generate(tmp_path):
+    out = ouro("random", "--out", str(tmp_path / "m"), "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    out = ouro("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello",
+               "--max-tokens", "6", "--ut-steps", "2", "--exit-threshold", "0.5")
+    assert out.returncode == 0, out.stderr
+    stats = out.stderr.strip().splitlines()[-1]
+    assert "prompt:" in stats and "generation:" in stats and "peak memory" in stats
+    assert "tokens" in stats and "tok/s" in stats
+
+
+def test_generate_is_reproducible_with_seed_and_reads_stdin(tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "-", "--max-tokens", "8",
+            "--temp", "1.0", "--top-p", "0.9", "--seed", "7", "--no-chat-template"]
+    a, b = ouro(*args, stdin="abc"), ouro(*args, stdin="abc")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x", "--ut-steps", "0"], "ut_steps"),
+    (["--prompt", "x", "--exit-threshold", "1.5"], "exit_threshold"),
+    (["--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
+    (["--prompt", "x", "--max-tokens", "5000"], "positions"),
+])
+def test_generate_bad_input_is_a_clear_error(tiny_dir, args, message):
+    out = ouro("generate", "--model", str(tiny_dir), *args)
+    assert out.returncode == 1 and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_convert_cli_round_trip_and_errors(tiny_dir, tmp_path):
+    out = ouro("convert", "--hf-path", str(tiny_dir), "--mlx-path", str(tmp_path / "m"),
+               "-q", "--q-bits", "8", "--q-group-size", "32", "--verify")
+    assert out.returncode == 0, out.stderr
+    assert "verify: largest |logit difference|" in out.stdout
+    out = ouro("convert", "--hf-path", str(tmp_path / "h"), "--mlx-path",
+               str(tmp_path / "m"), "--to-hf", "--dtype", "bfloat16")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    out = ouro("convert", "--hf-path", str(tiny_dir), "--mlx-path", str(tmp_path / "m"))
+    assert out.returncode == 1 and "--force" in out.stderr
+    out = ouro("convert", "--hf-path", str(tmp_path / "none"), "--mlx-path", str(tmp_path / "x"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+
+
+def test_mlx_lm_generate_runs_ouro_without_remote_code(mlx_dir):
+    out = run("-m", "mlx_lm", "generate", "--model", str(mlx_dir), "--prompt", "hi",
+              "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    assert "Generation: 4 tokens" in out.stdout or "Generation:" in out.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlx_lm_server_serves_ouro(mlx_dir):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(mlx_dir),
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": 3}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     data=body, headers={"Content-Type": "application/json"})
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    reply = json.loads(r.read())
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert reply["choices"][0]["message"]["role"] == "assistant"
+        assert reply["usage"]["completion_tokens"] <= 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -127,3 +127,12 @@ def test_mlx_lm_server_serves_ouro(mlx_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_examples_run(tiny_dir):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = run(str(examples / "generate.py"), str(tiny_dir), "hi", "2")
+    assert out.returncode == 0, out.stderr
+    out = run(str(examples / "loop_depth.py"), str(tiny_dir), "The capital")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("step ") == 4 + 3 and "p(exit here)" in out.stdout

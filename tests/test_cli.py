@@ -136,3 +136,6 @@ def test_examples_run(tiny_dir):
     out = run(str(examples / "loop_depth.py"), str(tiny_dir), "The capital")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("step ") == 4 + 3 and "p(exit here)" in out.stdout
+    out = run(str(examples / "measure_load.py"), str(tiny_dir))
+    assert out.returncode == 0, out.stderr
+    assert "load" in out.stdout and "MLX peak" in out.stdout

@@ -1,7 +1,8 @@
 """ouro-mlx: ByteDance's Ouro looped language models on MLX.
 
-Public API: ``load``, ``load_model``, ``Model``, ``ModelArgs``, ``LoopOutputs``,
-``CheckpointError`` and the ``exit`` module. Attributes are imported lazily: this
+Public API: ``load``, ``load_model``, ``stream_generate``, ``generate``,
+``batch_generate``, ``Model``, ``ModelArgs``, ``LoopOutputs``, ``GenerationResponse``,
+``ExitRule``, ``CheckpointError`` and the ``exit`` module. Attributes are imported lazily: this
 package is imported at interpreter start-up by the mlx-lm hook (see
 ``_mlx_lm_hook``), which must not pull in mlx.
 """
@@ -21,6 +22,11 @@ _EXPORTS = {
     "Model": "model",
     "ModelArgs": "model",
     "LoopOutputs": "model",
+    "stream_generate": "generation",
+    "generate": "generation",
+    "batch_generate": "generation",
+    "GenerationResponse": "generation",
+    "ExitRule": "exit",
 }
 __all__ = [*_EXPORTS, "exit", "__version__"]
 

@@ -12,6 +12,8 @@ array [B, S, T]; pdf and cdf are [B, S, T]; steps are 0-based int32 [B, S].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 
@@ -75,3 +77,107 @@ def expected_logits(steps: list[mx.array] | mx.array, pdf: mx.array) -> mx.array
         steps = mx.stack(steps, axis=0)
     w = mx.moveaxis(pdf, -1, 0)[..., None]  # [T, B, S, 1]
     return (w * steps.astype(mx.float32)).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """When a token stops looping (spec §4.1–4.2), for ``ut_steps`` = T.
+
+    ``at_step`` (0-based) fixes the depth at ``at_step + 1`` loops. Otherwise a
+    token stops after the first step t where ``cdf_t >= threshold`` (Q-exit) or,
+    from the second step on, ``‖h_t − h_{t−1}‖ / ‖h_{t−1}‖ < hidden_eps``; never
+    before ``min_loops`` loops, always by ``max_loops`` (default T)."""
+
+    ut_steps: int
+    threshold: float | None = None
+    at_step: int | None = None
+    hidden_eps: float | None = None
+    min_loops: int = 1
+    max_loops: int | None = None
+
+    def __post_init__(self):
+        T = self.ut_steps
+        if not isinstance(T, int) or T < 1:
+            raise ValueError(f"ut_steps must be an integer >= 1, got {T!r}.")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        if self.at_step is not None and not 0 <= self.at_step < T:
+            raise ValueError(f"exit_at_step must be in [0, {T}), got {self.at_step}.")
+        if self.hidden_eps is not None and not self.hidden_eps >= 0:
+            raise ValueError(f"hidden_eps must be >= 0, got {self.hidden_eps}.")
+        if not 1 <= self.min_loops <= T:
+            raise ValueError(f"min_loops must be in [1, {T}], got {self.min_loops}.")
+        if self.max_loops is not None and not self.min_loops <= self.max_loops <= T:
+            raise ValueError(
+                f"max_loops must be in [min_loops={self.min_loops}, {T}], "
+                f"got {self.max_loops}."
+            )
+
+    @property
+    def ceiling(self) -> int:
+        return self.max_loops or self.ut_steps
+
+    @property
+    def fixed_loops(self) -> int | None:
+        """The depth when it does not depend on the data, else None."""
+        if self.at_step is not None:
+            return min(max(self.at_step + 1, self.min_loops), self.ceiling)
+        q_exits = self.threshold is not None and self.threshold < 1.0
+        if not q_exits and self.hidden_eps is None:
+            return self.ceiling
+        return self.ceiling if self.min_loops == self.ceiling else None
+
+    def stops(self, t: int, cdf_t: mx.array | None, h_t: mx.array,
+              h_prev: mx.array | None) -> mx.array:
+        """Whether to stop after 0-based step t: bool [B, S], criteria and the
+        min/max loops applied."""
+        shape = h_t.shape[:-1]
+        if t + 1 >= self.ceiling:
+            return mx.ones(shape, dtype=mx.bool_)
+        stop = mx.zeros(shape, dtype=mx.bool_)
+        if t + 1 < self.min_loops:
+            return stop
+        if self.threshold is not None and self.threshold < 1.0:
+            stop = stop | (cdf_t >= self.threshold)
+        if self.hidden_eps is not None and h_prev is not None:
+            stop = stop | (relative_change(h_t, h_prev) < self.hidden_eps)
+        return stop
+
+
+def relative_change(h: mx.array, prev: mx.array) -> mx.array:
+    """‖h − prev‖ / ‖prev‖ over the hidden axis, in float32."""
+    h, prev = h.astype(mx.float32), prev.astype(mx.float32)
+    return mx.linalg.norm(h - prev, axis=-1) / mx.linalg.norm(prev, axis=-1)
+
+
+class CdfTracker:
+    """The exit cdf one loop step at a time (same numbers as ``exit_cdf``)."""
+
+    def __init__(self):
+        self.survival = None
+        self.cdf = None
+
+    def update(self, gate_logits: mx.array) -> mx.array:
+        lam = mx.sigmoid(gate_logits.astype(mx.float32))
+        if self.survival is None:
+            self.cdf, self.survival = lam, 1.0 - lam
+        else:
+            self.cdf = self.cdf + lam * self.survival
+            self.survival = self.survival * (1.0 - lam)
+        return self.cdf
+
+
+def exit_steps(rule: ExitRule, hidden: list[mx.array], gate_logits: list[mx.array]) -> mx.array:
+    """The rule's chosen step (0-based) per position, [B, S], given every step's
+    state and gate logits (``len(hidden)`` ≥ the rule's ceiling)."""
+    if (n := rule.fixed_loops) is not None:
+        return mx.full(hidden[0].shape[:-1], n - 1, dtype=mx.int32)
+    tracker = CdfTracker()
+    chosen = mx.full(hidden[0].shape[:-1], rule.ceiling - 1, dtype=mx.int32)
+    done = mx.zeros(chosen.shape, dtype=mx.bool_)
+    for t in range(rule.ceiling):
+        cdf = tracker.update(gate_logits[t])
+        stop = rule.stops(t, cdf, hidden[t], hidden[t - 1] if t else None) & ~done
+        chosen = mx.where(stop, t, chosen)
+        done = done | stop
+    return chosen

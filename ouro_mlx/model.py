@@ -2,7 +2,8 @@
 
 What differs from a Llama-style decoder:
 - the stack of ``num_hidden_layers`` layers is applied ``total_ut_steps`` times with
-  shared weights; each (loop step, layer) pair has its own KV cache;
+  shared weights; each (loop step, layer) pair has its own KV cache, or all steps
+  of a layer share one (kv_mode "last", paper §5.4.2);
 - "sandwich" blocks: four RMSNorms per layer, the attention and MLP *outputs* are
   normalised before their residual adds;
 - the final norm ``model.norm`` closes *every* loop step and its output is the next
@@ -20,8 +21,12 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask
-from mlx_lm.models.cache import CacheList, KVCache
+from mlx_lm.models.base import (
+    BaseModelArgs,
+    create_attention_mask,
+    scaled_dot_product_attention,
+)
+from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
 from . import exit as ex
 
@@ -92,7 +97,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
         self.rope = nn.RoPE(hd, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any = None,
+        shared: bool = False,
+        frozen: tuple | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Returns the output and this call's new (k, v). ``shared``: ``cache`` is
+        the one history every loop step reads; attend to it plus the new K/V without
+        storing them. ``frozen = (active [B,1,1,1], k, v)``: inactive rows store the
+        given K/V instead of their own."""
         B, S, _ = x.shape
         q = self.q_proj(x).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -100,10 +116,29 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
+        if frozen is not None:
+            active, fk, fv = frozen
+            k, v = mx.where(active, k, fk), mx.where(active, v, fv)
+        keys, values = k, v
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+            keys, values = history_plus(cache, k, v) if shared else cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, keys, values, cache, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1)), (k, v)
+
+
+def history_plus(cache: Any, k: mx.array, v: mx.array) -> tuple:
+    """The cache's history with ``k, v`` appended, leaving the cache unchanged
+    (quantized like the cache when it is a quantized one)."""
+    if hasattr(cache, "bits"):
+        quant = lambda x: mx.quantize(x, group_size=cache.group_size, bits=cache.bits)  # noqa: E731
+        k, v = quant(k), quant(v)
+    if cache.empty():
+        return k, v
+    hk, hv = cache.keys_and_values()
+    if hasattr(cache, "bits"):
+        cat = lambda h, x: tuple(mx.concatenate(p, axis=-2) for p in zip(h, x))  # noqa: E731
+        return cat(hk, k), cat(hv, v)
+    return mx.concatenate([hk, k], axis=-2), mx.concatenate([hv, v], axis=-2)
 
 
 class MLP(nn.Module):
@@ -132,11 +167,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
         self.post_attention_layernorm_2 = nn.RMSNorm(dim, eps=eps)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
-        h = self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any = None,
+        shared: bool = False,
+        frozen: tuple | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared, frozen)
         x = x + self.input_layernorm_2(h)
         h = self.mlp(self.post_attention_layernorm(x))
-        return x + self.post_attention_layernorm_2(h)
+        return x + self.post_attention_layernorm_2(h), kv
 
 
 class OuroModel(nn.Module):
@@ -147,43 +189,64 @@ class OuroModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.early_exit_gate = nn.Linear(args.hidden_size, 1, bias=True)
 
+    def loop_step(
+        self,
+        x: mx.array,
+        t: int,
+        cache: list | None,
+        mask: Any,
+        frozen: tuple | None = None,
+    ) -> tuple[mx.array, mx.array, list]:
+        """Loop step ``t`` on its input ``x``: the normalised state (next step's
+        input), gate logits [B, S] and each layer's new (k, v). ``frozen = (active
+        [B], per-layer (k, v))``: rows not active store those K/V instead."""
+        shared = cache is not None and cache_depth(cache) == 1
+        kvs = []
+        for l, layer in enumerate(self.layers):
+            c = None if cache is None else cache[l][0 if shared else t]
+            f = None if frozen is None else (frozen[0][:, None, None, None], *frozen[1][l])
+            x, kv = layer(x, mask, c, shared, f)
+            kvs.append(kv)
+        x = self.norm(x)  # closes every step; the normalised state feeds step t+1
+        return x, self.early_exit_gate(x).squeeze(-1), kvs
+
     def __call__(self, inputs: mx.array, cache: list | None, ut_steps: int) -> LoopOutputs:
         x = self.embed_tokens(inputs)
-        S = x.shape[1]
-        depth = cache_depth(cache)
-        if depth is not None and depth < ut_steps:
-            raise ValueError(
-                f"The cache holds {depth} loop steps but ut_steps={ut_steps}; "
-                f"build it with model.make_cache(ut_steps={ut_steps})."
-            )
+        check_cache(cache, ut_steps)
         mask = create_attention_mask(x, cache[0][0] if cache else None)
         hidden, gates = [], []
         for t in range(ut_steps):
-            for l, layer in enumerate(self.layers):
-                x = layer(x, mask, cache[l][t] if cache else None)
-            x = self.norm(x)  # closes every step; the normalised state feeds step t+1
+            x, gate, kvs = self.loop_step(x, t, cache, mask)
             hidden.append(x)
-            gates.append(self.early_exit_gate(x).squeeze(-1))
-        if depth is not None and depth > ut_steps:
-            fill_skipped_steps(cache, ut_steps, S)
+            gates.append(gate)
+        if cache:
+            commit_kv(cache, kvs, ut_steps)
         return LoopOutputs(hidden, gates)
 
 
 def cache_depth(cache: list | None) -> int | None:
-    """Number of loop steps a cache from ``Model.make_cache`` holds per layer."""
+    """Loop steps a cache from ``Model.make_cache`` holds per layer (1: shared)."""
     return len(cache[0].caches) if cache else None
 
 
-def fill_skipped_steps(cache: list, executed: int, n: int) -> None:
-    """Copy the K/V of the last ``n`` tokens at step ``executed - 1`` into the
-    deeper steps that did not run, so every cache advances by the same number of
-    tokens and later, deeper tokens attend to a complete history."""
-    for layer_cache in cache:
-        src = layer_cache[executed - 1]
-        k = src.keys[..., src.offset - n : src.offset, :]
-        v = src.values[..., src.offset - n : src.offset, :]
-        for dst in layer_cache.caches[executed:]:
-            dst.update_and_fetch(k, v)
+def check_cache(cache: list | None, ut_steps: int) -> None:
+    depth = cache_depth(cache)
+    if depth is not None and 1 < depth < ut_steps:
+        raise ValueError(
+            f"The cache holds {depth} loop steps but ut_steps={ut_steps}; "
+            f"build it with model.make_cache(ut_steps={ut_steps})."
+        )
+
+
+def commit_kv(cache: list, kvs: list, executed: int) -> None:
+    """Finish a call that ran ``executed`` loop steps, the last of which produced
+    ``kvs`` (per layer). Per-step caches: copy that K/V into the deeper steps that
+    did not run, so every cache advances by the same tokens and later, deeper tokens
+    attend to a complete history. A shared cache (kv_mode "last"): append it."""
+    start = executed if cache_depth(cache) > 1 else 0
+    for layer_cache, (k, v) in zip(cache, kvs):
+        for c in layer_cache.caches[start:]:
+            c.update_and_fetch(k, v)
 
 
 class Model(nn.Module):
@@ -218,7 +281,7 @@ class Model(nn.Module):
         ``weighted_exit`` → expected logits Σ p_t·logits_t; else ``exit_at_step``
         (0-based) → that step; else Q-exit at ``exit_threshold`` per token; else the
         last step. All ``ut_steps`` are computed (skipping compute is the generation
-        loop's job, see ``ouro_mlx.generate``)."""
+        loop's job, see ``ouro_mlx.generation``)."""
         T = self._steps(ut_steps)
         if exit_at_step is None:
             exit_at_step = self.exit_at_step
@@ -251,15 +314,40 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self, ut_steps: int | None = None) -> list[CacheList]:
-        """One ``CacheList`` per physical layer holding one ``KVCache`` per loop
-        step: ``cache[l][t]`` is the official cache's slot ``t * L + l``."""
-        T = self._steps(ut_steps)
-        return [CacheList(*(KVCache() for _ in range(T))) for _ in self.layers]
+    def make_cache(
+        self,
+        ut_steps: int | None = None,
+        kv_mode: str = "full",
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ) -> list[CacheList]:
+        """One ``CacheList`` per physical layer. ``kv_mode="full"``: one cache per
+        loop step, ``cache[l][t]`` is the official cache's slot ``t * L + l``.
+        ``"last"``: one cache per layer shared by every step, holding for each token
+        the K/V of the last step it ran (1/T of the memory). ``kv_bits`` (4 or 8)
+        stores K/V quantized, like mlx-lm's ``QuantizedKVCache``."""
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"Unknown kv_mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}.")
+        if kv_bits is not None and kv_bits not in (4, 8):
+            raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}.")
+        if kv_bits is not None and (
+            kv_group_size not in (32, 64, 128) or self.args.head_dim % kv_group_size
+        ):
+            raise ValueError(f"kv_group_size must be 32, 64 or 128 and divide head_dim "
+                             f"({self.args.head_dim}); got {kv_group_size}.")
+        n = self._steps(ut_steps) if kv_mode == "full" else 1
+        if kv_bits is None:
+            new = KVCache
+        else:
+            new = lambda: QuantizedKVCache(group_size=kv_group_size, bits=kv_bits)  # noqa: E731
+        return [CacheList(*(new() for _ in range(n))) for _ in self.layers]
 
     def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
         # The gate decides depth for every token; keep it in full precision.
         return "early_exit_gate" not in path
+
+
+KV_MODES = ("full", "last")
 
 
 def check_ut_steps(ut_steps: int) -> int:

@@ -65,12 +65,21 @@ def test_generate_is_reproducible_with_seed_and_reads_stdin(tiny_dir):
     (["--prompt", "x", "--ut-steps", "0"], "ut_steps"),
     (["--prompt", "x", "--exit-threshold", "1.5"], "exit_threshold"),
     (["--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
-    (["--prompt", "x", "--max-tokens", "5000"], "positions"),
+    (["--prompt", "x" * 3000], "positions"),
+    (["--prompt", "x", "--kv-mode", "middle"], "invalid choice"),
+    (["--prompt", "x", "--min-loops", "9"], "min_loops"),
 ])
 def test_generate_bad_input_is_a_clear_error(tiny_dir, args, message):
     out = ouro("generate", "--model", str(tiny_dir), *args)
-    assert out.returncode == 1 and message in out.stderr
+    assert out.returncode in (1, 2) and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_generate_rejects_non_utf8_stdin(tiny_dir):
+    out = subprocess.run([sys.executable, "-m", "ouro_mlx", "generate", "--model", str(tiny_dir),
+                          "--prompt", "-"], input=b"ab\xff\xfe", capture_output=True, env=ENV,
+                         timeout=300)
+    assert out.returncode == 1 and b"not valid UTF-8" in out.stderr
 
 
 def test_convert_cli_round_trip_and_errors(tiny_dir, tmp_path):

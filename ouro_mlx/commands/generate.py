@@ -5,26 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MAX_TOKENS = 256
+from .options import add_loop_args, add_model_args, add_sampling_args, loop_kwargs, sampling_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx generate", description=__doc__)
-    p.add_argument("--model", required=True,
-                   help="Local directory or Hugging Face repo id (HF or MLX format).")
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="The prompt; '-' reads stdin.")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--ut-steps", type=int, default=None,
-                   help="Loop steps per token (default: the config's total_ut_steps).")
-    p.add_argument("--exit-threshold", type=float, default=None,
-                   help="Q-exit threshold in [0, 1] (default: the config's, 1.0 = last step).")
-    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0 = greedy).")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--no-chat-template", action="store_true",
                    help="Use the prompt as raw text instead of a ChatML user turn.")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_loop_args(p)
+    add_sampling_args(p)
     return p
 
 
@@ -38,40 +30,35 @@ def encode_prompt(tokenizer, prompt: str, system: str | None, chat: bool) -> lis
     return tokenizer.encode(prompt, add_special_tokens=False)
 
 
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin is not valid UTF-8 (byte {e.start}).") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}.")
-    if not 0.0 <= args.top_p <= 1.0 or args.temp < 0:
-        raise ValueError("--temp must be >= 0 and --top-p in [0, 1].")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = sampling_kwargs(args)
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
 
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
+    from ..generation import make_rule, stream_generate
     from ..loading import load
 
-    model, tokenizer = load(args.model, dtype=args.dtype, ut_steps=args.ut_steps,
-                            exit_threshold=args.exit_threshold)
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
     ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template)
-    limit = model.args.max_position_embeddings
-    if len(ids) + args.max_tokens > limit:
-        raise ValueError(f"Prompt ({len(ids)} tokens) + --max-tokens exceeds the "
-                         f"model's {limit} positions.")
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
-    response = None
-    for response in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens,
-                                    sampler=sampler):
-        print(response.text, end="", flush=True)
+    r = None
+    for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode, kv_bits=args.kv_bits,
+                             kv_group_size=args.kv_group_size, **loop_kwargs(args),
+                             **sampling):
+        print(r.text, end="", flush=True)
     print(flush=True)
-    r = response
     print(
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-        f"peak memory: {r.peak_memory:.3f} GB",
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3g} tok/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.3g} tok/s | "
+        f"avg loops: {r.avg_loops:.2f} | peak memory: {r.peak_memory:.3f} GB",
         file=sys.stderr,
     )
     return 0

@@ -1,0 +1,123 @@
+"""The chat REPL, driven through a pseudo-terminal, and its session logic."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pexpect
+import pytest
+
+import ouro_mlx
+from ouro_mlx.commands.chat import ChatSession
+from tests.test_cli import ENV
+
+PROMPT = ">> "
+
+
+@pytest.fixture
+def repl(tiny_dir):
+    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "chat", "--model", str(tiny_dir),
+                                           "--max-tokens", "6", "--show-depth",
+                                           "--exit-threshold", "0.5"],
+                          env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
+    child.expect("loop steps per token")
+    child.expect_exact(PROMPT)
+    yield child
+    child.close(force=True)
+
+
+def test_chat_commands_and_turns(repl):
+    repl.sendline("hello there")
+    repl.expect("\x1b\\[3[1-6]m")  # tokens coloured by depth
+    repl.expect_exact(PROMPT)
+    repl.sendline("/stats")
+    repl.expect(r"generation: 6 tokens")
+    repl.expect(r"avg loops: \d\.\d\d")
+    repl.expect_exact(PROMPT)
+    for cmd, answer in [("/loops 2", "loop steps per token: 2"), ("/loops 0", "usage: /loops"),
+                        ("/exit-threshold 1.5", "usage: /exit-threshold"),
+                        ("/exit-threshold 0.9", "exit threshold: 0.9"),
+                        ("/bogus", "unknown command"), ("/help", "/reset"),
+                        ("/reset", "conversation cleared")]:
+        repl.sendline(cmd)
+        repl.expect_exact(answer)
+        repl.expect_exact(PROMPT)
+    repl.sendline("second turn")
+    repl.expect_exact(PROMPT)
+    repl.sendline("/exit")
+    repl.expect(pexpect.EOF)
+
+
+def test_non_utf8_input_keeps_the_repl_running(repl):
+    os.write(repl.child_fd, b"ab\xff\xfe\n")  # raw bytes, past pexpect's encoder
+    repl.expect_exact("not valid UTF-8")
+    repl.expect_exact(PROMPT)
+    repl.sendline("/stats")
+    repl.expect_exact("avg loops")
+    repl.sendeof()
+    repl.expect(pexpect.EOF)
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(tiny_dir):
+    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "chat", "--model", str(tiny_dir),
+                                           "--max-tokens", "5000"],
+                          env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("talk for a long time")
+        time.sleep(1.5)
+        child.sendintr()
+        child.expect_exact("(stopped)")
+        child.expect_exact(PROMPT)
+        child.sendline("/stats")
+        child.expect(r"generation: \d+ tokens")
+        child.expect_exact(PROMPT)
+        child.sendintr()  # at the prompt: a hint, not an exit
+        child.expect_exact("Ctrl-D to quit")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+@pytest.fixture
+def session(tiny_dir):
+    model, tok = ouro_mlx.load(tiny_dir)
+    tok._eos_token_ids = set()
+    return ChatSession(model, tok, sampling=dict(max_tokens=5))
+
+
+def test_new_turns_reuse_the_cache(session):
+    list(session.reply("first message"))
+    first_prompt = session.stats.prompt_tokens
+    cached = session.cache[0][0].offset
+    assert cached == len(session.cached) > first_prompt
+    list(session.reply("second"))
+    # only the new turn's tokens were processed, not the history
+    assert session.stats.prompt_tokens < first_prompt
+    ids = session.tokenizer.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
+    assert session.cached[: len(ids)] == ids[: len(session.cached)][: len(ids)]
+
+
+def test_too_long_message_is_an_error_and_the_session_survives(session):
+    list(session.reply("hi"))
+    before = list(session.messages)
+    with pytest.raises(ValueError, match="positions"):
+        list(session.reply("x" * 3000))
+    assert session.messages == before
+    assert len(list(session.reply("still here"))) > 0
+
+
+def test_stop_strings_end_the_answer(tiny_dir):
+    model, tok = ouro_mlx.load(tiny_dir)
+    tok._eos_token_ids = set()
+    free = ChatSession(model, tok, sampling=dict(max_tokens=12))
+    text = "".join(p for p, _, _ in free.reply("hello"))
+    # a one-character stop string whose first occurrence is past the start
+    stop = next(c for i, c in enumerate(text) if i > 0 and text.find(c) == i)
+    stopped = ChatSession(model, tok, sampling=dict(max_tokens=12), stop=[stop])
+    out = "".join(p for p, _, _ in stopped.reply("hello"))
+    assert out == text[: text.find(stop)]
+    assert stopped.messages[-1]["content"] == out

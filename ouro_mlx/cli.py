@@ -8,6 +8,7 @@ import sys
 VERBS = {
     "generate": "Generate text from a prompt.",
     "chat": "Chat in the terminal (multi-turn, loop depth shown with --show-depth).",
+    "bench": "Benchmark speed, memory and loop depth against an unrolled mlx-lm peer.",
     "convert": "Convert between HF PyTorch-format and MLX checkpoints.",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
 }

@@ -16,6 +16,7 @@ What differs from a Llama-style decoder:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import mlx.core as mx
@@ -166,6 +167,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm_2 = nn.RMSNorm(dim, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
         self.post_attention_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+        self.eps = eps
 
     def __call__(
         self,
@@ -176,9 +178,23 @@ class DecoderLayer(nn.Module):
         frozen: tuple | None = None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         h, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared, frozen)
-        x = x + self.input_layernorm_2(h)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + self.post_attention_layernorm_2(h), kv
+        x, h = add_norm_norm(x, h, self.input_layernorm_2.weight,
+                             self.post_attention_layernorm.weight, self.eps)
+        h = self.mlp(h)
+        return add_norm(x, h, self.post_attention_layernorm_2.weight, self.eps), kv
+
+
+@partial(mx.compile, shapeless=True)
+def add_norm_norm(x, h, w_out, w_next, eps):
+    """The sandwich boundary in one compiled kernel group: normalise the sub-layer
+    output, add it to the residual, normalise the sum for the next sub-layer."""
+    x = x + mx.fast.rms_norm(h, w_out, eps)
+    return x, mx.fast.rms_norm(x, w_next, eps)
+
+
+@partial(mx.compile, shapeless=True)
+def add_norm(x, h, w_out, eps):
+    return x + mx.fast.rms_norm(h, w_out, eps)
 
 
 class OuroModel(nn.Module):

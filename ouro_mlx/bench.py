@@ -1,0 +1,168 @@
+"""Benchmarks: Ouro against the same stack unrolled in mlx-lm's own ``llama``.
+
+The peer is mlx-lm's ``llama.Model`` with L×T layers of Ouro's shape whose weights
+*are* Ouro's layers repeated T times (shared modules, so memory stays that of Ouro's
+L layers while every token runs L×T layer applications): what looping must not cost
+more than. Both run through their library's own generation loop in the same process.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .exit import ExitRule
+from .generation import generate_step
+from .model import Model, ModelArgs
+
+
+@dataclass
+class Run:
+    name: str
+    prompt_tps: float
+    decode_tps: float
+    peak_gb: float
+    avg_loops: float | None = None
+    kv_bytes: int | None = None
+    loops: dict = field(default_factory=dict)
+
+
+def random_model(config: dict, dtype: str, seed: int = 0) -> Model:
+    from .loading import parse_dtype
+    from .random_model import random_weights
+
+    model = Model(ModelArgs.from_dict(config))
+    model.load_weights(list(random_weights(config, seed, parse_dtype(dtype)).items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def quantize(model: Model, config: dict, bits: int, group_size: int = 64) -> Model:
+    from mlx_lm.utils import quantize_model
+
+    model, _ = quantize_model(model, config, group_size, bits,
+                              quant_predicate=model.quant_predicate)
+    mx.eval(model.parameters())
+    return model
+
+
+def unrolled_peer(model: Model, ut_steps: int) -> nn.Module:
+    """mlx-lm's llama with Ouro's L layers repeated ``ut_steps`` times (shared)."""
+    from mlx_lm.models import llama
+
+    a = model.args
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=a.hidden_size, num_hidden_layers=1,
+        intermediate_size=a.intermediate_size, num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
+        rms_norm_eps=a.rms_norm_eps, vocab_size=a.vocab_size, rope_theta=a.rope_theta,
+        tie_word_embeddings=False,
+    )
+    peer = llama.Model(args)
+    blocks = []
+    for layer in model.layers:
+        block = llama.TransformerBlock(args)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(block.self_attn, name, getattr(layer.self_attn, name))
+        block.mlp = layer.mlp
+        block.input_layernorm = layer.input_layernorm
+        block.post_attention_layernorm = layer.post_attention_layernorm
+        blocks.append(block)
+    peer.model.layers = blocks * ut_steps
+    peer.model.embed_tokens = model.model.embed_tokens
+    peer.model.norm = model.model.norm
+    peer.lm_head = model.lm_head
+    return peer
+
+
+def fill_context(cache: list, n: int, like: mx.array) -> None:
+    """Pre-fill every KV cache with ``n`` tokens of random K/V: memory and attention
+    cost of an ``n``-token context without running an ``n``-token prefill."""
+    if n <= 0:
+        return
+    flat = [c for x in cache for c in (x.caches if hasattr(x, "caches") else [x])]
+    B, heads, _, hd = like.shape
+    for c in flat:
+        k = mx.random.normal((B, heads, n, hd)).astype(like.dtype)
+        c.update_and_fetch(k, k)
+        mx.eval(c.state)
+
+
+def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = None) -> tuple:
+    mx.synchronize()
+    tic = time.perf_counter()
+    loops = []
+    first = next(gen)
+    t_prompt = time.perf_counter() - tic
+    tic = time.perf_counter()
+    if loops_of:
+        loops.append(loops_of(first))
+    for i, item in enumerate(gen):
+        if loops_of:
+            loops.append(loops_of(item))
+        if i + 2 >= n_gen:
+            break
+    mx.synchronize()
+    t_decode = time.perf_counter() - tic
+    return n_prompt / t_prompt, (n_gen - 1) / t_decode, loops
+
+
+def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_mode="full",
+             kv_bits=None, context=0, name="ouro") -> Run:
+    cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
+    a = model.args
+    dtype = model.model.norm.weight.dtype  # the activation dtype, quantized or not
+    fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
+    mx.reset_peak_memory()
+    gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen)
+    p, d, loops = timed(gen, prompt.size, n_gen, loops_of=lambda item: item[2])
+    hist = {k: loops.count(k) for k in sorted(set(loops))}
+    return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),
+               sum(lc.nbytes for lc in cache), hist)
+
+
+def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=mx.bfloat16) -> Run:
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(peer)
+    a = peer.args
+    fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
+    mx.reset_peak_memory()
+    gen = mlx_lm_generate_step(prompt, peer, max_tokens=n_gen, prompt_cache=cache)
+    p, d, _ = timed(gen, prompt.size, n_gen)
+    return Run("mlx-lm llama, unrolled", p, d, mx.get_peak_memory() / 1e9, None,
+               sum(c.nbytes for c in cache))
+
+
+def per_step_kl(ref: Model, model: Model, ids: mx.array, ut_steps: int | None = None) -> list[float]:
+    """KL(ref ‖ model) of the next-token distribution after every loop step, mean
+    over positions: how quantization error grows as shared weights are reused."""
+    a, b = ref.loop_outputs(ids, ut_steps=ut_steps), model.loop_outputs(ids, ut_steps=ut_steps)
+    out = []
+    for ha, hb in zip(a.hidden, b.hidden):
+        pa = nn.log_softmax(ref.lm_head(ha).astype(mx.float32), -1)
+        pb = nn.log_softmax(model.lm_head(hb).astype(mx.float32), -1)
+        out.append((mx.exp(pa) * (pa - pb)).sum(-1).mean().item())
+    return out
+
+
+def quality_table(model: Model, config: dict, ids: mx.array, bits_list=(8, 4),
+                  group_size: int = 64) -> dict:
+    """Per-loop-step KL of quantized models against the bfloat16 model."""
+    ref = copy.deepcopy(model)
+    ref.set_dtype(mx.bfloat16)
+    table = {}
+    for bits in bits_list:
+        q = quantize(copy.deepcopy(ref), config, bits, group_size)
+        table[f"{bits}-bit"] = per_step_kl(ref, q, ids)
+    return table
+
+
+def as_dict(run: Run) -> dict:
+    return asdict(run)

@@ -1,0 +1,199 @@
+"""ouro-mlx bench: prompt and decode speed, peak memory, loop depth and KV memory.
+
+Runs, in one process, Ouro at full depth, at every fixed depth, with adaptive exit and
+in kv_mode "last", next to a peer: mlx-lm's own llama with Ouro's layers unrolled to
+L×T (sharing Ouro's weights). Prints a table per dtype/quantization and writes JSON.
+
+  ouro-mlx bench --random ouro-1.4b --quant none,4 --gen-tokens 8
+  ouro-mlx bench --model ouro-1.4b-4bit --exits q0.5,q0.9 --context 4096
+  ouro-mlx bench --model ../shared/fixtures/ouro-reference/A --quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..random_model import SHAPES
+
+    p = argparse.ArgumentParser(prog="ouro-mlx bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="A checkpoint directory or repo id.")
+    src.add_argument("--random", choices=[*SHAPES, "custom"],
+                     help="A random-weight model of a named shape.")
+    p.add_argument("--hidden", type=int, default=2048, help="custom shape: hidden size")
+    p.add_argument("--layers", type=int, default=24, help="custom shape: physical layers")
+    p.add_argument("--heads", type=int, default=16, help="custom shape: attention heads")
+    p.add_argument("--kv-heads", type=int, default=16, help="custom shape: KV heads")
+    p.add_argument("--intermediate", type=int, default=5632, help="custom shape: MLP width")
+    p.add_argument("--vocab", type=int, default=49152, help="custom shape: vocabulary")
+    p.add_argument("--dtype", default="bfloat16", help="Comma list: bfloat16,float16,float32.")
+    p.add_argument("--quant", default="none", help="Comma list of none, 8, 4 (affine, group 64).")
+    p.add_argument("--ut-steps", type=int, default=None, help="Loop steps (default: config).")
+    p.add_argument("--exits", default="q0.5",
+                   help="Comma list of adaptive exits: qQ (Q-exit) or hE (hidden change).")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--context", type=int, default=0,
+                   help="Pre-fill caches with this many tokens of random K/V.")
+    p.add_argument("--no-peer", action="store_true", help="Skip the unrolled mlx-lm peer.")
+    p.add_argument("--no-fixed", action="store_true", help="Skip the fixed depths 1..T-1.")
+    p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
+    p.add_argument("--quality", action="store_true",
+                   help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
+    p.add_argument("--json-out", default=None, help="Write the results here.")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def shape_config(args) -> dict:
+    from ..random_model import hf_config
+
+    if args.random == "custom":
+        dims = dict(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                    num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                    head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
+                    vocab_size=args.vocab, max_position_embeddings=65536,
+                    rope_theta=1000000.0)
+        return hf_config(dims)
+    return hf_config(args.random)
+
+
+def parse_exit(spec: str, T: int):
+    from ..exit import ExitRule
+
+    try:
+        if spec.startswith("q"):
+            return ExitRule(T, threshold=float(spec[1:]))
+        if spec.startswith("h"):
+            return ExitRule(T, hidden_eps=float(spec[1:]))
+    except ValueError as e:
+        raise ValueError(f"Bad exit spec {spec!r}: {e}") from e
+    raise ValueError(f"Bad exit spec {spec!r}: use qQ (Q-exit) or hE (hidden change).")
+
+
+def table(rows: list[dict], peer: dict | None) -> str:
+    head = f"{'run':<28} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
+           f"{'avg loops':>9} {'peak GB':>8} {'KV MiB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "-"
+        loops = f"{r['avg_loops']:.2f}" if r["avg_loops"] is not None else "-"
+        kv = f"{r['kv_bytes'] / 2**20:.1f}" if r["kv_bytes"] is not None else "-"
+        lines.append(f"{r['name']:<28} {r['prompt_tps']:>12.3g} {r['decode_tps']:>12.3g} "
+                     f"{ratio:>8} {loops:>9} {r['peak_gb']:>8.3f} {kv:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import copy
+
+    import mlx.core as mx
+
+    from .. import bench as B
+    from ..exit import ExitRule
+
+    if args.no_compile:
+        mx.disable_compile()
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    quants = [q.strip() for q in args.quant.split(",")]
+    if bad := [q for q in quants if q not in ("none", "4", "8")]:
+        raise ValueError(f"--quant takes none, 4, 8; got {', '.join(bad)}.")
+    if args.prompt_tokens < 1 or args.gen_tokens < 2:
+        raise ValueError("--prompt-tokens must be >= 1 and --gen-tokens >= 2.")
+
+    if args.model:
+        from ..loading import read_config, resolve
+        config = read_config(resolve(args.model))
+    else:
+        config = shape_config(args)
+    results = {"config": {k: config[k] for k in ("hidden_size", "num_hidden_layers",
+                                                  "intermediate_size", "vocab_size")},
+               "runs": {}}
+    ids = mx.array([(7919 * i + 13) % config["vocab_size"] for i in range(args.prompt_tokens)])
+
+    for dtype in dtypes:
+        if args.model:
+            from ..loading import load_model
+            base = load_model(args.model, dtype=dtype)
+        else:
+            print(f"building a random {args.random} model in {dtype} ...", file=sys.stderr)
+            base = B.random_model(config, dtype, args.seed)
+        T = base._steps(args.ut_steps)
+        if args.quality:
+            kl = B.quality_table(base, config, ids[None])
+            results["runs"][dtype] = {"kl_per_step": kl}
+            for name, vals in kl.items():
+                print(f"{name:>6} KL per loop step vs bfloat16: "
+                      + "  ".join(f"t{t + 1}: {v:.3g}" for t, v in enumerate(vals)))
+            continue
+        for quant in quants:
+            model = base if quant == "none" else B.quantize(copy.deepcopy(base), config, int(quant))
+            label = f"{dtype}" + ("" if quant == "none" else f", {quant}-bit")
+            rows, peer = [], None
+            kw = dict(kv_bits=args.kv_bits, context=args.context)
+            B.run_ouro(model, ExitRule(T, threshold=0.5), ids[:2], 3)  # warm-up (compile)
+            if not args.no_peer:
+                peer_model = B.unrolled_peer(model, T)
+                B.run_peer(peer_model, ids[:2], 3)
+                peer = B.as_dict(B.run_peer(peer_model, ids, args.gen_tokens,
+                                            context=args.context,
+                                            dtype=model.model.norm.weight.dtype))
+                del peer_model
+            full = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, name=f"ouro T={T}", **kw)
+            rows.append(B.as_dict(full))
+            depths = [] if args.no_fixed else list(range(1, T))
+            for k in depths:
+                r = B.run_ouro(model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
+                               name=f"ouro exit at step {k}", **kw)
+                rows.append(B.as_dict(r))
+            for spec in [s.strip() for s in args.exits.split(",") if s.strip()]:
+                r = B.run_ouro(model, parse_exit(spec, T), ids, args.gen_tokens,
+                               name=f"ouro adaptive {spec}", **kw)
+                rows.append(B.as_dict(r))
+            r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, kv_mode="last",
+                           name=f"ouro T={T} kv last", **kw)
+            rows.append(B.as_dict(r))
+            summary = summarize(rows, peer, T)
+            print(f"\n== {label}, prompt {args.prompt_tokens} + context {args.context} tokens, "
+                  f"{args.gen_tokens} generated")
+            print(table(([peer] if peer else []) + rows, peer))
+            for k, v in summary.items():
+                print(f"  {k}: {v}")
+            results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
+
+
+def summarize(rows: list[dict], peer: dict | None, T: int) -> dict:
+    """Ratios the targets are stated in (all from runs in this process)."""
+    by = {r["name"]: r for r in rows}
+    full = by[f"ouro T={T}"]
+    out = {}
+    if peer:
+        out["decode vs unrolled peer"] = round(full["decode_tps"] / peer["decode_tps"], 3)
+        out["prefill vs unrolled peer"] = round(full["prompt_tps"] / peer["prompt_tps"], 3)
+    if (one := by.get("ouro exit at step 1")) is not None:
+        out["exit at step 1 speed-up over full depth"] = round(one["decode_tps"] / full["decode_tps"], 3)
+    per_token = {T: 1 / full["decode_tps"]}
+    per_token.update({k: 1 / by[f"ouro exit at step {k}"]["decode_tps"]
+                      for k in range(1, T) if f"ouro exit at step {k}" in by})
+    for r in rows:
+        if r["name"].startswith("ouro adaptive") and len(per_token) == T:
+            n = sum(r["loops"].values())
+            fixed = sum(int(k) and c * per_token[int(k)] for k, c in r["loops"].items()) / n
+            out[f"{r['name']}: time vs fixed depths with the same loops"] = round(
+                (1 / r["decode_tps"]) / fixed, 3)
+    last = by.get(f"ouro T={T} kv last")
+    if last and full["kv_bytes"]:
+        out["kv last / full bytes"] = round(last["kv_bytes"] / full["kv_bytes"], 4)
+    return out

@@ -1,0 +1,49 @@
+"""`ouro-mlx bench` end to end on a tiny random model (speed figures are not asserted:
+they belong to benchmarks, not tests), and its peer being a faithful unrolled stack."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from ouro_mlx import bench as B
+from ouro_mlx.commands import bench as cmd
+from ouro_mlx.random_model import hf_config
+
+
+def test_bench_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--quant", "none",
+                     "--prompt-tokens", "6", "--gen-tokens", "4", "--exits", "q0.5,h0.5",
+                     "--context", "16", "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mlx-lm llama, unrolled" in text and "ouro exit at step 1" in text
+    data = json.loads(out.read_text())
+    run = data["runs"]["float32"]
+    names = [r["name"] for r in run["ouro"]]
+    assert names == ["ouro T=4", "ouro exit at step 1", "ouro exit at step 2",
+                     "ouro exit at step 3", "ouro adaptive q0.5", "ouro adaptive h0.5",
+                     "ouro T=4 kv last"]
+    assert run["ouro"][1]["avg_loops"] == 1.0
+    assert run["summary"]["kv last / full bytes"] == 0.25
+    assert {"decode vs unrolled peer", "exit at step 1 speed-up over full depth"} <= set(run["summary"])
+
+
+def test_quality_table(capsys):
+    assert cmd.main(["--random", "small", "--dtype", "float32", "--quality",
+                     "--prompt-tokens", "8"]) == 0
+    assert "8-bit KL per loop step" in capsys.readouterr().out
+
+
+def test_peer_is_the_unrolled_loop():
+    """Without the sandwich norms and the per-step final norm the two would
+    coincide; check instead that the peer really runs L×T layers on Ouro's weights."""
+    model = B.random_model(hf_config("tiny"), "float32")
+    peer = B.unrolled_peer(model, 4)
+    assert len(peer.model.layers) == 8
+    assert peer.model.layers[0].self_attn.q_proj is model.layers[0].self_attn.q_proj
+    assert peer.model.layers[2] is peer.model.layers[0]
+    logits = peer(mx.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 512) and np.isfinite(np.array(logits)).all()

@@ -308,6 +308,10 @@ def batch_generate(
     it would give alone, exits at its own depth, and ends at its own eos."""
     rule = make_rule(model, ut_steps, exit_threshold, exit_at_step, min_loops,
                      max_loops, hidden_eps)
+    if not prompts:
+        raise ValueError("No prompts given.")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
     rows = [encode(tokenizer, p).tolist() for p in prompts]
     width = max(map(len, rows))
     if width + max_tokens > model.args.max_position_embeddings:

@@ -79,21 +79,34 @@ def test_threshold_one_is_exactly_full_depth(loaded):
     assert tokens == want
 
 
+class IdsOnly:
+    """The fixture has no tokenizer; the engine only needs eos ids and a detokenizer."""
+
+    eos_token_ids: set = set()
+    detokenizer = type("D", (), {"reset": lambda s: None, "add_token": lambda s, t: None,
+                                 "finalize": lambda s: None, "last_segment": ""})()
+
+
 @needs_reference
-def test_official_greedy_generation_through_the_engine():
+@pytest.mark.parametrize("opts", [dict(), dict(exit_threshold=1.0, kv_mode="last"),
+                                  dict(exit_at_step=3), dict(max_loops=4, min_loops=4)])
+def test_official_greedy_generation_through_the_engine(opts):
+    """Where the semantics coincide with the official code (full depth), the engine
+    reproduces its greedy tokens; kv_mode "last" coincides for the first token."""
     ref = dict(np.load(REFERENCE / "expected.npz"))
     model = ouro_mlx.load_model(REFERENCE)
     prompt = ref["input_ids"][0].tolist()
-
-    class Ids:  # the fixture has no tokenizer: the engine only needs ids and eos
-        eos_token_ids = set()
-        detokenizer = type("D", (), {"reset": lambda s: None, "add_token": lambda s, t: None,
-                                     "finalize": lambda s: None, "last_segment": ""})()
-
-    for q, key in [(1.0, "generated_ids"), (0.5, None)]:
-        rs = list(stream_generate(model, Ids(), prompt, max_tokens=8, exit_threshold=q))
-        if key:
-            assert [r.token for r in rs] == ref[key][0, len(prompt):].tolist()
+    rs = list(stream_generate(model, IdsOnly(), prompt, max_tokens=8, **opts))
+    want = ref["generated_ids"][0, len(prompt):].tolist()
+    got = [r.token for r in rs]
+    if opts.get("kv_mode") == "last":
+        np.testing.assert_allclose(np.array(rs[0].logprobs),
+                                   np.array(ref["generated_step_logits"][0, 0]
+                                            - np.log(np.exp(ref["generated_step_logits"][0, 0]).sum())),
+                                   atol=1e-4)
+        assert got[0] == want[0]
+    else:
+        assert got == want
 
 
 def test_compute_is_skipped(loaded):
@@ -148,6 +161,14 @@ def test_prompt_cache_save_load_and_trim(small, tmp_path, opts):
     offset = cache[0][0].offset
     assert trim_prompt_cache(cache, 3) == 3
     assert all(c.offset == offset - 3 for lc in cache for c in lc.caches)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(exit_threshold=0.5)])
+def test_chunked_prefill_equals_one_piece(loaded, opts):
+    model, tok = loaded
+    tok = no_stop(tok)
+    assert run(model, tok, PROMPT * 3, 6, prefill_step_size=4, **opts) == \
+        run(model, tok, PROMPT * 3, 6, **opts)
 
 
 def test_trimmed_cache_equals_fresh_prefix(loaded):

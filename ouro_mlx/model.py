@@ -99,17 +99,10 @@ class Attention(nn.Module):
         self.rope = nn.RoPE(hd, traditional=False, base=args.rope_theta)
 
     def __call__(
-        self,
-        x: mx.array,
-        mask: Any,
-        cache: Any = None,
-        shared: bool = False,
-        frozen: tuple | None = None,
+        self, x: mx.array, mask: Any, cache: Any = None, frozen: tuple | None = None
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """Returns the output and this call's new (k, v). ``shared``: ``cache`` is
-        the one history every loop step reads; attend to it plus the new K/V without
-        storing them. ``frozen = (active [B,1,1,1], k, v)``: inactive rows store the
-        given K/V instead of their own."""
+        """Returns the output and this call's new (k, v). ``frozen = (active
+        [B,1,1,1], k, v)``: inactive rows store the given K/V instead of their own."""
         B, S, _ = x.shape
         q = self.q_proj(x).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -120,26 +113,9 @@ class Attention(nn.Module):
         if frozen is not None:
             active, fk, fv = frozen
             k, v = mx.where(active, k, fk), mx.where(active, v, fv)
-        keys, values = k, v
-        if cache is not None:
-            keys, values = history_plus(cache, k, v) if shared else cache.update_and_fetch(k, v)
+        keys, values = (k, v) if cache is None else cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, keys, values, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1)), (k, v)
-
-
-def history_plus(cache: Any, k: mx.array, v: mx.array) -> tuple:
-    """The cache's history with ``k, v`` appended, leaving the cache unchanged
-    (quantized like the cache when it is a quantized one)."""
-    if hasattr(cache, "bits"):
-        quant = lambda x: mx.quantize(x, group_size=cache.group_size, bits=cache.bits)  # noqa: E731
-        k, v = quant(k), quant(v)
-    if cache.empty():
-        return k, v
-    hk, hv = cache.keys_and_values()
-    if hasattr(cache, "bits"):
-        cat = lambda h, x: tuple(mx.concatenate(p, axis=-2) for p in zip(h, x))  # noqa: E731
-        return cat(hk, k), cat(hv, v)
-    return mx.concatenate([hk, k], axis=-2), mx.concatenate([hv, v], axis=-2)
 
 
 class MLP(nn.Module):
@@ -170,14 +146,9 @@ class DecoderLayer(nn.Module):
         self.eps = eps
 
     def __call__(
-        self,
-        x: mx.array,
-        mask: Any,
-        cache: Any = None,
-        shared: bool = False,
-        frozen: tuple | None = None,
+        self, x: mx.array, mask: Any, cache: Any = None, frozen: tuple | None = None
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared, frozen)
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, frozen)
         x, h = add_norm_norm(x, h, self.input_layernorm_2.weight,
                              self.post_attention_layernorm.weight, self.eps)
         h = self.mlp(h)
@@ -215,13 +186,20 @@ class OuroModel(nn.Module):
     ) -> tuple[mx.array, mx.array, list]:
         """Loop step ``t`` on its input ``x``: the normalised state (next step's
         input), gate logits [B, S] and each layer's new (k, v). ``frozen = (active
-        [B], per-layer (k, v))``: rows not active store those K/V instead."""
+        [B], per-layer (k, v))``: rows not active store those K/V instead.
+
+        A shared cache (one per layer, kv_mode "last") holds one entry per token:
+        step t > 0 overwrites, in place, what step t − 1 wrote for this call's
+        tokens, so every step attends to the shared history plus its own K/V and
+        the last step executed is what stays."""
         shared = cache is not None and cache_depth(cache) == 1
         kvs = []
         for l, layer in enumerate(self.layers):
             c = None if cache is None else cache[l][0 if shared else t]
+            if shared and t > 0:
+                c.trim(x.shape[1])
             f = None if frozen is None else (frozen[0][:, None, None, None], *frozen[1][l])
-            x, kv = layer(x, mask, c, shared, f)
+            x, kv = layer(x, mask, c, f)
             kvs.append(kv)
         x = self.norm(x)  # closes every step; the normalised state feeds step t+1
         return x, self.early_exit_gate(x).squeeze(-1), kvs
@@ -256,12 +234,11 @@ def check_cache(cache: list | None, ut_steps: int) -> None:
 
 def commit_kv(cache: list, kvs: list, executed: int) -> None:
     """Finish a call that ran ``executed`` loop steps, the last of which produced
-    ``kvs`` (per layer). Per-step caches: copy that K/V into the deeper steps that
-    did not run, so every cache advances by the same tokens and later, deeper tokens
-    attend to a complete history. A shared cache (kv_mode "last"): append it."""
-    start = executed if cache_depth(cache) > 1 else 0
+    ``kvs`` (per layer): copy that K/V into the deeper steps that did not run, so
+    every cache advances by the same tokens and later, deeper tokens attend to a
+    complete history. (A shared cache already holds it.)"""
     for layer_cache, (k, v) in zip(cache, kvs):
-        for c in layer_cache.caches[start:]:
+        for c in layer_cache.caches[executed:]:
             c.update_and_fetch(k, v)
 
 

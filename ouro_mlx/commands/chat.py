@@ -11,7 +11,14 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .options import add_loop_args, add_model_args, add_sampling_args, loop_kwargs, sampling_kwargs
+from .options import (
+    add_loop_args,
+    add_model_args,
+    add_sampling_args,
+    apply_compile_flag,
+    loop_kwargs,
+    sampling_kwargs,
+)
 
 RESET, DIM = "\033[0m", "\033[2m"
 DEPTH_COLOURS = {1: "\033[36m", 2: "\033[32m", 3: "\033[33m", 4: "\033[31m"}
@@ -227,6 +234,7 @@ def command(session: ChatSession, line: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_kwargs(args)
+    apply_compile_flag(args)
 
     from ..loading import load
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_loop_args, add_model_args, add_sampling_args, loop_kwargs, sampling_kwargs
+from .options import (
+    add_loop_args,
+    add_model_args,
+    add_sampling_args,
+    apply_compile_flag,
+    loop_kwargs,
+    sampling_kwargs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +48,7 @@ def read_stdin() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_kwargs(args)
+    apply_compile_flag(args)
     prompt = read_stdin() if args.prompt == "-" else args.prompt
 
     from ..generation import make_rule, stream_generate

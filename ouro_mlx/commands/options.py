@@ -9,6 +9,15 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="Local directory or Hugging Face repo id (HF or MLX format).")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--no-compile", action="store_true",
+                   help="Disable mx.compile (for debugging).")
+
+
+def apply_compile_flag(args: argparse.Namespace) -> None:
+    if getattr(args, "no_compile", False):
+        import mlx.core as mx
+
+        mx.disable_compile()
 
 
 def add_loop_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,228 @@
+"""Training data: text and JSONL → tokenized, packed sequences in binary shards.
+
+Inputs (mlx-lm's formats):
+- ``.txt``: documents separated by blank lines;
+- ``.jsonl``: one object per line, ``{"text": ...}``, ``{"prompt": ..., "completion":
+  ...}`` or ``{"messages": [...]}`` (chat, rendered with the tokenizer's template).
+  For completions and chat only the answer tokens are trained on (a loss mask).
+
+Documents are tokenized, each followed by the eos token, concatenated and cut into
+sequences of ``seq_len + 1`` tokens (a document longer than that continues in the
+next sequence). Shards are flat numpy files (tokens and mask), read back by memory
+map. Lines that are not valid JSON, or lack the fields, are reported as
+``file:line`` and skipped; a file with no usable sample is an error.
+
+Batches come in a deterministic order (a permutation per epoch from the seed), each
+rank of a data-parallel group reading its own part, from a resumable position.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .loading import atomic_directory
+
+META = "meta.json"
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file (and line)."""
+
+
+def _render(obj: dict, tokenizer) -> tuple[list[int], list[int]] | None:
+    """(tokens, mask) for one JSON object, or None if it has no known format."""
+    if isinstance(obj.get("text"), str):
+        ids = tokenizer.encode(obj["text"], add_special_tokens=False)
+        return ids, [1] * len(ids)
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+        obj = {"messages": [{"role": "user", "content": obj["prompt"]},
+                            {"role": "assistant", "content": obj["completion"]}]}
+    msgs = obj.get("messages")
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+        if msgs[-1].get("role") != "assistant":
+            return None
+        prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs)
+        if full[: len(prompt)] != prompt:  # template not prefix-stable: train on all
+            return full, [1] * len(full)
+        return full, [0] * len(prompt) + [1] * (len(full) - len(prompt))
+    return None
+
+
+def read_samples(path: Path, tokenizer, warn=print) -> Iterator[tuple[list[int], list[int]]]:
+    """Yield (tokens, mask) per document of a .txt or .jsonl file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                warn(f"{path}:{n}: skipped, not valid JSON ({e.msg})")
+                continue
+            sample = _render(obj, tokenizer) if isinstance(obj, dict) else None
+            if sample is None:
+                warn(f"{path}:{n}: skipped, expected text, prompt/completion or messages")
+                continue
+            yield sample
+    elif path.suffix in (".txt", ".md"):
+        for doc in text.split("\n\n"):
+            if doc.strip():
+                ids = tokenizer.encode(doc.strip(), add_special_tokens=False)
+                yield ids, [1] * len(ids)
+    else:
+        raise DataError(f"{path}: unknown data format (use .txt or .jsonl)")
+
+
+@dataclass
+class ShardMeta:
+    seq_len: int
+    dtype: str
+    shards: list[int]  # sequences per shard
+    tokens: int
+    documents: int
+    skipped: int
+
+    @property
+    def sequences(self) -> int:
+        return sum(self.shards)
+
+
+def prepare(
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    tokenizer,
+    seq_len: int,
+    *,
+    shard_sequences: int = 4096,
+    force: bool = False,
+    warn=None,
+) -> ShardMeta:
+    """Tokenize and pack ``inputs`` into shards under ``out_dir`` (atomically)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}.")
+    skipped = 0
+    show = warn or (lambda msg: print(msg, file=sys.stderr))
+
+    def report(msg: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        show(msg)
+
+    eos = tokenizer.eos_token_id
+    vocab = len(tokenizer.get_vocab())
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    n = seq_len + 1
+    with atomic_directory(Path(out_dir), force=force) as tmp:
+        buf_t: list[int] = []
+        buf_m: list[int] = []
+        shards: list[int] = []
+        docs = tokens = 0
+        pending_t: list[np.ndarray] = []
+        pending_m: list[np.ndarray] = []
+
+        def flush(final: bool = False):
+            if not pending_t or (not final and len(pending_t) < shard_sequences):
+                return
+            i = len(shards)
+            np.stack(pending_t).astype(dtype).tofile(tmp / f"tokens-{i:05d}.bin")
+            np.stack(pending_m).astype(np.uint8).tofile(tmp / f"mask-{i:05d}.bin")
+            shards.append(len(pending_t))
+            pending_t.clear()
+            pending_m.clear()
+
+        for path in inputs:
+            if not Path(path).exists():
+                raise DataError(f"{path}: no such file")
+            before = docs
+            for ids, mask in read_samples(Path(path), tokenizer, report):
+                docs += 1
+                buf_t += ids + [eos]
+                buf_m += mask + [mask[-1] if mask else 1]
+                while len(buf_t) >= n:
+                    pending_t.append(np.array(buf_t[:n]))
+                    pending_m.append(np.array(buf_m[:n]))
+                    tokens += n
+                    # sequences overlap by one token: the last input is the next target
+                    buf_t, buf_m = buf_t[n - 1:], buf_m[n - 1:]
+                    flush()
+            if docs == before:
+                raise DataError(f"{path}: no usable samples")
+        flush(final=True)
+        if not shards:
+            raise DataError(f"Not enough data for one sequence of {n} tokens.")
+        meta = ShardMeta(seq_len, np.dtype(dtype).name, shards, tokens, docs, skipped)
+        (tmp / META).write_text(json.dumps(meta.__dict__, indent=2))
+    return meta
+
+
+class PackedDataset:
+    """Read-only view of prepared shards: ``len()`` sequences of ``seq_len + 1``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / META).exists():
+            raise DataError(f"{self.path} has no {META}; run prepare first.")
+        self.meta = ShardMeta(**json.loads((self.path / META).read_text()))
+        n = self.meta.seq_len + 1
+        self.tokens, self.masks = [], []
+        for i, count in enumerate(self.meta.shards):
+            t, m = self.path / f"tokens-{i:05d}.bin", self.path / f"mask-{i:05d}.bin"
+            dt = np.dtype(self.meta.dtype)
+            if not t.exists() or t.stat().st_size != count * n * dt.itemsize \
+                    or not m.exists() or m.stat().st_size != count * n:
+                raise DataError(f"{t}: missing or truncated shard")
+            self.tokens.append(np.memmap(t, dtype=dt, mode="r", shape=(count, n)))
+            self.masks.append(np.memmap(m, dtype=np.uint8, mode="r", shape=(count, n)))
+        self.offsets = np.cumsum([0] + self.meta.shards)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        j = i - self.offsets[s]
+        return np.asarray(self.tokens[s][j]), np.asarray(self.masks[s][j])
+
+
+@dataclass
+class Position:
+    """Where a run is in its data: resumable across restarts and world sizes."""
+
+    epoch: int = 0
+    index: int = 0  # global sequences consumed in this epoch
+
+
+def batches(data: PackedDataset, batch_size: int, *, seed: int = 0,
+            position: Position | None = None, rank: int = 0, world_size: int = 1
+            ) -> Iterator[tuple[np.ndarray, np.ndarray, Position]]:
+    """Yield (tokens [b, seq_len+1], mask, position after this batch) forever.
+
+    Each global batch is ``batch_size × world_size`` sequences of one fixed
+    per-epoch permutation; rank r takes its ``batch_size`` slice. The position
+    counts global sequences, so a resume with another world size continues the
+    same order."""
+    pos = Position(**vars(position)) if position else Position()
+    global_batch = batch_size * world_size
+    if len(data) < global_batch:
+        raise DataError(f"{len(data)} sequences cannot fill a global batch of {global_batch}.")
+    while True:
+        order = np.random.default_rng([seed, pos.epoch]).permutation(len(data))
+        while pos.index + global_batch <= len(data):
+            idx = order[pos.index + rank * batch_size: pos.index + (rank + 1) * batch_size]
+            pos.index += global_batch
+            items = [data[int(i)] for i in idx]
+            yield (np.stack([t for t, _ in items]).astype(np.int32),
+                   np.stack([m for _, m in items]), Position(pos.epoch, pos.index))
+        pos = Position(pos.epoch + 1, 0)

@@ -1,0 +1,125 @@
+"""Data preparation: formats, packing, masks, bad lines, shards, deterministic and
+resumable batches across world sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ouro_mlx import load
+from ouro_mlx.data import DataError, PackedDataset, Position, batches, prepare
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return load(tiny_dir)[1]
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_formats_masks_and_packing(tok, tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first document\n\nsecond one\n")
+    jl = write(tmp_path / "b.jsonl", [
+        json.dumps({"text": "plain"}),
+        json.dumps({"prompt": "Q?", "completion": "A."}),
+        json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "yo"}]}),
+    ])
+    meta = prepare([txt, jl], tmp_path / "out", tok, seq_len=15, shard_sequences=3)
+    assert meta.documents == 5 and meta.skipped == 0
+    data = PackedDataset(tmp_path / "out")
+    assert len(data) == meta.sequences == sum(meta.shards) and len(meta.shards) > 1
+    stream = np.concatenate([data[0][0]] + [data[i][0][1:] for i in range(1, len(data))])
+    ids = tok.encode("first document", add_special_tokens=False)
+    assert stream[: len(ids) + 1].tolist() == ids + [tok.eos_token_id]
+    masks = np.concatenate([data[0][1]] + [data[i][1][1:] for i in range(1, len(data))])
+    # chat/completion prompts are masked out, answers and plain text are not
+    assert masks[: len(ids)].all() and not masks.all()
+    full = tok.apply_chat_template([{"role": "user", "content": "Q?"},
+                                    {"role": "assistant", "content": "A."}])
+    text_tokens = stream.tolist()
+    start = next(i for i in range(len(text_tokens)) if text_tokens[i:i + len(full)] == full)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Q?"}],
+                                     add_generation_prompt=True)
+    assert not masks[start:start + len(prompt)].any()
+    assert masks[start + len(prompt):start + len(full)].all()
+
+
+def test_bad_lines_reported_and_skipped(tok, tmp_path):
+    jl = write(tmp_path / "bad.jsonl", [json.dumps({"text": "good " * 10}), "{not json",
+                                        json.dumps({"other": 1}), json.dumps([1, 2]),
+                                        json.dumps({"text": "also good " * 10})])
+    seen = []
+    meta = prepare([jl], tmp_path / "out", tok, seq_len=8, warn=seen.append)
+    assert meta.documents == 2 and meta.skipped == 3
+    assert seen[0].startswith(f"{jl}:2: skipped, not valid JSON")
+    assert f"{jl}:3:" in seen[1] and f"{jl}:4:" in seen[2]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "no usable samples"),
+    ("{broken\n", "no usable samples"),
+])
+def test_empty_or_corrupt_files(tok, tmp_path, content, message):
+    f = tmp_path / "x.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError, match=message):
+        prepare([f], tmp_path / "out", tok, seq_len=8, warn=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_bad_inputs(tok, tmp_path):
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare([tmp_path / "bin.jsonl"], tmp_path / "o", tok, seq_len=8)
+    with pytest.raises(DataError, match="no such file"):
+        prepare([tmp_path / "nope.txt"], tmp_path / "o", tok, seq_len=8)
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(DataError, match="unknown data format"):
+        prepare([tmp_path / "a.csv"], tmp_path / "o", tok, seq_len=8)
+    (tmp_path / "short.txt").write_text("hi")
+    with pytest.raises(DataError, match="Not enough data"):
+        prepare([tmp_path / "short.txt"], tmp_path / "o", tok, seq_len=64)
+
+
+def test_truncated_shard_is_detected(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("some words here " * 20)
+    prepare([tmp_path / "a.txt"], tmp_path / "out", tok, seq_len=8)
+    shard = tmp_path / "out" / "tokens-00000.bin"
+    os.truncate(shard, shard.stat().st_size - 3)
+    with pytest.raises(DataError, match="truncated"):
+        PackedDataset(tmp_path / "out")
+
+
+def test_batches_deterministic_resumable_and_split_by_rank(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"doc {i} " * 5 for i in range(60)))
+    prepare([tmp_path / "a.txt"], tmp_path / "out", tok, seq_len=8)
+    data = PackedDataset(tmp_path / "out")
+    one = batches(data, 4, seed=3)
+    seq = [next(one) for _ in range(12)]
+    again = batches(data, 4, seed=3)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(seq, [next(again) for _ in range(12)]))
+    # resume from a saved position gives the same continuation
+    resumed = batches(data, 4, seed=3, position=seq[5][2])
+    assert np.array_equal(next(resumed)[0], seq[6][0])
+    # two ranks of 2 read together what one process of 4 reads, in the same order
+    r0 = batches(data, 2, seed=3, rank=0, world_size=2)
+    r1 = batches(data, 2, seed=3, rank=1, world_size=2)
+    for i in range(3):
+        a, b = next(r0), next(r1)
+        assert np.array_equal(np.concatenate([a[0], b[0]]), seq[i][0])
+        assert a[2] == b[2] == seq[i][2]
+    # an epoch ends when no full batch is left; the next has a new order
+    per_epoch = len(data) // 4
+    it = batches(data, 4, seed=3)
+    first = [next(it) for _ in range(per_epoch)]
+    nxt = next(it)
+    assert first[-1][2].epoch == 0 and nxt[2] == Position(1, 4)
+    assert not np.array_equal(nxt[0], first[0][0])

@@ -10,6 +10,8 @@ VERBS = {
     "chat": "Chat in the terminal (multi-turn, loop depth shown with --show-depth).",
     "bench": "Benchmark speed, memory and loop depth against an unrolled mlx-lm peer.",
     "convert": "Convert between HF PyTorch-format and MLX checkpoints.",
+    "data": "Tokenize .txt/.jsonl files into packed training shards.",
+    "train": "Train a looped model (Stage I, Stage II gate, fixed depth; MLX distributed).",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
 }
 

@@ -35,7 +35,9 @@ def target_mask(lengths: mx.array, n: int) -> mx.array:
     return (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
 
 
-def loop_terms(model, batch: mx.array, lengths: mx.array, ut_steps: int | None = None) -> LoopTerms:
+def loop_terms(model, batch: mx.array, mask: mx.array, ut_steps: int | None = None) -> LoopTerms:
+    """Every loop step's cross-entropy and the exit distribution; ``mask`` [B, N-1]
+    marks the targets (``batch[:, 1:]``) that count."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     out = model.loop_outputs(inputs, ut_steps=ut_steps)
     ce = mx.stack(
@@ -44,7 +46,7 @@ def loop_terms(model, batch: mx.array, lengths: mx.array, ut_steps: int | None =
         axis=-1,
     )
     gates = mx.stack(out.gate_logits, axis=-1).astype(mx.float32)
-    return LoopTerms(ce, exit_pdf(gates), gates, target_mask(lengths, targets.shape[1]))
+    return LoopTerms(ce, exit_pdf(gates), gates, mask)
 
 
 def _masked_mean(x: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
@@ -56,20 +58,20 @@ def entropy(pdf: mx.array) -> mx.array:
     return -(pdf * mx.log(mx.maximum(pdf, 1e-12))).sum(-1)
 
 
-def stage1_loss(model, batch, lengths, beta: float = 0.1, ut_steps: int | None = None):
+def stage1(model, batch, mask, beta: float = 0.1, ut_steps: int | None = None):
     """Σ_t p_t·L_t − β·H(p), averaged over target tokens."""
-    terms = loop_terms(model, batch, lengths, ut_steps)
+    terms = loop_terms(model, batch, mask, ut_steps)
     per_token = (terms.pdf * terms.ce).sum(-1) - beta * entropy(terms.pdf)
     return _masked_mean(per_token, terms.mask)
 
 
-def stage2_loss(model, batch, lengths, k: float = 50.0, gamma: float = 0.005,
-                ut_steps: int | None = None):
+def stage2(model, batch, mask, k: float = 50.0, gamma: float = 0.005,
+           ut_steps: int | None = None):
     """The paper's adaptive gate loss (§3.3): for steps t = 2..T (1-based), label
     w_t = σ(k·(max(0, L_{t−1} − L_t) − γ)) ("continue"), and
     L = (1/T) Σ_{t=2..T} mean_i BCE(1 − λ_t, w_t), with the LM losses detached.
     Train it with everything but ``model.early_exit_gate`` frozen."""
-    terms = loop_terms(model, batch, lengths, ut_steps)
+    terms = loop_terms(model, batch, mask, ut_steps)
     T = terms.ce.shape[-1]
     if T < 2:
         raise ValueError("stage2_loss needs at least 2 loop steps.")
@@ -83,20 +85,40 @@ def stage2_loss(model, batch, lengths, k: float = 50.0, gamma: float = 0.005,
     return _masked_mean(per_token, terms.mask)
 
 
-def fixed_depth_loss(model, batch, lengths, ut_steps: int | None = None,
-                     exit_at_step: int | None = None):
+def fixed_depth(model, batch, mask, ut_steps: int | None = None,
+                exit_at_step: int | None = None):
     """Cross-entropy of the logits of one loop step (default: the last)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     T = model._steps(ut_steps)
     logits = model(inputs, ut_steps=T, exit_at_step=T - 1 if exit_at_step is None else exit_at_step)
     ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32)
-    return _masked_mean(ce, target_mask(lengths, targets.shape[1]))
+    return _masked_mean(ce, mask)
 
 
-def loss_report(model, batch, lengths, ut_steps: int | None = None) -> dict:
+def with_lengths(fn: Callable) -> Callable:
+    """mlx-lm's signature: ``lengths`` [B, 2] (first, last target) instead of a mask."""
+
+    def loss(model, batch, lengths, **kw):
+        return fn(model, batch, target_mask(lengths, batch.shape[1] - 1), **kw)
+
+    loss.__name__ = f"{fn.__name__}_loss"
+    loss.__doc__ = fn.__doc__
+    return loss
+
+
+stage1_loss = with_lengths(stage1)
+stage2_loss = with_lengths(stage2)
+fixed_depth_loss = with_lengths(fixed_depth)
+
+
+def loss_report(model, batch, lengths_or_mask, ut_steps: int | None = None) -> dict:
     """Per-step mean losses, the mean exit distribution and its entropy, and the
-    expected loop count, over the target tokens (for logging and evaluation)."""
-    terms = loop_terms(model, batch, lengths, ut_steps)
+    expected loop count, over the target tokens (for logging and evaluation).
+    Takes mlx-lm's ``lengths`` [B, 2] or a target mask [B, N-1]."""
+    mask = lengths_or_mask
+    if mask.shape[1] == 2 and batch.shape[1] - 1 != 2:
+        mask = target_mask(mask, batch.shape[1] - 1)
+    terms = loop_terms(model, batch, mask, ut_steps)
     m = terms.mask[..., None].astype(mx.float32)
     n = mx.maximum(m.sum(), 1)
     steps = mx.arange(1, terms.pdf.shape[-1] + 1, dtype=mx.float32)
@@ -111,6 +133,7 @@ def loss_report(model, batch, lengths, ut_steps: int | None = None) -> dict:
 
 
 LOSSES = {"stage1": stage1_loss, "stage2": stage2_loss, "fixed": fixed_depth_loss}
+MASKED_LOSSES = {"stage1": stage1, "stage2": stage2, "fixed": fixed_depth}
 
 
 def make_loss(kind: str, **params) -> Callable:

@@ -1,0 +1,77 @@
+"""ouro-mlx train: train a looped model (from scratch, from a checkpoint, or the
+exit gate only) on prepared data. Options come from --config X.yaml; flags win.
+
+  ouro-mlx train --config recipe.yaml --iters 2000
+  mlx.launch -n 2 --backend ring -- python -m ouro_mlx train --config recipe.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..training import TrainConfig
+
+    p = argparse.ArgumentParser(prog="ouro-mlx train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with TrainConfig keys.")
+    p.add_argument("--tokenizer", default=None,
+                   help="Directory whose tokenizer files are copied into checkpoints.")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=_bool, default=None)
+        elif isinstance(default, (list, dict)):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=json.loads, default=None,
+                           help="JSON")
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    return p
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def load_config(args: argparse.Namespace):
+    from ..training import TrainConfig
+
+    values = {}
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config) as fh:
+                values = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"Cannot read {args.config}: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config} must hold a mapping of options.")
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args)
+    from ..training import NonFiniteLoss, train
+
+    try:
+        last = train(cfg, tokenizer_dir=args.tokenizer)
+    except NonFiniteLoss as e:
+        print(f"ouro-mlx train: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(last))
+    return 0

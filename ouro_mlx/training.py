@@ -1,0 +1,386 @@
+"""Training looped models: from scratch, resumable, data parallel over MLX distributed.
+
+One process or many (``mlx.launch -n 2 --backend ring -- python -m ouro_mlx train
+...``): each rank reads its own slice of every global batch, gradients are averaged
+with ``mlx.nn.average_gradients``, rank 0 writes checkpoints. A checkpoint holds the
+model, the optimizer state, the step, the data position and the RNG seed stream; it
+is written to a temporary directory and renamed, so a kill during the write leaves
+the previous one loadable. Resuming restores all of it, also with another world
+size (the data position counts global sequences).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .data import PackedDataset, Position, batches
+from .losses import LOSSES, MASKED_LOSSES, loss_report
+from .model import Model, ModelArgs
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; YAML keys have these names (flags override them)."""
+
+    data: str = ""
+    out: str = "runs/ouro"
+    model: dict = field(default_factory=dict)  # config.json fields, or {"shape": name}
+    init_from: str | None = None  # a checkpoint directory to start from
+    upcycle: int = 1  # duplicate each layer this many times (2: 24 → 48 layers)
+    val_data: str | None = None
+    loss: str = "stage1"
+    beta: float = 0.1
+    stage2_k: float = 50.0
+    stage2_gamma: float = 0.005
+    ut_steps: int = 4
+    loop_schedule: list = field(default_factory=list)  # [[step, T], ...], e.g. [[0, 8], [1000, 4]]
+    batch_size: int = 8
+    grad_accum: int = 1
+    iters: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 100
+    decay_frac: float = 0.2  # warmup–stable–decay: the last 20% of steps decay to min_lr
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    grad_checkpoint: bool = False
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 200
+    keep: int = 2
+    seed: int = 0
+    plot: bool = True
+
+    # fields that must match on resume (the rest may change, e.g. iters)
+    RESUME_KEYS = ("model", "loss", "batch_size", "grad_accum", "seed", "dtype", "data")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - names):
+            raise ValueError(f"Unknown training options: {', '.join(unknown)}.")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not isinstance(self.model, dict):
+            raise ValueError('model must be a mapping, e.g. {"shape": "tiny"} or config fields.')
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
+        for name in ("batch_size", "grad_accum", "iters", "ut_steps", "upcycle"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}.")
+        if not self.data:
+            raise ValueError("No training data: set data to a prepared shard directory.")
+
+    def steps_at(self, step: int) -> int:
+        """Loop steps in force at optimizer step ``step`` (the loop-count schedule)."""
+        T = self.ut_steps
+        for start, t in sorted(self.loop_schedule):
+            if step >= start:
+                T = int(t)
+        return T
+
+
+def wsd_schedule(cfg: TrainConfig):
+    """Warmup → stable → (cosine) decay to ``min_lr`` over the last ``decay_frac``."""
+    decay_start = int(cfg.iters * (1 - cfg.decay_frac))
+
+    def lr(step):
+        step = step.astype(mx.float32) if isinstance(step, mx.array) else mx.array(step, mx.float32)
+        warm = cfg.lr * mx.minimum(step + 1, cfg.warmup) / max(cfg.warmup, 1)
+        frac = mx.clip((step - decay_start) / max(cfg.iters - decay_start, 1), 0.0, 1.0)
+        decay = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + mx.cos(math.pi * frac))
+        return mx.where(step < cfg.warmup, warm, mx.where(step < decay_start, cfg.lr, decay))
+
+    return lr
+
+
+def init_model(cfg: TrainConfig) -> Model:
+    """A new model from ``cfg.model`` (initializer_range 0.02), or ``init_from``,
+    optionally upcycled by layer duplication."""
+    from .loading import load_model
+    from .random_model import SHAPES, hf_config
+
+    if cfg.init_from:
+        model = load_model(cfg.init_from, dtype="float32")
+    else:
+        spec = dict(cfg.model)
+        shape = spec.pop("shape", None)
+        config = hf_config(SHAPES[shape] if shape else spec, total_ut_steps=cfg.ut_steps)
+        config.update(spec if shape else {})
+        model = Model(ModelArgs.from_dict(config))
+        std = config.get("initializer_range", 0.02)
+        key = mx.random.key(cfg.seed)
+        params = dict(tree_flatten(model.parameters()))
+        keys = mx.random.split(key, len(params))
+        new = {}
+        for k_, (name, p) in zip(keys, sorted(params.items())):
+            if "norm" in name:
+                new[name] = mx.ones_like(p)
+            elif name.endswith("bias"):
+                new[name] = mx.zeros_like(p)
+            else:
+                new[name] = std * mx.random.normal(p.shape, key=k_)
+        model.update(tree_unflatten(list(new.items())))
+    if cfg.upcycle > 1:
+        model = upcycle(model, cfg.upcycle)
+    model.set_dtype(mx.float32 if cfg.dtype == "float32" else mx.bfloat16)
+    mx.eval(model.parameters())
+    return model
+
+
+def upcycle(model: Model, factor: int) -> Model:
+    """Duplicate every layer ``factor`` times in place (layer i → i, i, ...), as the
+    paper made Ouro-2.6B's 48 layers from Ouro-1.4B's 24."""
+    import copy
+
+    args = ModelArgs.from_dict({**asdict(model.args),
+                                "num_hidden_layers": model.args.num_hidden_layers * factor})
+    bigger = Model(args)
+    bigger.model.embed_tokens = model.model.embed_tokens
+    bigger.model.norm = model.model.norm
+    bigger.model.early_exit_gate = model.model.early_exit_gate
+    bigger.lm_head = model.lm_head
+    bigger.model.layers = [copy.deepcopy(layer) for layer in model.layers for _ in range(factor)]
+    return bigger
+
+
+def checkpoint_config(model: Model) -> dict:
+    from .random_model import hf_config
+
+    a = model.args
+    dims = {k: getattr(a, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim", "intermediate_size",
+                                       "vocab_size", "max_position_embeddings", "rope_theta",
+                                       "rms_norm_eps")}
+    return hf_config(dims, total_ut_steps=a.total_ut_steps)
+
+
+def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
+                    position: Position, cfg: TrainConfig, tokenizer_dir: str | None) -> Path:
+    """Write ``out/ckpt-STEP`` atomically and point ``out/latest`` at it."""
+    from .loading import copy_support_files
+
+    dest = out / f"ckpt-{step:07d}"
+    tmp = out / f".ckpt-{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "pt"})
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    (tmp / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2))
+    state = {"step": step, "position": asdict(position), "config": _resume_view(cfg)}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if tokenizer_dir:
+        copy_support_files(Path(tokenizer_dir), tmp)
+    for f in tmp.iterdir():  # make the data durable before the rename
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    latest_tmp = out / f".latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(dest.name)
+    os.replace(latest_tmp, out / "latest")
+    old = sorted(out.glob("ckpt-*"))[: -cfg.keep] if cfg.keep > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return dest
+
+
+def _resume_view(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    return {k: d[k] for k in TrainConfig.RESUME_KEYS}
+
+
+def load_checkpoint(out: Path, cfg: TrainConfig) -> tuple[Path, dict] | None:
+    latest = out / "latest"
+    if not latest.exists():
+        return None
+    ckpt = out / latest.read_text().strip()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    saved, now = state["config"], _resume_view(cfg)
+    if diff := [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]:
+        raise ValueError(
+            f"Cannot resume {ckpt}: the config differs in {', '.join(diff)} "
+            f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}). "
+            "Use another --out or the original settings."
+        )
+    return ckpt, state
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> dict:
+    """Run (or resume) training; returns the final metrics."""
+    cfg.validate()
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    out = Path(cfg.out)
+    data = PackedDataset(cfg.data)
+    val = PackedDataset(cfg.val_data) if cfg.val_data else None
+
+    model = init_model(cfg)
+    opt = optim.AdamW(learning_rate=wsd_schedule(cfg), betas=tuple(cfg.betas),
+                      weight_decay=cfg.weight_decay)
+    step, position = 0, Position()
+    resumed = load_checkpoint(out, cfg)
+    if resumed:
+        ckpt, state = resumed
+        model.load_weights(str(ckpt / "model.safetensors"))
+        opt.init(model.trainable_parameters())
+        opt.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+        step, position = state["step"], Position(**state["position"])
+        log(f"resumed from {ckpt} at step {step}")
+        if rank == 0 and (out / "history.jsonl").exists():  # drop steps after the checkpoint
+            rows = (out / "history.jsonl").read_text().splitlines()
+            keep = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+            (out / "history.jsonl").write_text("".join(r + "\n" for r in keep))
+    if cfg.loss == "stage2":
+        model.freeze()
+        model.model.early_exit_gate.unfreeze()
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+
+    def loss_fn(m, batch, mask, T):
+        kw = {"ut_steps": T}
+        if cfg.loss == "stage1":
+            kw["beta"] = cfg.beta
+        elif cfg.loss == "stage2":
+            kw.update(k=cfg.stage2_k, gamma=cfg.stage2_gamma)
+        return MASKED_LOSSES[cfg.loss](m, batch, mask, **kw)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    stream = batches(data, cfg.batch_size, seed=cfg.seed, position=position, rank=rank,
+                     world_size=size)
+    history_file = out / "history.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    progress = _progress(cfg.iters, step, rank)
+    last = {}
+    tic = time.perf_counter()
+    tokens_seen = 0
+    while step < cfg.iters:
+        T = cfg.steps_at(step)
+        # Token-weighted sums over micro-batches and ranks: the update equals one
+        # step on the concatenated global batch.
+        grads_sum, loss_sum, ntok_sum = None, 0.0, 0
+        for _ in range(cfg.grad_accum):
+            tokens, mask, position = next(stream)
+            (loss, ntoks), grads = value_and_grad(model, mx.array(tokens),
+                                                  mx.array(mask[:, 1:]), T)
+            grads = tree_map(lambda g: g * ntoks, grads)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            loss_sum = loss_sum + loss * ntoks
+            ntok_sum = ntok_sum + ntoks
+        total = mx.distributed.all_sum(ntok_sum) if size > 1 else ntok_sum
+        grads = tree_map(lambda g: g * size / total, nn.average_gradients(grads_sum))
+        grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        loss = (mx.distributed.all_sum(loss_sum) if size > 1 else loss_sum) / total
+        mx.eval(loss, grad_norm)
+        value = loss.item()
+        if not (math.isfinite(value) and math.isfinite(grad_norm.item())):
+            raise NonFiniteLoss(  # before the update: the weights stay the last good ones
+                f"Loss {value}, gradient norm {grad_norm.item()} at step {step + 1}; "
+                f"stopping. The last good checkpoint is kept in {out} (lower lr or check "
+                "the data)."
+            )
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        step += 1
+        tokens_seen += int(total.item())
+        last = {"step": step, "loss": value, "lr": float(opt.learning_rate.item()
+                                                         if isinstance(opt.learning_rate, mx.array)
+                                                         else opt.learning_rate),
+                "ut_steps": T, "tokens_per_s": tokens_seen / (time.perf_counter() - tic)}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
+            last.update(evaluate(model, val or data, cfg, T))
+        if rank == 0:
+            with open(history_file, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            progress(step, value)
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.iters):
+            save_checkpoint(out, step, model, opt, position, cfg, tokenizer_dir)
+    if rank == 0 and cfg.plot:
+        plot_history(history_file, out / "training.png")
+    return last
+
+
+def evaluate(model: Model, data: PackedDataset, cfg: TrainConfig, T: int) -> dict:
+    """Per-step losses and mean exit distribution on a few fixed batches."""
+    reports = []
+    it = batches(data, min(cfg.batch_size, len(data)), seed=cfg.seed + 1)
+    for _ in range(max(1, cfg.eval_batches)):
+        tokens, mask, _ = next(it)
+        reports.append(loss_report(model, mx.array(tokens), mx.array(mask[:, 1:]), ut_steps=T))
+    n = len(reports)
+    return {
+        "eval_step_losses": [sum(r["step_losses"][t] for r in reports) / n for t in range(T)],
+        "eval_exit_dist": [sum(r["exit_dist"][t] for r in reports) / n for t in range(T)],
+        "eval_expected_loops": sum(r["expected_loops"] for r in reports) / n,
+    }
+
+
+def _progress(total: int, start: int, rank: int):
+    if rank != 0:
+        return lambda step, loss: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="training", unit="step")
+
+    def update(step, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def plot_history(history: Path, png: Path) -> Path | None:
+    """Loss and expected loop depth over training, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install 'ouro-mlx[plot]' for training.png)")
+        return None
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax[0].set(xlabel="step", ylabel="training loss", title="loss")
+    ev = [r for r in rows if "eval_expected_loops" in r]
+    ax[1].plot([r["step"] for r in ev], [r["eval_expected_loops"] for r in ev], marker="o")
+    ax[1].set(xlabel="step", ylabel="E[loops]", title="mean exit depth")
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png

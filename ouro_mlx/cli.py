@@ -11,6 +11,7 @@ VERBS = {
     "bench": "Benchmark speed, memory and loop depth against an unrolled mlx-lm peer.",
     "convert": "Convert between HF PyTorch-format and MLX checkpoints.",
     "data": "Tokenize .txt/.jsonl files into packed training shards.",
+    "tokenizer": "Train a sentencepiece tokenizer (BPE or unigram) with ChatML tokens.",
     "train": "Train a looped model (Stage I, Stage II gate, fixed depth; MLX distributed).",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
 }

@@ -1,0 +1,120 @@
+"""Training a tokenizer for a new looped model with sentencepiece.
+
+sentencepiece learns the vocabulary (BPE or unigram, byte fallback, one token per
+digit) on the corpus; the result is saved as a Hugging Face ``tokenizer.json`` with
+the ChatML template and special tokens, so ``ouro_mlx.load``, mlx-lm and the chat
+template work with it like with Ouro's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .loading import atomic_directory
+from .random_model import CHAT_TEMPLATE
+
+SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """The raw text of .txt documents and of JSONL text/prompt/completion/messages."""
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                for key in ("text", "prompt", "completion"):
+                    if isinstance(obj.get(key), str):
+                        yield obj[key]
+                for m in obj.get("messages") or []:
+                    if isinstance(m, dict) and isinstance(m.get("content"), str):
+                        yield m["content"]
+        else:
+            yield from (d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip())
+
+
+def train_tokenizer(
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 4096,
+    model_type: str = "bpe",
+    force: bool = False,
+) -> Path:
+    """Train on ``inputs`` and write tokenizer files to ``out_dir`` (atomically)."""
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be bpe or unigram, got {model_type!r}.")
+    if vocab_size < len(SPECIALS) + 256 + 8:
+        raise ValueError(f"vocab_size must be at least {len(SPECIALS) + 264} "
+                         "(special tokens + 256 byte tokens + a few pieces).")
+    with tempfile.TemporaryDirectory() as work, atomic_directory(Path(out_dir), force) as tmp:
+        corpus = Path(work) / "corpus.txt"
+        n = 0
+        with open(corpus, "w", encoding="utf-8") as f:
+            for text in corpus_texts(inputs):
+                f.write(text.replace("\n", " ") + "\n")
+                n += 1
+        if n == 0:
+            raise ValueError("The corpus is empty.")
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(corpus), model_prefix=str(Path(work) / "sp"), vocab_size=vocab_size,
+                model_type=model_type, eos_id=0, eos_piece=SPECIALS[0], unk_id=1,
+                unk_piece=SPECIALS[1], bos_id=-1, pad_id=-1, user_defined_symbols=SPECIALS[2:],
+                byte_fallback=True, split_digits=True, character_coverage=1.0,
+                hard_vocab_limit=False, minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece could not train: {e}") from e
+        model_file = Path(work) / "sp.model"
+        to_hf_tokenizer(model_file).save(str(tmp / "tokenizer.json"))
+        (tmp / "sentencepiece.model").write_bytes(model_file.read_bytes())
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": SPECIALS[0],
+            "unk_token": SPECIALS[1],
+            "additional_special_tokens": SPECIALS[2:],
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 131072,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return Path(out_dir)
+
+
+def to_hf_tokenizer(model_file: Path):
+    """A ``tokenizers.Tokenizer`` equal to the sentencepiece model (special tokens
+    are matched before it, so chat markup never merges with text)."""
+    import sentencepiece.sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    if proto.trainer_spec.model_type == 1:  # unigram
+        model = models.Unigram(pieces, unk_id=1, byte_fallback=True)
+    else:
+        from transformers.convert_slow_tokenizer import generate_merges
+
+        vocab = {p: i for i, (p, _) in enumerate(pieces)}
+        model = models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=SPECIALS[1],
+                           byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                 split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return tok

@@ -1,0 +1,51 @@
+"""Training a tokenizer with sentencepiece and using it through ouro_mlx.load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sentencepiece as spm
+
+from ouro_mlx.loading import load_tokenizer
+from ouro_mlx.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}
+            for a in range(40) for b in range(0, 40, 3)]
+    (d / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    (d / "c.txt").write_text("Plain text about numbers and sums.\n\nAnother paragraph.")
+    return [d / "c.jsonl", d / "c.txt"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_trained_tokenizer_round_trips_and_matches_sentencepiece(corpus, tmp_path, kind):
+    out = train_tokenizer(corpus, tmp_path / "tok", vocab_size=320, model_type=kind)
+    tok = load_tokenizer(out, {"eos_token_id": 0})
+    sp = spm.SentencePieceProcessor(model_file=str(out / "sentencepiece.model"))
+    for text in ["What is 12 + 7?", "Wörds ünseen 🙂 and 1234"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert ids == sp.encode(text)
+    assert tok.encode("1234", add_special_tokens=False)[-4:] == [
+        tok.convert_tokens_to_ids(d) for d in "1234"]
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    vocab = tok.get_vocab()
+    assert ids[0] == vocab["<|im_start|>"] and vocab["<|im_end|>"] in ids
+    assert {0, vocab["<|im_end|>"]} <= set(tok.eos_token_ids)
+    assert len(vocab) <= 320
+
+
+def test_bad_inputs(corpus, tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(corpus, tmp_path / "a", vocab_size=10)
+    with pytest.raises(ValueError, match="model_type"):
+        train_tokenizer(corpus, tmp_path / "b", model_type="wordpiece")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train_tokenizer([tmp_path / "empty.txt"], tmp_path / "c")
+    assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())

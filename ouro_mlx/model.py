@@ -335,6 +335,31 @@ class Model(nn.Module):
             new = lambda: QuantizedKVCache(group_size=kv_group_size, bits=kv_bits)  # noqa: E731
         return [CacheList(*(new() for _ in range(n))) for _ in self.layers]
 
+    def shard(self, group: mx.distributed.Group | None = None) -> None:
+        """Tensor parallelism over ``group`` (mlx-lm's convention): attention heads and
+        MLP columns split across devices, one all-reduce after ``o_proj`` and
+        ``down_proj``. Prefer it to pipelining: a looped stack would cross devices
+        T times per token."""
+        from mlx.nn.layers.distributed import shard_linear
+
+        group = group or mx.distributed.init()
+        N = group.size()
+        a = self.args
+        if a.num_key_value_heads % N or a.intermediate_size % N:
+            raise ValueError(f"Cannot shard over {N} devices: kv heads "
+                             f"({a.num_key_value_heads}) and intermediate_size "
+                             f"({a.intermediate_size}) must divide by it.")
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+            attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+            attn.n_heads //= N
+            attn.n_kv_heads //= N
+            mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+            mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+            mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+
     def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
         # The gate decides depth for every token; keep it in full precision.
         return "early_exit_gate" not in path

@@ -167,3 +167,18 @@ def test_two_process_data_parallel_step_equals_single_process(data_dir, tmp_path
     assert worst < 1e-4, worst
     la, lb = history(tmp_path / "one")[0]["loss"], history(tmp_path / "two")[0]["loss"]
     assert abs(la - lb) < 1e-5
+
+
+def test_tensor_parallel_logits_equal_single_device(tiny_dir, tmp_path):
+    script = Path(__file__).parent / "scripts" / "tp_logits.py"
+    launch = Path(sys.executable).parent / "mlx.launch"
+    out = tmp_path / "tp.npz"
+    run = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--", sys.executable,
+                          str(script), str(tiny_dir), str(out)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = np.load(out)
+    model = ouro_mlx.load_model(tiny_dir)
+    ids = mx.array([[5, 17, 300, 42, 7, 99, 128, 3]])
+    np.testing.assert_allclose(got["logits"], np.array(model(ids, exit_threshold=0.5)), atol=1e-4)
+    np.testing.assert_allclose(got["step"], np.array(model(ids)[:, -1:]), atol=1e-4)

@@ -96,12 +96,10 @@ def fill_context(cache: list, n: int, like: mx.array) -> None:
 def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = None) -> tuple:
     mx.synchronize()
     tic = time.perf_counter()
-    loops = []
-    first = next(gen)
+    loops = []  # of the decoded tokens (the first token comes from the full-depth prompt)
+    next(gen)
     t_prompt = time.perf_counter() - tic
     tic = time.perf_counter()
-    if loops_of:
-        loops.append(loops_of(first))
     for i, item in enumerate(gen):
         if loops_of:
             loops.append(loops_of(item))

@@ -121,3 +121,22 @@ def test_stop_strings_end_the_answer(tiny_dir):
     out = "".join(p for p, _, _ in stopped.reply("hello"))
     assert out == text[: text.find(stop)]
     assert stopped.messages[-1]["content"] == out
+
+
+def test_thinking_is_flagged_for_dimming_or_hiding(session, monkeypatch):
+    import ouro_mlx.generation as generation
+    from ouro_mlx.generation import GenerationResponse
+
+    vocab = session.tokenizer.get_vocab()
+    think, end = vocab["<think>"], vocab["</think>"]
+    script = [(think, ""), (70, "ab"), (71, "c"), (end, ""), (72, "answer")]
+
+    def fake_stream(model, tokenizer, prompt, **kw):
+        for i, (tok, text) in enumerate(script):
+            yield GenerationResponse(text, tok, 2, None, 3, 1.0, i + 1, 1.0, 0.0, 2.0,
+                                     "stop" if i == len(script) - 1 else None)
+
+    monkeypatch.setattr(generation, "stream_generate", fake_stream)
+    pieces = list(session.reply("think first"))
+    assert pieces == [("ab", 2, True), ("c", 2, True), ("answer", 2, False)]
+    assert session.stats.loops[2] == 5

@@ -14,6 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from ouro_mlx import CheckpointError, load_model
+from ouro_mlx.bench import per_step_kl
 from ouro_mlx.convert import hf_to_mlx, mlx_to_hf
 from tests.conftest import to_np
 
@@ -83,18 +84,6 @@ def test_raw_torch_bin_and_pt(tiny_dir, tmp_path):
     assert_same_tensors(weights, tensors(tmp_path / "from-pt"))
     with pytest.raises(ValueError, match="config.json"):
         hf_to_mlx(pt, tmp_path / "no-config")
-
-
-def per_step_kl(ref, model, ids) -> list[float]:
-    """KL(ref ‖ model) of next-token distributions at every loop step, mean over
-    positions."""
-    a, b = ref.loop_outputs(ids), model.loop_outputs(ids)
-    kls = []
-    for ha, hb in zip(a.hidden, b.hidden):
-        pa = nn.log_softmax(ref.lm_head(ha).astype(mx.float32), -1)
-        pb = nn.log_softmax(model.lm_head(hb).astype(mx.float32), -1)
-        kls.append((mx.exp(pa) * (pa - pb)).sum(-1).mean().item())
-    return kls
 
 
 # Random Gaussian weights are a worst case for 4-bit; the error compounds per loop.

@@ -152,13 +152,24 @@ def per_step_kl(ref: Model, model: Model, ids: mx.array, ut_steps: int | None = 
 
 def quality_table(model: Model, config: dict, ids: mx.array, bits_list=(8, 4),
                   group_size: int = 64) -> dict:
-    """Per-loop-step KL of quantized models against the bfloat16 model."""
+    """Per-loop-step KL of quantized models against the bfloat16 model.
+
+    Both run in float32 arithmetic: the reference with bfloat16-rounded weights, the
+    quantized model with those weights quantized and dequantized (the same numbers
+    a quantized kernel multiplies with). This isolates the weight quantization error
+    and avoids MLX's slow CPU kernels for quantized × bfloat16."""
+    from mlx_lm.utils import dequantize_model
+
     ref = copy.deepcopy(model)
     ref.set_dtype(mx.bfloat16)
+    ref.set_dtype(mx.float32)
     table = {}
     for bits in bits_list:
         q = quantize(copy.deepcopy(ref), config, bits, group_size)
+        q = dequantize_model(q)
+        q.set_dtype(mx.float32)
         table[f"{bits}-bit"] = per_step_kl(ref, q, ids)
+        del q
     return table
 
 

@@ -164,8 +164,9 @@ def quality_table(model: Model, config: dict, ids: mx.array, bits_list=(8, 4),
     model.set_dtype(mx.bfloat16)  # in place, to keep a 1.4B model's copies in memory
     table = {}
     for bits in bits_list:
-        q = dequantize_model(quantize(copy.deepcopy(model), config, bits, group_size))
-        q.set_dtype(mx.float32)
+        q = copy.deepcopy(model)
+        q.set_dtype(mx.float32)  # float32 scales: dequantizing adds no rounding of its own
+        q = dequantize_model(quantize(q, config, bits, group_size))
         model.set_dtype(mx.float32)
         table[f"{bits}-bit"] = per_step_kl(model, q, ids)
         del q

@@ -94,10 +94,13 @@ def fill_context(cache: list, n: int, like: mx.array) -> None:
 
 
 def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = None) -> tuple:
+    """(prompt tok/s, decode tok/s, loops of the decoded tokens). The clock stops
+    when the last token arrives: work a generator queued beyond it is not counted
+    (mlx-lm's queues one more token than ours)."""
     mx.synchronize()
     tic = time.perf_counter()
-    loops = []  # of the decoded tokens (the first token comes from the full-depth prompt)
-    next(gen)
+    loops = []
+    next(gen)  # the first token comes from the full-depth prompt
     t_prompt = time.perf_counter() - tic
     tic = time.perf_counter()
     for i, item in enumerate(gen):
@@ -105,8 +108,8 @@ def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = 
             loops.append(loops_of(item))
         if i + 2 >= n_gen:
             break
-    mx.synchronize()
     t_decode = time.perf_counter() - tic
+    mx.synchronize()
     return n_prompt / t_prompt, (n_gen - 1) / t_decode, loops
 
 

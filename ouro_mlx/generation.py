@@ -127,7 +127,9 @@ def decode(model: Model, y: mx.array, cache: list, rule: ExitRule) -> tuple[mx.a
             ]
         loops = mx.where(active, t + 1, loops)
         active = active & ~stop
-        if not active.any().item():  # the one host sync per loop step
+        if t + 1 >= rule.ceiling:  # forced stop: no need to look
+            break
+        if t + 1 >= rule.min_loops and not active.any().item():  # the host sync
             break
         x = prev = h
     if cache is not None:

@@ -22,7 +22,7 @@ def main() -> None:
     batch = mx.random.randint(0, model.args.vocab_size, (1, n + 1))
     mask = mx.ones((1, n), dtype=mx.bool_)
     step = nn.value_and_grad(model, lambda m: stage1(m, batch, mask, beta=0.1)[0])
-    for i in range(2):  # the first includes one-off costs
+    for _ in range(2):  # the first includes one-off costs
         mx.reset_peak_memory()
         tic = time.perf_counter()
         loss, grads = step(model)

@@ -18,12 +18,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .data import PackedDataset, Position, batches
@@ -313,9 +311,7 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
         mx.eval(model.parameters(), opt.state)
         step += 1
         tokens_seen += int(total.item())
-        last = {"step": step, "loss": value, "lr": float(opt.learning_rate.item()
-                                                         if isinstance(opt.learning_rate, mx.array)
-                                                         else opt.learning_rate),
+        last = {"step": step, "loss": value, "lr": opt.learning_rate.item(),
                 "ut_steps": T, "tokens_per_s": tokens_seen / (time.perf_counter() - tic)}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             last.update(evaluate(model, val or data, cfg, T))

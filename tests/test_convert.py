@@ -16,7 +16,6 @@ from mlx.utils import tree_flatten
 from ouro_mlx import CheckpointError, load_model
 from ouro_mlx.bench import per_step_kl
 from ouro_mlx.convert import hf_to_mlx, mlx_to_hf
-from tests.conftest import to_np
 
 IDS = mx.array([[11, 200, 37, 400, 5, 63, 128, 256, 77, 19, 301, 2]])
 

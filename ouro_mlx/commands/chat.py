@@ -107,13 +107,9 @@ class ChatSession:
     def _sync_cache(self, ids: list[int]) -> list[int]:
         """Trim the cache to its common prefix with ``ids``; return the rest."""
         from mlx_lm.models.cache import trim_prompt_cache
+        from mlx_lm.utils import common_prefix_len
 
-        n = 0
-        for a, b in zip(self.cached, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)  # feed at least one token
+        n = min(common_prefix_len(self.cached, ids), len(ids) - 1)  # feed >= 1 token
         if len(self.cached) > n:
             trim_prompt_cache(self.cache, len(self.cached) - n)
             self.cached = self.cached[:n]
@@ -133,11 +129,7 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": user})
         ids = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        try:
-            new = self._sync_cache(ids)
-        except Exception:
-            self.messages.pop()
-            raise
+        new = self._sync_cache(ids)
         out_tokens: list[int] = []
         text, stopped, thinking = "", False, False
         self.stats = Stats()

@@ -38,14 +38,24 @@ SPECIAL_TOKENS = [
     "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
     "<jupyter_script>", "<empty_output>",
 ]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+def chat_template(default_system: str | None = "You are a helpful assistant.") -> str:
+    """Ouro's ChatML template; ``default_system`` is added when a chat has no system
+    message (None: never)."""
+    head = ""
+    if default_system:
+        head = (
+            "{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\n" + default_system + "<|im_end|>\n' }}{% endif %}"
+        )
+    return (
+        "{% for message in messages %}" + head
+        + "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
 
 
 def hf_config(shape: str | dict, *, total_ut_steps: int = 4, dtype: str = "float32") -> dict:

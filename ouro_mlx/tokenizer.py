@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .loading import atomic_directory
-from .random_model import CHAT_TEMPLATE
+from .random_model import chat_template
 
 SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -37,7 +37,8 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
                         yield obj[key]
                 for m in obj.get("messages") or []:
                     if isinstance(m, dict) and isinstance(m.get("content"), str):
-                        yield m["content"]
+                        # the role too: ChatML puts it in every turn's header
+                        yield f"{m.get('role', '')}\n{m['content']}"
         else:
             yield from (d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip())
 
@@ -49,8 +50,11 @@ def train_tokenizer(
     vocab_size: int = 4096,
     model_type: str = "bpe",
     force: bool = False,
+    default_system: str | None = "You are a helpful assistant.",
 ) -> Path:
-    """Train on ``inputs`` and write tokenizer files to ``out_dir`` (atomically)."""
+    """Train on ``inputs`` and write tokenizer files to ``out_dir`` (atomically).
+    ``default_system``: the system message the chat template adds when a chat has
+    none (Ouro's template adds one; None for none)."""
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
@@ -87,7 +91,7 @@ def train_tokenizer(
             "additional_special_tokens": SPECIALS[2:],
             "clean_up_tokenization_spaces": False,
             "model_max_length": 131072,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": chat_template(default_system),
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return Path(out_dir)

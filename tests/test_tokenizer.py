@@ -49,3 +49,17 @@ def test_bad_inputs(corpus, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer([tmp_path / "empty.txt"], tmp_path / "c")
     assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
+
+
+def test_role_names_are_pieces_and_default_system_is_optional(corpus, tmp_path):
+    out = train_tokenizer(corpus, tmp_path / "tok", vocab_size=330, default_system=None)
+    tok = load_tokenizer(out, {"eos_token_id": 0})
+    chat = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # the corpus's role names were in the tokenizer's training text: one piece each
+    assert len(tok.encode("user", add_special_tokens=False)) <= 2
+    with_system = train_tokenizer(corpus, tmp_path / "tok2", vocab_size=330)
+    text = load_tokenizer(with_system, {"eos_token_id": 0}).apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")

@@ -18,12 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.add_argument("--no-default-system", action="store_true",
+                   help="Chat template without Ouro's default system message.")
     t.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
 
     from ..tokenizer import train_tokenizer
 
     out = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size,
-                          model_type=args.model_type, force=args.force)
+                          model_type=args.model_type, force=args.force,
+                          default_system=None if args.no_default_system else
+                          "You are a helpful assistant.")
     print(f"Wrote a {args.model_type} tokenizer ({args.vocab_size} tokens) to {out}")
     return 0

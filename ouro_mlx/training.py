@@ -7,6 +7,11 @@ model, the optimizer state, the step, the data position and the RNG seed stream;
 is written to a temporary directory and renamed, so a kill during the write leaves
 the previous one loadable. Resuming restores all of it, also with another world
 size (the data position counts global sequences).
+
+With ``tensor_parallel: true`` the processes instead split the model
+(``Model.shard``: heads and MLP columns) and all read the same batches; gradients of
+the shards stay local, the clipping norm is summed over devices, and checkpoints
+gather the shards into one ordinary checkpoint (resumable with any world size).
 """
 
 from __future__ import annotations
@@ -63,9 +68,11 @@ class TrainConfig:
     keep: int = 2
     seed: int = 0
     plot: bool = True
+    tensor_parallel: bool = False  # shard the model over all processes (one batch for all)
 
     # fields that must match on resume (the rest may change, e.g. iters)
-    RESUME_KEYS = ("model", "loss", "batch_size", "grad_accum", "seed", "dtype", "data")
+    RESUME_KEYS = ("model", "loss", "batch_size", "grad_accum", "seed", "dtype", "data",
+                   "tensor_parallel")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -174,17 +181,21 @@ def checkpoint_config(model: Model) -> dict:
 
 
 def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
-                    position: Position, cfg: TrainConfig, tokenizer_dir: str | None) -> Path:
-    """Write ``out/ckpt-STEP`` atomically and point ``out/latest`` at it."""
+                    position: Position, cfg: TrainConfig, tokenizer_dir: str | None,
+                    tensors: tuple[dict, dict] | None = None) -> Path:
+    """Write ``out/ckpt-STEP`` atomically and point ``out/latest`` at it.
+    ``tensors``: (parameters, optimizer state) as flat dicts, when they differ from
+    the model's own (gathered tensor-parallel shards)."""
+    params, opt_state = tensors or (dict(tree_flatten(model.parameters())),
+                                    dict(tree_flatten(opt.state)))
     from .loading import copy_support_files
 
     dest = out / f"ckpt-{step:07d}"
     tmp = out / f".ckpt-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "pt"})
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    mx.save_safetensors(str(tmp / "model.safetensors"), params, metadata={"format": "pt"})
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
     (tmp / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2))
     state = {"step": step, "position": asdict(position), "config": _resume_view(cfg)}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -240,15 +251,22 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
     val = PackedDataset(cfg.val_data) if cfg.val_data else None
 
     model = init_model(cfg)
+    tp = TensorParallel(model, world) if cfg.tensor_parallel and size > 1 else None
+    if tp and rank == 0:
+        log(f"tensor parallel over {size} processes: {len(tp.axis)} parameters split")
+    elif size > 1 and rank == 0:
+        log(f"data parallel over {size} processes")
     opt = optim.AdamW(learning_rate=wsd_schedule(cfg), betas=tuple(cfg.betas),
                       weight_decay=cfg.weight_decay)
     step, position = 0, Position()
     resumed = load_checkpoint(out, cfg)
     if resumed:
         ckpt, state = resumed
-        model.load_weights(str(ckpt / "model.safetensors"))
+        weights = dict(mx.load(str(ckpt / "model.safetensors")))
+        model.load_weights(list((tp.local(weights) if tp else weights).items()))
         opt.init(model.trainable_parameters())
-        opt.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+        opt_state = dict(mx.load(str(ckpt / "optimizer.safetensors")))
+        opt.state = tree_unflatten(list((tp.local(opt_state) if tp else opt_state).items()))
         step, position = state["step"], Position(**state["position"])
         log(f"resumed from {ckpt} at step {step}")
         if rank == 0 and (out / "history.jsonl").exists():  # drop steps after the checkpoint
@@ -273,8 +291,10 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
-    stream = batches(data, cfg.batch_size, seed=cfg.seed, position=position, rank=rank,
-                     world_size=size)
+    # tensor parallel: every process reads the same batches (the model is split instead)
+    data_rank, data_size = (0, 1) if tp else (rank, size)
+    stream = batches(data, cfg.batch_size, seed=cfg.seed, position=position, rank=data_rank,
+                     world_size=data_size)
     history_file = out / "history.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -295,10 +315,17 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             loss_sum = loss_sum + loss * ntoks
             ntok_sum = ntok_sum + ntoks
-        total = mx.distributed.all_sum(ntok_sum) if size > 1 else ntok_sum
-        grads = tree_map(lambda g: g * size / total, nn.average_gradients(grads_sum))
-        grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        loss = (mx.distributed.all_sum(loss_sum) if size > 1 else loss_sum) / total
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        if tp:  # same batch everywhere: shard gradients are local, the rest identical
+            total = ntok_sum
+            grads, grad_norm = tp.clip_grad_norm(tree_map(lambda g: g / total, grads_sum),
+                                                 max_norm)
+            loss = loss_sum / total
+        else:
+            total = mx.distributed.all_sum(ntok_sum) if size > 1 else ntok_sum
+            grads = tree_map(lambda g: g * size / total, nn.average_gradients(grads_sum))
+            grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
+            loss = (mx.distributed.all_sum(loss_sum) if size > 1 else loss_sum) / total
         mx.eval(loss, grad_norm)
         value = loss.item()
         if not (math.isfinite(value) and math.isfinite(grad_norm.item())):
@@ -319,11 +346,63 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
             with open(history_file, "a") as f:
                 f.write(json.dumps(last) + "\n")
             progress(step, value)
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.iters):
-            save_checkpoint(out, step, model, opt, position, cfg, tokenizer_dir)
+        if step % cfg.save_every == 0 or step == cfg.iters:
+            tensors = tp.gather(model, opt) if tp else None  # a collective: every rank
+            if rank == 0:
+                save_checkpoint(out, step, model, opt, position, cfg, tokenizer_dir, tensors)
     if rank == 0 and cfg.plot:
         plot_history(history_file, out / "training.png")
     return last
+
+
+class TensorParallel:
+    """Bookkeeping for a model split with :meth:`Model.shard`: which parameters are
+    shards and along which axis, so that gradients clip by the global norm and
+    checkpoints hold whole tensors."""
+
+    def __init__(self, model: Model, group: mx.distributed.Group):
+        self.group, self.rank, self.size = group, group.rank(), group.size()
+        full = {k: v.shape for k, v in tree_flatten(model.parameters())}
+        model.shard(group)
+        self.axis = {}
+        for k, v in tree_flatten(model.parameters()):
+            if v.shape != full[k]:
+                self.axis[k] = next(i for i, (a, b) in enumerate(zip(v.shape, full[k])) if a != b)
+
+    def _axis(self, key: str) -> int | None:
+        # optimizer state keys are a parameter's key plus ".m" / ".v"
+        return self.axis.get(key, self.axis.get(key.rsplit(".", 1)[0]))
+
+    def local(self, tensors: dict) -> dict:
+        """This rank's part of whole tensors (a checkpoint's weights or optimizer)."""
+        out = {}
+        for k, v in tensors.items():
+            axis = self._axis(k)
+            out[k] = v if axis is None else mx.split(v, self.size, axis=axis)[self.rank]
+        return out
+
+    def gather(self, model: Model, opt: optim.Optimizer) -> tuple[dict, dict]:
+        def whole(tree):
+            out = {}
+            for k, v in tree_flatten(tree):
+                axis = self._axis(k)
+                if axis is None:
+                    out[k] = v
+                else:  # all_gather concatenates along axis 0
+                    out[k] = mx.swapaxes(mx.distributed.all_gather(
+                        mx.swapaxes(v, 0, axis), group=self.group), 0, axis)
+            mx.eval(out)
+            return out
+
+        return whole(model.parameters()), whole(opt.state)
+
+    def clip_grad_norm(self, grads, max_norm: float):
+        flat = tree_flatten(grads)
+        sq = [(g.astype(mx.float32) ** 2).sum() for k, g in flat if k in self.axis]
+        rest = [(g.astype(mx.float32) ** 2).sum() for k, g in flat if k not in self.axis]
+        norm = mx.sqrt(mx.distributed.all_sum(sum(sq), group=self.group) + sum(rest))
+        scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+        return tree_map(lambda g: g * scale, grads), norm
 
 
 def evaluate(model: Model, data: PackedDataset, cfg: TrainConfig, T: int) -> dict:

@@ -169,6 +169,46 @@ def test_two_process_data_parallel_step_equals_single_process(data_dir, tmp_path
     assert abs(la - lb) < 1e-5
 
 
+def test_tensor_parallel_training_equals_single_process_and_resumes_across(data_dir, tmp_path):
+    """2 processes with the model split: the step equals the single-process step, the
+    checkpoint holds whole tensors (a single process resumes it), and a tensor-parallel
+    run resumes a single-process checkpoint."""
+    import shutil
+
+    common = ["--data", str(data_dir), "--model", '{"shape": "tiny"}', "--lr", "0.01",
+              "--warmup", "1", "--eval-every", "0", "--plot", "false", "--batch-size", "4",
+              "--save-every", "1", "--keep", "3", "--tensor-parallel", "true"]
+    launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring",
+              "--", sys.executable, "-m", "ouro_mlx", "train"]
+    single = [sys.executable, "-m", "ouro_mlx", "train"]
+
+    def run(cmd, out, iters):
+        r = subprocess.run([*cmd, "--out", str(out), "--iters", str(iters), *common], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    def weights(out, step):
+        return mx.load(str(out / f"ckpt-{step:07d}" / "model.safetensors"))
+
+    def worst(a, b):
+        assert a.keys() == b.keys()
+        return max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+
+    run(single, tmp_path / "one", 2)
+    assert "tensor parallel over 2 processes: 14 parameters split" in run(launch, tmp_path / "tp", 1)
+    assert worst(weights(tmp_path / "one", 1), weights(tmp_path / "tp", 1)) < 1e-4
+    run(single, tmp_path / "tp", 2)  # single process resumes the gathered checkpoint
+    assert worst(weights(tmp_path / "one", 2), weights(tmp_path / "tp", 2)) < 1e-4
+    (tmp_path / "tp2").mkdir()
+    shutil.copytree(tmp_path / "one" / "ckpt-0000001", tmp_path / "tp2" / "ckpt-0000001")
+    (tmp_path / "tp2" / "latest").write_text("ckpt-0000001")
+    run(launch, tmp_path / "tp2", 2)  # tensor parallel resumes a whole checkpoint
+    assert worst(weights(tmp_path / "one", 2), weights(tmp_path / "tp2", 2)) < 1e-4
+    la = history(tmp_path / "one")[0]["loss"]
+    assert abs(la - history(tmp_path / "tp")[0]["loss"]) < 1e-5
+
+
 def test_tensor_parallel_logits_equal_single_device(tiny_dir, tmp_path):
     script = Path(__file__).parent / "scripts" / "tp_logits.py"
     launch = Path(sys.executable).parent / "mlx.launch"

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .exit import ExitRule
-from .generation import generate_step
+from .generation import _sample, decode, generate_step, prefill
 from .model import Model, ModelArgs
 
 
@@ -87,8 +87,8 @@ def fill_context(cache: list, n: int, like: mx.array) -> None:
         return
     flat = [c for x in cache for c in (x.caches if hasattr(x, "caches") else [x])]
     B, heads, _, hd = like.shape
-    for c in flat:
-        k = mx.random.normal((B, heads, n, hd)).astype(like.dtype)
+    for i, c in enumerate(flat):  # the same context every run
+        k = mx.random.normal((B, heads, n, hd), key=mx.random.key(i)).astype(like.dtype)
         c.update_and_fetch(k, k)
         mx.eval(c.state)
 
@@ -125,6 +125,67 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
     hist = {k: loops.count(k) for k in sorted(set(loops))}
     return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),
                sum(lc.nbytes for lc in cache), hist)
+
+
+def _decode_seconds(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_mode,
+                    kv_bits, context, replay: tuple[list, list] | None = None):
+    """Seconds for the n_gen - 1 decoded tokens, and (tokens, loops) of every token.
+    ``replay=(tokens, loops)``: feed those tokens with their depths forced, queued one
+    token ahead like fixed depth (no decisions, no host syncs)."""
+    cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
+    a = model.args
+    dtype = model.model.norm.weight.dtype
+    fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
+    if replay is None:
+        gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen)
+        first = next(gen)
+        tokens, loops = [first[0]], [first[2]]
+        mx.synchronize()
+        tic = time.perf_counter()
+        for tok, _, n in gen:
+            tokens.append(tok)
+            loops.append(n)
+        seconds = time.perf_counter() - tic
+        return seconds, (tokens, loops)
+    tokens, loops = replay
+    logits, _ = prefill(model, prompt[None], cache, rule)
+    mx.eval(logits, _sample(logits, None, lambda lp: mx.argmax(lp, -1), None))
+    mx.synchronize()
+    tic = time.perf_counter()
+    pending, got = None, []
+    for y, n in zip(tokens[:-1], loops[1:]):
+        logits, _ = decode(model, mx.array([[y]]), cache, ExitRule(rule.ut_steps, at_step=n - 1))
+        nxt, _ = _sample(logits, None, lambda lp: mx.argmax(lp, -1), None)
+        mx.async_eval(nxt)
+        if pending is not None:
+            got.append(pending.item())  # hand out the previous token, as generate_step does
+        pending = nxt
+    got.append(pending.item())
+    seconds = time.perf_counter() - tic
+    if got != tokens[1:]:  # the same depths must give the same tokens
+        raise RuntimeError("the fixed-depth replay diverged from the adaptive run")
+    return seconds, replay
+
+
+def adaptive_overhead(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *,
+                      repeats: int = 3, kv_mode="full", kv_bits=None, context=0) -> dict:
+    """Decode time of an adaptive exit rule against the *same* tokens at the *same*
+    per-token depths with the depths known in advance (fixed-depth decoding, queued
+    ahead): the cost of deciding. Runs alternate; medians of ``repeats`` each."""
+    kw = dict(kv_mode=kv_mode, kv_bits=kv_bits, context=context)
+    adaptive, fixed, trace = [], [], None
+    for _ in range(repeats):
+        seconds, run = _decode_seconds(model, rule, prompt, n_gen, **kw)
+        trace = trace or run
+        if run != trace:
+            raise RuntimeError("adaptive decoding is not deterministic across repeats")
+        adaptive.append(seconds)
+        fixed.append(_decode_seconds(model, rule, prompt, n_gen, replay=trace, **kw)[0])
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    loops = trace[1][1:]
+    return {"adaptive_s": median(adaptive), "same_depths_fixed_s": median(fixed),
+            "ratio": round(median(adaptive) / median(fixed), 3),
+            "avg_loops": sum(loops) / len(loops), "repeats": repeats}
 
 
 def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=mx.bfloat16) -> Run:

@@ -29,6 +29,9 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert run["ouro"][1]["avg_loops"] == 1.0
     assert run["summary"]["kv last / full bytes"] == 0.25
     assert {"decode vs unrolled peer", "exit at step 1 speed-up over full depth"} <= set(run["summary"])
+    # adaptive runs are timed against a replay of their own tokens and depths
+    over = run["adaptive_overhead"]["q0.5"]
+    assert over["ratio"] > 0 and 1 <= over["avg_loops"] <= 4 and over["repeats"] == 3
 
 
 def test_quality_table(capsys):

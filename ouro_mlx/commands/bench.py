@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--context", type=int, default=0,
                    help="Pre-fill caches with this many tokens of random K/V.")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="Alternating adaptive / same-depth fixed runs per exit rule.")
     p.add_argument("--no-peer", action="store_true", help="Skip the unrolled mlx-lm peer.")
     p.add_argument("--no-fixed", action="store_true", help="Skip the fixed depths 1..T-1.")
     p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
@@ -153,20 +155,29 @@ def main(argv: list[str] | None = None) -> int:
                 r = B.run_ouro(model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
                                name=f"ouro exit at step {k}", **kw)
                 rows.append(B.as_dict(r))
+            overheads = {}
             for spec in [s.strip() for s in args.exits.split(",") if s.strip()]:
                 r = B.run_ouro(model, parse_exit(spec, T), ids, args.gen_tokens,
                                name=f"ouro adaptive {spec}", **kw)
                 rows.append(B.as_dict(r))
+                if args.repeats > 0:
+                    overheads[spec] = B.adaptive_overhead(
+                        model, parse_exit(spec, T), ids, args.gen_tokens,
+                        repeats=args.repeats, **kw)
             r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, kv_mode="last",
                            name=f"ouro T={T} kv last", **kw)
             rows.append(B.as_dict(r))
             summary = summarize(rows, peer, T)
+            for spec, o in overheads.items():
+                summary[f"ouro adaptive {spec}: decode time vs same depths fixed "
+                        f"(avg {o['avg_loops']:.2f} loops, median of {o['repeats']})"] = o["ratio"]
             print(f"\n== {label}, prompt {args.prompt_tokens} + context {args.context} tokens, "
                   f"{args.gen_tokens} generated")
             print(table(([peer] if peer else []) + rows, peer))
             for k, v in summary.items():
                 print(f"  {k}: {v}")
-            results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary}
+            results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary,
+                                      "adaptive_overhead": overheads}
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
@@ -184,15 +195,6 @@ def summarize(rows: list[dict], peer: dict | None, T: int) -> dict:
         out["prefill vs unrolled peer"] = round(full["prompt_tps"] / peer["prompt_tps"], 3)
     if (one := by.get("ouro exit at step 1")) is not None:
         out["exit at step 1 speed-up over full depth"] = round(one["decode_tps"] / full["decode_tps"], 3)
-    per_token = {T: 1 / full["decode_tps"]}
-    per_token.update({k: 1 / by[f"ouro exit at step {k}"]["decode_tps"]
-                      for k in range(1, T) if f"ouro exit at step {k}" in by})
-    for r in rows:
-        if r["name"].startswith("ouro adaptive") and len(per_token) == T:
-            n = sum(r["loops"].values())
-            fixed = sum(int(k) and c * per_token[int(k)] for k, c in r["loops"].items()) / n
-            out[f"{r['name']}: time vs fixed depths with the same loops"] = round(
-                (1 / r["decode_tps"]) / fixed, 3)
     last = by.get(f"ouro T={T} kv last")
     if last and full["kv_bytes"]:
         out["kv last / full bytes"] = round(last["kv_bytes"] / full["kv_bytes"], 4)

@@ -8,7 +8,9 @@ Inputs (mlx-lm's formats):
 
 Documents are tokenized, each followed by the eos token, concatenated and cut into
 sequences of ``seq_len + 1`` tokens (a document longer than that continues in the
-next sequence). Shards are flat numpy files (tokens and mask), read back by memory
+next sequence). With ``pack=False`` each document gets a row of its own, padded with
+eos (masked out); one longer than a row is reported and skipped: for short, uniform
+samples (chat problems) where the loss is on a few answer tokens. Shards are flat numpy files (tokens and mask), read back by memory
 map. Lines that are not valid JSON, or lack the fields, are reported as
 ``file:line`` and skipped; a file with no usable sample is an error.
 
@@ -93,6 +95,7 @@ class ShardMeta:
     tokens: int
     documents: int
     skipped: int
+    packed: bool = True
 
     @property
     def sequences(self) -> int:
@@ -108,6 +111,7 @@ def prepare(
     shard_sequences: int = 4096,
     force: bool = False,
     warn=None,
+    pack: bool = True,
 ) -> ShardMeta:
     """Tokenize and pack ``inputs`` into shards under ``out_dir`` (atomically)."""
     if seq_len < 2:
@@ -146,7 +150,19 @@ def prepare(
             if not Path(path).exists():
                 raise DataError(f"{path}: no such file")
             before = docs
-            for ids, mask in read_samples(Path(path), tokenizer, report):
+            for i, (ids, mask) in enumerate(read_samples(Path(path), tokenizer, report)):
+                if not pack:
+                    if len(ids) + 1 > n:
+                        report(f"{path}: sample {i + 1} skipped, {len(ids) + 1} tokens with eos "
+                               f"do not fit a row of {n} (seq_len + 1)")
+                        continue
+                    docs += 1
+                    pad = n - len(ids)
+                    pending_t.append(np.array(ids + [eos] * pad))
+                    pending_m.append(np.array(mask + [mask[-1] if mask else 1] + [0] * (pad - 1)))
+                    tokens += len(ids) + 1
+                    flush()
+                    continue
                 docs += 1
                 buf_t += ids + [eos]
                 buf_m += mask + [mask[-1] if mask else 1]
@@ -162,7 +178,7 @@ def prepare(
         flush(final=True)
         if not shards:
             raise DataError(f"Not enough data for one sequence of {n} tokens.")
-        meta = ShardMeta(seq_len, np.dtype(dtype).name, shards, tokens, docs, skipped)
+        meta = ShardMeta(seq_len, np.dtype(dtype).name, shards, tokens, docs, skipped, pack)
         (tmp / META).write_text(json.dumps(meta.__dict__, indent=2))
     return meta
 

@@ -52,6 +52,27 @@ def test_formats_masks_and_packing(tok, tmp_path):
     assert masks[start + len(prompt):start + len(full)].all()
 
 
+def test_unpacked_rows_are_padded_and_long_samples_skipped(tok, tmp_path):
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [("2+2", "4"), ("3*3", "9"), ("a much longer question " * 8, "x")]]
+    jl = write(tmp_path / "c.jsonl", [json.dumps({"messages": m}) for m in chats])
+    warnings = []
+    meta = prepare([jl], tmp_path / "rows", tok, seq_len=100, pack=False, warn=warnings.append)
+    assert meta.documents == 2 and meta.skipped == 1 and not meta.packed
+    assert "sample 3 skipped" in warnings[0] and "row of 101" in warnings[0]
+    data = PackedDataset(tmp_path / "rows")
+    assert len(data) == 2
+    for i, chat in enumerate(chats[:2]):
+        tokens, mask = data[i]
+        full = tok.apply_chat_template(chat)
+        prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True)
+        assert tokens[: len(full)].tolist() == full
+        assert (tokens[len(full):] == tok.eos_token_id).all()  # padding
+        # the answer and the one eos after it count; prompt and padding do not
+        assert mask.tolist() == [0] * len(prompt) + [1] * (len(full) - len(prompt) + 1) + [0] * (
+            101 - len(full) - 1)
+
+
 def test_bad_lines_reported_and_skipped(tok, tmp_path):
     jl = write(tmp_path / "bad.jsonl", [json.dumps({"text": "good " * 10}), "{not json",
                                         json.dumps({"other": 1}), json.dumps([1, 2]),

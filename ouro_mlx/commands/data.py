@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--shard-sequences", type=int, default=4096)
+    p.add_argument("--no-pack", action="store_true",
+                   help="One document per row, padded (short chat samples); longer ones "
+                        "are skipped.")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
 
@@ -25,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve(args.tokenizer)
     tokenizer = load_tokenizer(path, read_config(path) if (path / "config.json").exists() else None)
     meta = prepare(args.inputs, args.out, tokenizer, args.seq_len,
-                   shard_sequences=args.shard_sequences, force=args.force)
+                   shard_sequences=args.shard_sequences, force=args.force,
+                   pack=not args.no_pack)
     print(f"{meta.documents} documents → {meta.sequences} sequences of {meta.seq_len + 1} "
           f"tokens in {len(meta.shards)} shard(s) at {args.out}"
           + (f"; {meta.skipped} lines skipped" if meta.skipped else ""))

@@ -13,13 +13,15 @@ VERBS = {
     "data": "Tokenize .txt/.jsonl files into packed training shards.",
     "tokenizer": "Train a sentencepiece tokenizer (BPE or unigram) with ChatML tokens.",
     "train": "Train a looped model (Stage I, Stage II gate, fixed depth; MLX distributed).",
+    "demo-eval": "Accuracy of the bundled demo model at each loop depth and with early exit.",
+    "demo-train": "Train the bundled demo model from nothing (its full recipe).",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
 }
 
 
 def usage() -> str:
     lines = ["usage: ouro-mlx <verb> [options]", "", "verbs:"]
-    lines += [f"  {verb:<10} {text}" for verb, text in VERBS.items()]
+    lines += [f"  {verb:<11} {text}" for verb, text in VERBS.items()]
     lines += ["", "ouro-mlx <verb> --help shows a verb's options."]
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from .options import (
     add_sampling_args,
     apply_compile_flag,
     loop_kwargs,
+    model_or_demo,
     sampling_kwargs,
 )
 
@@ -170,7 +171,7 @@ class ChatSession:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, demo=True)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--hide-thinking", action="store_true",
                    help="Hide <think>…</think> reasoning (default: shown dimmed).")
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..loading import load
 
+    args.model = model_or_demo(args)
     model, tokenizer = load(args.model, dtype=args.dtype)
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           kv_mode=args.kv_mode, kv_bits=args.kv_bits,

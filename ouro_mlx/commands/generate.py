@@ -11,17 +11,20 @@ from .options import (
     add_sampling_args,
     apply_compile_flag,
     loop_kwargs,
+    model_or_demo,
     sampling_kwargs,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx generate", description=__doc__)
-    add_model_args(p)
+    add_model_args(p, demo=True)
     p.add_argument("--prompt", required=True, help="The prompt; '-' reads stdin.")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--no-chat-template", action="store_true",
                    help="Use the prompt as raw text instead of a ChatML user turn.")
+    p.add_argument("--show-depth", action="store_true",
+                   help="Colour every token by the loop steps it ran (on a terminal).")
     add_loop_args(p)
     add_sampling_args(p)
     return p
@@ -54,15 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     from ..generation import make_rule, stream_generate
     from ..loading import load
 
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(model_or_demo(args), dtype=args.dtype)
     make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
     ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template)
-    r = None
+    from .chat import RESET, depth_colour, legend
+
+    r, loops = None, []
     for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode, kv_bits=args.kv_bits,
                              kv_group_size=args.kv_group_size, **loop_kwargs(args),
                              **sampling):
-        print(r.text, end="", flush=True)
+        if args.show_depth and sys.stdout.isatty():
+            print(f"{depth_colour(r.loops)}{r.text}{RESET}", end="", flush=True)
+        else:
+            print(r.text, end="", flush=True)
+        loops.append(r.loops)
     print(flush=True)
+    if args.show_depth:
+        T = args.ut_steps or model.ut_steps
+        print(legend(T) if sys.stdout.isatty() else
+              "loop steps per token: " + " ".join(map(str, loops)), file=sys.stderr)
     print(
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3g} tok/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.3g} tok/s | "

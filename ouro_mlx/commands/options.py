@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required,
-                   help="Local directory or Hugging Face repo id (HF or MLX format).")
+def add_model_args(p: argparse.ArgumentParser, required: bool = True,
+                   demo: bool = False) -> None:
+    p.add_argument("--model", required=required and not demo,
+                   help="Local directory or Hugging Face repo id (HF or MLX format)"
+                        + ("; default: the bundled demo model." if demo else "."))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--no-compile", action="store_true",
                    help="Disable mx.compile (for debugging).")
+
+
+def model_or_demo(args: argparse.Namespace) -> str:
+    """``--model``, or the bundled demo model with a one-line note on stderr."""
+    if args.model:
+        return args.model
+    import sys
+
+    from ..demo import NOTE, model_path
+
+    print(NOTE, file=sys.stderr)
+    return str(model_path())
 
 
 def apply_compile_flag(args: argparse.Namespace) -> None:

@@ -1,0 +1,47 @@
+"""ouro-mlx demo-eval: accuracy of the bundled demo model (or --model, trained on the
+same task) on held-out problems at each fixed loop depth and with adaptive exit.
+
+  ouro-mlx demo-eval --json
+  {"accuracy": {"1": ..., "2": ..., "3": ..., "4": ..., "adaptive": ...}, "avg_loops_adaptive": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ouro-mlx demo-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Default: the bundled demo model.")
+    p.add_argument("--n", type=int, default=1000, help="Held-out problems.")
+    p.add_argument("--seed", type=int, default=None, help="Problem seed (default: held-out).")
+    p.add_argument("--exit-threshold", type=float, default=None,
+                   help="Q-exit threshold for the adaptive row (default: the model's).")
+    p.add_argument("--json", action="store_true", help="Print only the JSON figures.")
+    p.add_argument("--details", action="store_true",
+                   help="With --json: also the threshold and accuracy by operation count.")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}.")
+
+    from ..demo import model_path
+    from ..demo.evaluate import EVAL_SEED, evaluate
+    from ..loading import load
+
+    model, tokenizer = load(args.model or str(model_path()))
+    r = evaluate(model, tokenizer, args.n, seed=EVAL_SEED if args.seed is None else args.seed,
+                 exit_threshold=args.exit_threshold)
+    if args.json:
+        keys = None if args.details else ("accuracy", "avg_loops_adaptive")
+        print(json.dumps({k: v for k, v in r.items() if keys is None or k in keys}))
+        return 0
+    print(f"{r['problems']} held-out problems, exact match "
+          f"(adaptive: Q-exit at {r['exit_threshold']})")
+    print(f"{'loops':<10} {'accuracy':>9}   by operations 1..4")
+    for k, acc in r["accuracy"].items():
+        ops = " ".join(f"{v:.2f}" for v in r["accuracy_by_ops"][k].values())
+        print(f"{k:<10} {acc:>9.3f}   {ops}")
+    print(f"adaptive exit: {r['avg_loops_adaptive']:.2f} loop steps per decoded token on average")
+    return 0

@@ -1,0 +1,27 @@
+"""The bundled demo: a small Ouro model trained by this package's own training path
+on a task where depth matters (:mod:`ouro_mlx.demo.task`), shipped inside the package
+so that ``ouro-mlx chat`` and ``ouro-mlx generate`` work offline at once.
+
+- :mod:`.task` — the synthetic task and its generator;
+- :mod:`.evaluate` — accuracy at each fixed depth and with adaptive exit
+  (``ouro-mlx demo-eval``);
+- :mod:`.recipe` — the recipe that trains it from nothing (``ouro-mlx demo-train``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+NOTE = ("(bundled demo model: one-digit operation chains mod 10, e.g. 3+4*2-5; "
+        "real checkpoints are one flag away: --model ByteDance/Ouro-1.4B-Thinking)")
+
+
+def model_path() -> Path:
+    """The shipped model's directory (an ordinary checkpoint directory)."""
+    if not (MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"The bundled demo model is missing from {MODEL_DIR}; reinstall ouro-mlx or "
+            "pass --model.")
+    return MODEL_DIR

@@ -1,0 +1,60 @@
+"""Accuracy of a model on held-out task problems at each fixed loop depth and with
+adaptive exit (``ouro-mlx demo-eval``)."""
+
+from __future__ import annotations
+
+from ..generation import batch_generate
+from .task import MAX_OPS, problems
+
+EVAL_SEED = 10_000  # training data uses seeds below this
+
+
+def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
+             exit_threshold: float | None = None, batch_size: int = 100) -> dict:
+    """Exact-match accuracy at T = 1..T_max (every token, prompt included, runs T loop
+    steps) and with adaptive exit (prompt at full depth, each decoded token stops at
+    the gate's Q-exit threshold: ``exit_threshold`` or the model's default).
+    ``avg_loops_adaptive`` averages the loop steps of decoded tokens (the first answer
+    token comes from the full-depth prompt and is not counted)."""
+    probs = problems(n, seed)
+    prompts = [tokenizer.apply_chat_template(p.messages()[:1], add_generation_prompt=True)
+               for p in probs]
+    T_max = model.args.total_ut_steps
+    q = model.exit_threshold if exit_threshold is None else exit_threshold
+    if q is None or not 0 <= q <= 1:
+        raise ValueError(f"exit_threshold must be in [0, 1], got {q}.")
+
+    def run(**opts):
+        texts, loops = [], []
+        for i in range(0, n, batch_size):
+            out = batch_generate(model, tokenizer, prompts[i:i + batch_size],
+                                 max_tokens=MAX_OPS + 2, **opts)
+            texts += out.texts
+            loops += out.loops
+        return [t == p.answer for t, p in zip(texts, probs)], loops
+
+    accuracy, by_ops = {}, {}
+    for T in range(1, T_max + 1):
+        ok, _ = run(ut_steps=T)
+        accuracy[str(T)] = round(sum(ok) / n, 4)
+        by_ops[str(T)] = _by_ops(ok, probs)
+    ok, loops = run(exit_threshold=q)
+    accuracy["adaptive"] = round(sum(ok) / n, 4)
+    by_ops["adaptive"] = _by_ops(ok, probs)
+    decoded = [x for row in loops for x in row[1:]]
+    return {
+        "accuracy": accuracy,
+        "avg_loops_adaptive": round(sum(decoded) / max(len(decoded), 1), 3),
+        "exit_threshold": q,
+        "problems": n,
+        "accuracy_by_ops": by_ops,
+    }
+
+
+def _by_ops(ok: list[bool], probs) -> dict:
+    out = {}
+    for k in range(1, MAX_OPS + 1):
+        sel = [o for o, p in zip(ok, probs) if p.ops == k]
+        if sel:
+            out[str(k)] = round(sum(sel) / len(sel), 4)
+    return out

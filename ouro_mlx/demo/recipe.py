@@ -1,0 +1,136 @@
+"""The recipe that trains the bundled demo model from nothing, with this package's
+own training path (``ouro-mlx demo-train --out runs/demo``):
+
+1. task data: ChatML problems from :mod:`ouro_mlx.demo.task` (train and validation
+   seeds differ from the held-out evaluation seed);
+2. a sentencepiece BPE tokenizer trained on that data (``ouro-mlx tokenizer train``);
+3. unpacked shards, loss on the answer only (``ouro-mlx data --no-pack``);
+4. Stage I (``loss: stage1``): the LM at every loop step under the exit distribution
+   with an entropy bonus, T_max = 4;
+5. Stage II (``loss: stage2``): LM frozen, the exit gate trained on per-step loss
+   improvements;
+6. the model directory (``model/``: weights, config with the demo's default exit
+   threshold, tokenizer), ``eval.json`` from :mod:`ouro_mlx.demo.evaluate` and the
+   training plots.
+
+Every stage writes what it used (``stage1.yaml``, ``stage2.yaml``) next to its output,
+so each step can be rerun by hand with ``ouro-mlx train --config``. Shipping the
+result: copy ``model/`` over ``ouro_mlx/demo/model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+MODEL = {  # a few hundred thousand parameters: ~1 MB in float32
+    "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "intermediate_size": 256, "max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+}
+RECIPE = {
+    "train_problems": 100_000,
+    "val_problems": 1_000,
+    "vocab_size": 320,
+    "seq_len": 31,
+    "stage1": {"loss": "stage1", "beta": 0.1, "ut_steps": 4, "batch_size": 64, "iters": 3000,
+               "lr": 3e-3, "min_lr": 3e-4, "warmup": 100, "weight_decay": 0.01,
+               "eval_every": 500, "eval_batches": 4, "save_every": 500},
+    "stage2": {"loss": "stage2", "ut_steps": 4, "batch_size": 64, "iters": 300, "lr": 3e-3,
+               "min_lr": 3e-4, "warmup": 20, "weight_decay": 0.0, "eval_every": 100,
+               "eval_batches": 4, "save_every": 300},
+    "exit_threshold": 0.9,
+    "eval_problems": 1000,
+}
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def blas_note() -> str | None:
+    """On Linux, MLX's CPU wheel uses the reference BLAS; say so (and how to get ~8×)."""
+    if sys.platform != "linux":
+        return None
+    if OPENBLAS in os.environ.get("LD_PRELOAD", ""):
+        return "using the preloaded OpenBLAS"
+    hint = (f"LD_PRELOAD={OPENBLAS} ouro-mlx demo-train ..." if os.path.exists(OPENBLAS)
+            else "apt-get install libopenblas0-pthread, then run with LD_PRELOAD="
+                 f"{OPENBLAS}")
+    return ("MLX's Linux CPU wheel uses the reference BLAS: this recipe takes several "
+            f"times longer than with OpenBLAS ({hint})")
+
+
+def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) -> dict:
+    """Run the whole recipe into ``out``; ``scale`` multiplies the training steps
+    (for quick trials). Returns the evaluation figures."""
+    import yaml
+
+    from ..data import prepare
+    from ..loading import load, load_tokenizer
+    from ..tokenizer import train_tokenizer
+    from ..training import TrainConfig, train
+    from . import task
+    from .evaluate import evaluate
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty (use --force to start over).")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if note := blas_note():
+        log(f"note: {note}")
+    tic = time.perf_counter()
+    R = RECIPE
+    (out / "recipe.json").write_text(json.dumps({"model": MODEL, **R, "scale": scale}, indent=2))
+
+    log("1/6 task data")
+    data = out / "data"
+    data.mkdir()
+    small = min(scale, 1.0)  # quick trials also use less data
+    task.write_jsonl(data / "train.jsonl", max(2000, round(R["train_problems"] * small)), seed=0)
+    task.write_jsonl(data / "val.jsonl", max(200, round(R["val_problems"] * small)), seed=1)
+
+    log("2/6 tokenizer")
+    tok_dir = train_tokenizer([data / "train.jsonl"], out / "tokenizer",
+                              vocab_size=R["vocab_size"], default_system=None)
+    tok = load_tokenizer(tok_dir, {"eos_token_id": 0})
+
+    log("3/6 shards")
+    for split in ("train", "val"):
+        prepare([data / f"{split}.jsonl"], data / split, tok, R["seq_len"], pack=False)
+
+    common = {"data": str(data / "train"), "val_data": str(data / "val"), "seed": 0}
+    stages = {}
+    for i, name in ((4, "stage1"), (5, "stage2")):
+        log(f"{i}/6 {name}")
+        cfg = {**common, **R[name], "out": str(out / name)}
+        cfg["iters"] = max(1, round(cfg["iters"] * scale))
+        cfg["save_every"] = min(cfg["save_every"], cfg["iters"])
+        if name == "stage1":
+            cfg["model"] = {**MODEL, "vocab_size": len(tok.get_vocab())}
+        else:
+            cfg["init_from"] = str(stages["stage1"])
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        train(TrainConfig.from_dict(cfg), tokenizer_dir=str(tok_dir), log=log)
+        stages[name] = out / name / (out / name / "latest").read_text().strip()
+
+    log("6/6 model and evaluation")
+    model_dir = out / "model"
+    model_dir.mkdir()
+    final = stages["stage2"]
+    config = json.loads((final / "config.json").read_text())
+    config["early_exit_threshold"] = R["exit_threshold"]  # the demo's adaptive default
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(final / "model.safetensors", model_dir / "model.safetensors")
+    for f in tok_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    model, tokenizer = load(str(model_dir))
+    figures = evaluate(model, tokenizer, max(50, round(R["eval_problems"] * small)))
+    figures["recipe_seconds"] = round(time.perf_counter() - tic, 1)
+    (out / "eval.json").write_text(json.dumps(figures, indent=2))
+    log(json.dumps(figures))
+    return figures

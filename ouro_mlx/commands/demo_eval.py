@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Q-exit threshold for the adaptive row (default: the model's).")
     p.add_argument("--json", action="store_true", help="Print only the JSON figures.")
     p.add_argument("--details", action="store_true",
-                   help="With --json: also the threshold and accuracy by operation count.")
+                   help="With --json: also the threshold and accuracy by number of swaps.")
     args = p.parse_args(argv)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}.")
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{r['problems']} held-out problems, exact match "
           f"(adaptive: Q-exit at {r['exit_threshold']})")
-    print(f"{'loops':<10} {'accuracy':>9}   by operations 1..4")
+    print(f"{'loops':<10} {'accuracy':>9}   by number of swaps")
     for k, acc in r["accuracy"].items():
-        ops = " ".join(f"{v:.2f}" for v in r["accuracy_by_ops"][k].values())
+        ops = " ".join(f"{v:.2f}" for v in r["accuracy_by_swaps"][k].values())
         print(f"{k:<10} {acc:>9.3f}   {ops}")
     print(f"adaptive exit: {r['avg_loops_adaptive']:.2f} loop steps per decoded token on average")
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 MODEL_DIR = Path(__file__).parent / "model"
 
-NOTE = ("(bundled demo model: one-digit operation chains mod 10, e.g. 3+4*2-5; "
+NOTE = ("(bundled demo model: the shell game, e.g. 2,23,14,31 -> =133; "
         "real checkpoints are one flag away: --model ByteDance/Ouro-1.4B-Thinking)")
 
 

@@ -4,18 +4,20 @@ adaptive exit (``ouro-mlx demo-eval``)."""
 from __future__ import annotations
 
 from ..generation import batch_generate
-from .task import MAX_OPS, problems
+from .task import MAX_SWAPS, problems
 
 EVAL_SEED = 10_000  # training data uses seeds below this
 
 
 def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
-             exit_threshold: float | None = None, batch_size: int = 100) -> dict:
+             exit_threshold: float | None = None, batch_size: int = 100,
+             depths: tuple[int, ...] | None = None) -> dict:
     """Exact-match accuracy at T = 1..T_max (every token, prompt included, runs T loop
     steps) and with adaptive exit (prompt at full depth, each decoded token stops at
     the gate's Q-exit threshold: ``exit_threshold`` or the model's default).
     ``avg_loops_adaptive`` averages the loop steps of decoded tokens (the first answer
-    token comes from the full-depth prompt and is not counted)."""
+    token comes from the full-depth prompt and is not counted). ``depths``: the fixed
+    depths to measure (default all)."""
     probs = problems(n, seed)
     prompts = [tokenizer.apply_chat_template(p.messages()[:1], add_generation_prompt=True)
                for p in probs]
@@ -28,33 +30,33 @@ def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
         texts, loops = [], []
         for i in range(0, n, batch_size):
             out = batch_generate(model, tokenizer, prompts[i:i + batch_size],
-                                 max_tokens=MAX_OPS + 2, **opts)
+                                 max_tokens=MAX_SWAPS + 2, **opts)
             texts += out.texts
             loops += out.loops
         return [t == p.answer for t, p in zip(texts, probs)], loops
 
-    accuracy, by_ops = {}, {}
-    for T in range(1, T_max + 1):
+    accuracy, by_swaps = {}, {}
+    for T in range(1, T_max + 1) if depths is None else depths:
         ok, _ = run(ut_steps=T)
         accuracy[str(T)] = round(sum(ok) / n, 4)
-        by_ops[str(T)] = _by_ops(ok, probs)
+        by_swaps[str(T)] = _by_swaps(ok, probs)
     ok, loops = run(exit_threshold=q)
     accuracy["adaptive"] = round(sum(ok) / n, 4)
-    by_ops["adaptive"] = _by_ops(ok, probs)
+    by_swaps["adaptive"] = _by_swaps(ok, probs)
     decoded = [x for row in loops for x in row[1:]]
     return {
         "accuracy": accuracy,
         "avg_loops_adaptive": round(sum(decoded) / max(len(decoded), 1), 3),
         "exit_threshold": q,
         "problems": n,
-        "accuracy_by_ops": by_ops,
+        "accuracy_by_swaps": by_swaps,
     }
 
 
-def _by_ops(ok: list[bool], probs) -> dict:
+def _by_swaps(ok: list[bool], probs) -> dict:
     out = {}
-    for k in range(1, MAX_OPS + 1):
-        sel = [o for o, p in zip(ok, probs) if p.ops == k]
+    for k in range(1, MAX_SWAPS + 1):
+        sel = [o for o, p in zip(ok, probs) if p.swaps == k]
         if sel:
             out[str(k)] = round(sum(sel) / len(sel), 4)
     return out

@@ -81,3 +81,13 @@ def test_recipe_runs_end_to_end(tmp_path):
                                         add_generation_prompt=True, tokenize=False)
     assert ids == "<|im_start|>user\n1,12<|im_end|>\n<|im_start|>assistant\n"
     assert ouro("demo-train", "--out", str(d)).returncode != 0  # not empty: refused
+
+
+def test_chat_with_the_bundled_model_answers_each_game_afresh():
+    games = ["2,23,14,31", "1,12,34", "3,13,24,41"]
+    out = ouro("chat", stdin="\n".join(games) + "\n")
+    assert out.returncode == 0, out.stderr
+    assert "bundled demo model" in out.stderr and "new conversation" in out.stdout
+    answers = [line.removeprefix(">> ").strip() for line in out.stdout.splitlines()
+               if line.startswith(">> =")]
+    assert answers == [task.solve(g) for g in games]

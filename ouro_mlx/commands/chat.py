@@ -86,9 +86,14 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.forget()
         self.cache = self.model.make_cache(self.loop.get("ut_steps"), **self.kv)
         self.cached: list[int] = []
+
+    def forget(self) -> None:
+        """Start a new conversation; the cache keeps what the next one shares with it
+        (the system turn, the template's first tokens)."""
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     def set_loops(self, n: int) -> None:
         from ..generation import make_rule
@@ -178,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-depth", action="store_true",
                    help="Colour every token by the loop steps it ran.")
     p.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
+    p.add_argument("--single-turn", action="store_true",
+                   help="Every message starts a new conversation (the default for the "
+                        "bundled demo model, which was trained on single questions).")
     add_loop_args(p)
     add_sampling_args(p)
     return p
@@ -231,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..loading import load
 
+    single_turn = args.single_turn or args.model is None
     args.model = model_or_demo(args)
     model, tokenizer = load(args.model, dtype=args.dtype)
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
@@ -238,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                           kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
                           sampling=sampling, stop=args.stop)
     colour = sys.stdout.isatty()
-    print(f"ouro-mlx chat with {args.model}. /help lists commands, Ctrl-D quits.")
+    print(f"ouro-mlx chat with {args.model}. /help lists commands, Ctrl-D quits."
+          + (" Every message is a new conversation." if single_turn else ""))
     if args.show_depth:
         print(legend(session.loop.get("ut_steps") or model.ut_steps))
     while True:
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(out)
             continue
+        if single_turn:
+            session.forget()
         answer = session.reply(line)
         try:
             for piece, loops, thinking in answer:

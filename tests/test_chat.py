@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pexpect
 import pytest
@@ -62,12 +61,14 @@ def test_non_utf8_input_keeps_the_repl_running(repl):
 
 def test_ctrl_c_stops_the_answer_not_the_program(tiny_dir):
     child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "chat", "--model", str(tiny_dir),
-                                           "--max-tokens", "5000"],
+                                           "--max-tokens", "5000", "--show-depth", "--ut-steps", "32"],
                           env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
     try:
         child.expect_exact(PROMPT)
         child.sendline("talk for a long time")
-        time.sleep(1.5)
+        # interrupt while the answer streams (tokens come coloured; 32 loops per token
+        # keep it slow enough that it cannot end first)
+        child.expect_exact("\x1b[")
         child.sendintr()
         child.expect_exact("(stopped)")
         child.expect_exact(PROMPT)

@@ -7,6 +7,7 @@ Type a message and press Enter. Commands: /help, /reset, /loops N, /exit-thresho
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -234,6 +235,9 @@ def command(session: ChatSession, line: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C stops an answer even when started from a shell that ignores SIGINT
+    # (a background job of a non-interactive shell inherits SIG_IGN).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_kwargs(args)
     apply_compile_flag(args)
 

@@ -144,15 +144,15 @@ def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) 
     shutil.copy(final / "model.safetensors", model_dir / "model.safetensors")
     for f in tok_dir.iterdir():
         shutil.copy(f, model_dir / f.name)
-    config = json.loads((final / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(final / "config.json", model_dir / "config.json")
     model, tokenizer = load(str(model_dir))
     q, sweep = choose_threshold(model, tokenizer, max(50, round(R["threshold_problems"] * small)))
     (out / "threshold_sweep.json").write_text(json.dumps(sweep, indent=2))
     log(f"exit threshold {q} (validation sweep in threshold_sweep.json)")
+    config = json.loads((model_dir / "config.json").read_text())
     config["early_exit_threshold"] = q  # the demo's adaptive default
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    model, tokenizer = load(str(model_dir))
+    model.exit_threshold = q  # what loading the written config gives, without reloading
     figures = evaluate(model, tokenizer, max(50, round(R["eval_problems"] * small)))
     figures["recipe_seconds"] = round(time.perf_counter() - tic, 1)
     (out / "eval.json").write_text(json.dumps(figures, indent=2))

@@ -202,6 +202,43 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
                sum(c.nbytes for c in cache))
 
 
+def _first_token_seconds(gen: Iterator) -> float:
+    """Seconds to a generator's first token (the prompt's prefill); the work it
+    queued beyond that token is finished off the clock."""
+    mx.synchronize()
+    tic = time.perf_counter()
+    next(gen)
+    seconds = time.perf_counter() - tic
+    gen.close()
+    mx.synchronize()
+    return seconds
+
+
+def prefill_vs_peer(model: Model, peer: nn.Module, prompt: mx.array, *, repeats: int = 3,
+                    context: int = 0, kv_bits=None) -> dict:
+    """Prefill speed of Ouro at full depth over the unrolled peer: prompt to first
+    token through each library's own generation loop, runs alternating, medians of
+    ``repeats`` each (a single prefill of a few tokens varies by several percent)."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    a, T = model.args, len(peer.model.layers) // len(model.layers)
+    like = mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), model.model.norm.weight.dtype)
+    ouro, other = [], []
+    for _ in range(repeats):
+        cache = model.make_cache(T, "full", kv_bits)
+        fill_context(cache, context, like)
+        ouro.append(_first_token_seconds(
+            generate_step(prompt, model, ExitRule(T), cache, max_tokens=2)))
+        cache = make_prompt_cache(peer)
+        fill_context(cache, context, like)
+        other.append(_first_token_seconds(
+            mlx_lm_generate_step(prompt, peer, max_tokens=2, prompt_cache=cache)))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"ouro_s": median(ouro), "peer_s": median(other),
+            "ratio": round(median(other) / median(ouro), 3), "repeats": repeats}
+
+
 def per_step_kl(ref: Model, model: Model, ids: mx.array, ut_steps: int | None = None) -> list[float]:
     """KL(ref ‖ model) of the next-token distribution after every loop step, mean
     over positions: how quantization error grows as shared weights are reused."""

@@ -88,7 +88,9 @@ def prefill(
         mx.eval([c.state for c in cache])
         ids = ids[:, step_size:]
         mx.clear_cache()
-    out = model.model(ids, cache, rule.ut_steps)
+    # The final step's last layer runs its attention output and MLP on the last
+    # position only: nothing reads the other positions' final state.
+    out = model.model(ids, cache, rule.ut_steps, last_only=True)
     last = [h[:, -1:] for h in out.hidden]
     k = exit_steps(rule, last, [g[:, -1:] for g in out.gate_logits])
     return model.lm_head(gather_steps(last, k)[:, -1]), k[:, -1] + 1

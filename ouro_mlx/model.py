@@ -99,23 +99,33 @@ class Attention(nn.Module):
         self.rope = nn.RoPE(hd, traditional=False, base=args.rope_theta)
 
     def __call__(
-        self, x: mx.array, mask: Any, cache: Any = None, frozen: tuple | None = None
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any = None,
+        frozen: tuple | None = None,
+        last_only: bool = False,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         """Returns the output and this call's new (k, v). ``frozen = (active
-        [B,1,1,1], k, v)``: inactive rows store the given K/V instead of their own."""
+        [B,1,1,1], k, v)``: inactive rows store the given K/V instead of their own.
+        ``last_only``: K/V for every position, the output for the last one only."""
         B, S, _ = x.shape
-        q = self.q_proj(x).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)
+        xq = x[:, -1:] if last_only else x
+        Sq = xq.shape[1]
+        q = self.q_proj(xq).reshape(B, Sq, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
+        q = self.rope(q, offset=offset + (S - Sq))
         k = self.rope(k, offset=offset)
         if frozen is not None:
             active, fk, fv = frozen
             k, v = mx.where(active, k, fk), mx.where(active, v, fv)
         keys, values = (k, v) if cache is None else cache.update_and_fetch(k, v)
+        if Sq < S:  # the last query sees every key: the causal mask's last row
+            mask = None if isinstance(mask, str) or mask is None else mask[..., -1:, :]
         out = scaled_dot_product_attention(q, keys, values, cache, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1)), (k, v)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Sq, -1)), (k, v)
 
 
 class MLP(nn.Module):
@@ -146,9 +156,16 @@ class DecoderLayer(nn.Module):
         self.eps = eps
 
     def __call__(
-        self, x: mx.array, mask: Any, cache: Any = None, frozen: tuple | None = None
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any = None,
+        frozen: tuple | None = None,
+        last_only: bool = False,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, frozen)
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, frozen, last_only)
+        if last_only:
+            x = x[:, -1:]
         x, h = add_norm_norm(x, h, self.input_layernorm_2.weight,
                              self.post_attention_layernorm.weight, self.eps)
         h = self.mlp(h)
@@ -183,10 +200,14 @@ class OuroModel(nn.Module):
         cache: list | None,
         mask: Any,
         frozen: tuple | None = None,
+        last_only: bool = False,
     ) -> tuple[mx.array, mx.array, list]:
         """Loop step ``t`` on its input ``x``: the normalised state (next step's
         input), gate logits [B, S] and each layer's new (k, v). ``frozen = (active
         [B], per-layer (k, v))``: rows not active store those K/V instead.
+        ``last_only``: the state and gate of the last position only ([B, 1, H],
+        [B, 1]); every position's K/V is still computed and cached. The last layer
+        then runs its query, attention output and MLP on one row instead of S.
 
         A shared cache (one per layer, kv_mode "last") holds one entry per token:
         step t > 0 overwrites, in place, what step t − 1 wrote for this call's
@@ -199,18 +220,22 @@ class OuroModel(nn.Module):
             if shared and t > 0:
                 c.trim(x.shape[1])
             f = None if frozen is None else (frozen[0][:, None, None, None], *frozen[1][l])
-            x, kv = layer(x, mask, c, f)
+            x, kv = layer(x, mask, c, f, last_only and l == len(self.layers) - 1)
             kvs.append(kv)
         x = self.norm(x)  # closes every step; the normalised state feeds step t+1
         return x, self.early_exit_gate(x).squeeze(-1), kvs
 
-    def __call__(self, inputs: mx.array, cache: list | None, ut_steps: int) -> LoopOutputs:
+    def __call__(
+        self, inputs: mx.array, cache: list | None, ut_steps: int, last_only: bool = False
+    ) -> LoopOutputs:
+        """``last_only``: the final step keeps only the last position (see
+        ``loop_step``), so ``hidden[-1]`` is [B, 1, H]: what a prefill needs."""
         x = self.embed_tokens(inputs)
         check_cache(cache, ut_steps)
         mask = create_attention_mask(x, cache[0][0] if cache else None)
         hidden, gates = [], []
         for t in range(ut_steps):
-            x, gate, kvs = self.loop_step(x, t, cache, mask)
+            x, gate, kvs = self.loop_step(x, t, cache, mask, None, last_only and t == ut_steps - 1)
             hidden.append(x)
             gates.append(gate)
         if cache:

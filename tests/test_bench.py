@@ -32,6 +32,10 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     # adaptive runs are timed against a replay of their own tokens and depths
     over = run["adaptive_overhead"]["q0.5"]
     assert over["ratio"] > 0 and 1 <= over["avg_loops"] <= 4 and over["repeats"] == 3
+    # prefill against the peer: alternating runs, medians
+    pre = run["prefill_vs_peer"]
+    assert pre["repeats"] == 3 and pre["ouro_s"] > 0 and pre["peer_s"] > 0
+    assert run["summary"]["prefill vs unrolled peer, median of 3 alternating"] == pre["ratio"]
 
 
 def test_quality_table(capsys):

@@ -133,3 +133,38 @@ def test_deepcopy_and_config_validation(model):
         ModelArgs.from_dict({**vars(model.args), "model_type": "llama"})
     with pytest.raises(ValueError, match="multiple"):
         Model(ModelArgs.from_dict({**vars(model.args), "num_key_value_heads": 3}))
+
+
+@pytest.mark.parametrize("kind", ["none", "full", "last", "batch"])
+def test_last_only_final_step_matches_full(model, kind):
+    """Prefill's shortcut: the final step's last layer computes the last position
+    only, yet returns that position's state and gate and caches every position's
+    K/V exactly as the full computation does."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import BatchKVCache, CacheList
+
+    ids = mx.concatenate([IDS, mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])])
+    T = 4
+
+    def make():
+        if kind == "none":
+            return None
+        if kind == "batch":  # left padding: an array mask, per-row rope offsets
+            return [CacheList(*(BatchKVCache([3, 0]) for _ in range(T))) for _ in model.layers]
+        return model.make_cache(T, kind)
+
+    ref_cache, cache = make(), make()
+    ref = model.model(ids, ref_cache, T)
+    out = model.model(ids, cache, T, last_only=True)
+    assert out.hidden[-1].shape == (2, 1, model.args.hidden_size)
+    for t in range(T):
+        tol = 1e-5 if t < T - 1 else 1e-4
+        np.testing.assert_allclose(to_np(out.hidden[t][:, -1]), to_np(ref.hidden[t][:, -1]),
+                                   atol=tol)
+        np.testing.assert_allclose(to_np(out.gate_logits[t][:, -1]),
+                                   to_np(ref.gate_logits[t][:, -1]), atol=tol)
+    if cache is not None:
+        for a, b in zip(cache, ref_cache):
+            for ca, cb in zip(a.caches, b.caches):
+                for x, y in zip(tree_flatten(ca.state), tree_flatten(cb.state)):
+                    np.testing.assert_allclose(np.array(x[1]), np.array(y[1]), atol=1e-6)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=0,
                    help="Pre-fill caches with this many tokens of random K/V.")
     p.add_argument("--repeats", type=int, default=3,
-                   help="Alternating adaptive / same-depth fixed runs per exit rule.")
+                   help="Alternating runs for the medians: Ouro / peer prefill, and "
+                        "adaptive / same-depth fixed decoding per exit rule.")
     p.add_argument("--no-peer", action="store_true", help="Skip the unrolled mlx-lm peer.")
     p.add_argument("--no-fixed", action="store_true", help="Skip the fixed depths 1..T-1.")
     p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
@@ -141,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             rows, peer = [], None
             kw = dict(kv_bits=args.kv_bits, context=args.context)
             B.run_ouro(model, ExitRule(T, threshold=0.5), ids[:2], 3)  # warm-up (compile)
+            prefill = None
             if not args.no_peer:
                 peer_model = B.unrolled_peer(model, T)
                 B.run_peer(peer_model, ids[:2], 3)
                 peer = B.as_dict(B.run_peer(peer_model, ids, args.gen_tokens,
                                             context=args.context,
                                             dtype=model.model.norm.weight.dtype))
+                if args.repeats > 0:
+                    prefill = B.prefill_vs_peer(model, peer_model, ids, repeats=args.repeats,
+                                                context=args.context, kv_bits=args.kv_bits)
                 del peer_model
             full = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, name=f"ouro T={T}", **kw)
             rows.append(B.as_dict(full))
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                            name=f"ouro T={T} kv last", **kw)
             rows.append(B.as_dict(r))
             summary = summarize(rows, peer, T)
+            if prefill:
+                summary[f"prefill vs unrolled peer, median of {prefill['repeats']} "
+                        "alternating"] = prefill["ratio"]
             for spec, o in overheads.items():
                 summary[f"ouro adaptive {spec}: decode time vs same depths fixed "
                         f"(avg {o['avg_loops']:.2f} loops, median of {o['repeats']})"] = o["ratio"]
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in summary.items():
                 print(f"  {k}: {v}")
             results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary,
+                                      "prefill_vs_peer": prefill,
                                       "adaptive_overhead": overheads}
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -10,9 +10,10 @@ Documents are tokenized, each followed by the eos token, concatenated and cut in
 sequences of ``seq_len + 1`` tokens (a document longer than that continues in the
 next sequence). With ``pack=False`` each document gets a row of its own, padded with
 eos (masked out); one longer than a row is reported and skipped: for short, uniform
-samples (chat problems) where the loss is on a few answer tokens. Shards are flat numpy files (tokens and mask), read back by memory
-map. Lines that are not valid JSON, or lack the fields, are reported as
-``file:line`` and skipped; a file with no usable sample is an error.
+samples (chat problems) where the loss is on a few answer tokens. Shards are flat
+numpy files (tokens and mask), read back by memory map. Lines that are not valid
+JSON, or lack the fields, are reported as ``file:line`` and skipped; a file with no
+usable sample is an error.
 
 Batches come in a deterministic order (a permutation per epoch from the seed), each
 rank of a data-parallel group reading its own part, from a resumable position.

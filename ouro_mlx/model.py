@@ -377,7 +377,8 @@ class Model(nn.Module):
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+                sharded = shard_linear(getattr(attn, name), "all-to-sharded", group=group)
+                setattr(attn, name, sharded)
             attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
             attn.n_heads //= N
             attn.n_kv_heads //= N

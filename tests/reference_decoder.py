@@ -81,7 +81,8 @@ class Reference:
                     kv.append((k, v))
                 x = self.rms(x, "model.norm.weight")
                 hs.append(x)
-                gate = self.w["model.early_exit_gate.weight"] @ x + self.w["model.early_exit_gate.bias"]
+                w = self.w
+                gate = w["model.early_exit_gate.weight"] @ x + w["model.early_exit_gate.bias"]
                 lam = 1 / (1 + np.exp(-gate[0]))
                 cdf, surv = cdf + lam * surv, surv * (1 - lam)
                 if stopped_at is None and rule_stops(rule, t, cdf, hs):

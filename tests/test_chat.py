@@ -61,7 +61,8 @@ def test_non_utf8_input_keeps_the_repl_running(repl):
 
 def test_ctrl_c_stops_the_answer_not_the_program(tiny_dir):
     child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "chat", "--model", str(tiny_dir),
-                                           "--max-tokens", "5000", "--show-depth", "--ut-steps", "32"],
+                                           "--max-tokens", "5000", "--show-depth",
+                                           "--ut-steps", "32"],
                           env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
     try:
         child.expect_exact(PROMPT)

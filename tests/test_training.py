@@ -91,7 +91,8 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(data_dir, tm
                 "--batch-size", "2", "--save-every", "1", "--eval-every", "0", "--plot", "false"]
 
     for delay in (4.0, 5.3):
-        proc = subprocess.Popen(cmd(100000), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd(100000), env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while not (out / "latest").exists() and time.time() < deadline:
             time.sleep(0.2)
@@ -196,7 +197,8 @@ def test_tensor_parallel_training_equals_single_process_and_resumes_across(data_
         return max(float(mx.abs(a[k] - b[k]).max()) for k in a)
 
     run(single, tmp_path / "one", 2)
-    assert "tensor parallel over 2 processes: 14 parameters split" in run(launch, tmp_path / "tp", 1)
+    log = run(launch, tmp_path / "tp", 1)
+    assert "tensor parallel over 2 processes: 14 parameters split" in log
     assert worst(weights(tmp_path / "one", 1), weights(tmp_path / "tp", 1)) < 1e-4
     run(single, tmp_path / "tp", 2)  # single process resumes the gathered checkpoint
     assert worst(weights(tmp_path / "one", 2), weights(tmp_path / "tp", 2)) < 1e-4

@@ -94,7 +94,8 @@ class ChatSession:
     def forget(self) -> None:
         """Start a new conversation; the cache keeps what the next one shares with it
         (the system turn, the template's first tokens)."""
-        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        system = self.system_prompt
+        self.messages = [{"role": "system", "content": system}] if system else []
 
     def set_loops(self, n: int) -> None:
         from ..generation import make_rule

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep embeddings and lm_head at 8 bits when quantizing.")
     p.add_argument("--force", action="store_true", help="Replace a non-empty destination.")
     p.add_argument("--verify", action="store_true",
-                   help="Run source and result on a few tokens; report the largest logit difference.")
+                   help="Run source and result on a few tokens; "
+                        "report the largest logit difference.")
     p.add_argument("--revision", default=None, help="Hub revision of --hf-path.")
     return p
 

@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ouro-mlx data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help=".txt or .jsonl files")
-    p.add_argument("--tokenizer", required=True, help="A model directory (or repo id) with a tokenizer.")
+    p.add_argument("--tokenizer", required=True,
+                   help="A model directory (or repo id) with a tokenizer.")
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--shard-sequences", type=int, default=4096)

@@ -202,44 +202,39 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
                sum(c.nbytes for c in cache))
 
 
-def _first_token_seconds(gen: Iterator) -> float:
-    """Seconds to a generator's first token (the prompt's prefill); the work it
-    queued beyond that token is finished off the clock."""
-    mx.synchronize()
-    tic = time.perf_counter()
-    next(gen)
-    seconds = time.perf_counter() - tic
-    gen.close()
-    mx.synchronize()
-    return seconds
-
-
-def prefill_vs_peer(model: Model, peer: nn.Module, prompt: mx.array, *, repeats: int = 3,
-                    context: int = 0, kv_bits=None) -> dict:
-    """Prefill speed of Ouro at full depth over the unrolled peer: prompt to first
-    token through each library's own generation loop, runs alternating, medians of
-    ``repeats`` each (a single prefill of a few tokens varies by several percent)."""
-    from mlx_lm.generate import generate_step as mlx_lm_generate_step
-    from mlx_lm.models.cache import make_prompt_cache
-
-    a, T = model.args, len(peer.model.layers) // len(model.layers)
-    like = mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), model.model.norm.weight.dtype)
-    ouro, other = [], []
+def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *,
+                  repeats: int = 3, context: int = 0, kv_bits=None) -> dict:
+    """The ratios the targets are stated in, from alternating runs (peer, Ouro at
+    full depth, Ouro with exit forced at step 1), medians of ``repeats`` each: one
+    run of a few tokens varies by 5-15 % on a shared CPU."""
+    T = len(peer.model.layers) // len(model.layers)
+    dtype = model.model.norm.weight.dtype
+    runs: dict[str, list[Run]] = {"peer": [], "full": [], "exit1": []}
     for _ in range(repeats):
-        cache = model.make_cache(T, "full", kv_bits)
-        fill_context(cache, context, like)
-        ouro.append(_first_token_seconds(
-            generate_step(prompt, model, ExitRule(T), cache, max_tokens=2)))
-        cache = make_prompt_cache(peer)
-        fill_context(cache, context, like)
-        other.append(_first_token_seconds(
-            mlx_lm_generate_step(prompt, peer, max_tokens=2, prompt_cache=cache)))
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"ouro_s": median(ouro), "peer_s": median(other),
-            "ratio": round(median(other) / median(ouro), 3), "repeats": repeats}
+        runs["peer"].append(run_peer(peer, prompt, n_gen, context=context, dtype=dtype))
+        for name, rule in (("full", ExitRule(T)), ("exit1", ExitRule(T, at_step=0))):
+            runs[name].append(run_ouro(model, rule, prompt, n_gen, kv_bits=kv_bits,
+                                       context=context))
+
+    def median(name: str, key: str) -> float:
+        xs = sorted(getattr(r, key) for r in runs[name])
+        return xs[len(xs) // 2]
+
+    return {
+        "prefill vs unrolled peer": round(median("full", "prompt_tps")
+                                          / median("peer", "prompt_tps"), 3),
+        "decode vs unrolled peer": round(median("full", "decode_tps")
+                                         / median("peer", "decode_tps"), 3),
+        "exit at step 1 speed-up over full depth": round(median("exit1", "decode_tps")
+                                                         / median("full", "decode_tps"), 3),
+        "repeats": repeats,
+        "runs_tok_per_s": {name: [[round(r.prompt_tps, 4), round(r.decode_tps, 4)] for r in rs]
+                           for name, rs in runs.items()},
+    }
 
 
-def per_step_kl(ref: Model, model: Model, ids: mx.array, ut_steps: int | None = None) -> list[float]:
+def per_step_kl(ref: Model, model: Model, ids: mx.array,
+                ut_steps: int | None = None) -> list[float]:
     """KL(ref ‖ model) of the next-token distribution after every loop step, mean
     over positions: how quantization error grows as shared weights are reused."""
     a, b = ref.loop_outputs(ids, ut_steps=ut_steps), model.loop_outputs(ids, ut_steps=ut_steps)

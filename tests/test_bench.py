@@ -28,14 +28,19 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
                      "ouro T=4 kv last"]
     assert run["ouro"][1]["avg_loops"] == 1.0
     assert run["summary"]["kv last / full bytes"] == 0.25
-    assert {"decode vs unrolled peer", "exit at step 1 speed-up over full depth"} <= set(run["summary"])
+    assert {"decode vs unrolled peer",
+            "exit at step 1 speed-up over full depth"} <= set(run["summary"])
     # adaptive runs are timed against a replay of their own tokens and depths
     over = run["adaptive_overhead"]["q0.5"]
     assert over["ratio"] > 0 and 1 <= over["avg_loops"] <= 4 and over["repeats"] == 3
-    # prefill against the peer: alternating runs, medians
-    pre = run["prefill_vs_peer"]
-    assert pre["repeats"] == 3 and pre["ouro_s"] > 0 and pre["peer_s"] > 0
-    assert run["summary"]["prefill vs unrolled peer, median of 3 alternating"] == pre["ratio"]
+    # the targets' ratios: medians of alternating runs
+    med = run["target_ratio_runs"]
+    assert med["repeats"] == 3
+    assert {k: len(v) for k, v in med["runs_tok_per_s"].items()} == {"peer": 3, "full": 3,
+                                                                     "exit1": 3}
+    for k in ("prefill vs unrolled peer", "decode vs unrolled peer",
+              "exit at step 1 speed-up over full depth"):
+        assert run["summary"][k] == med[k] > 0
 
 
 def test_quality_table(capsys):

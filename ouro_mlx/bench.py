@@ -204,17 +204,22 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
 
 def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *,
                   repeats: int = 3, context: int = 0, kv_bits=None) -> dict:
-    """The ratios the targets are stated in, from alternating runs (peer, Ouro at
-    full depth, Ouro with exit forced at step 1), medians of ``repeats`` each: one
-    run of a few tokens varies by 5-15 % on a shared CPU."""
+    """The ratios the targets are stated in, from interleaved runs (peer, Ouro at
+    full depth, Ouro with exit forced at step 1, the order rotating), medians of
+    ``repeats`` each: one run of a few tokens varies by 5-15 % on a shared CPU."""
     T = len(peer.model.layers) // len(model.layers)
     dtype = model.model.norm.weight.dtype
-    runs: dict[str, list[Run]] = {"peer": [], "full": [], "exit1": []}
-    for _ in range(repeats):
-        runs["peer"].append(run_peer(peer, prompt, n_gen, context=context, dtype=dtype))
-        for name, rule in (("full", ExitRule(T)), ("exit1", ExitRule(T, at_step=0))):
-            runs[name].append(run_ouro(model, rule, prompt, n_gen, kv_bits=kv_bits,
-                                       context=context))
+    kw = dict(kv_bits=kv_bits, context=context)
+    make = {
+        "peer": lambda: run_peer(peer, prompt, n_gen, context=context, dtype=dtype),
+        "full": lambda: run_ouro(model, ExitRule(T), prompt, n_gen, **kw),
+        "exit1": lambda: run_ouro(model, ExitRule(T, at_step=0), prompt, n_gen, **kw),
+    }
+    names = list(make)
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for i in range(repeats):  # rotate the order: no run always follows the same one
+        for name in names[i % 3:] + names[:i % 3]:
+            runs[name].append(make[name]())
 
     def median(name: str, key: str) -> float:
         xs = sorted(getattr(r, key) for r in runs[name])

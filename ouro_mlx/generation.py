@@ -181,12 +181,14 @@ def generate_step(
             y, logprobs = step(logits)
         return
     # Fixed depth: queue token n+1 before handing out token n (as mlx-lm does).
-    mx.async_eval(y, logprobs)
+    # Everything handed out is queued with it: reading an array that was not (e.g.
+    # ``loops.item()``) would wait for the token queued behind it.
+    mx.async_eval(y, logprobs, loops)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
             logits, next_loops = decode(model, y[:, None], cache, rule)
             next_y, next_logprobs = step(logits)
-            mx.async_eval(next_y, next_logprobs)
+            mx.async_eval(next_y, next_logprobs, next_loops)
         yield y.item(), logprobs[0], loops.item()
         if n + 1 < max_tokens:
             y, logprobs, loops = next_y, next_logprobs, next_loops

@@ -167,6 +167,11 @@ def _decode_seconds(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, 
     return seconds, replay
 
 
+def _median(xs: list[float]) -> float:
+    """The middle value (the upper one of an even count): always a measured run."""
+    return sorted(xs)[len(xs) // 2]
+
+
 def adaptive_overhead(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *,
                       repeats: int = 3, kv_mode="full", kv_bits=None, context=0) -> dict:
     """Decode time of an adaptive exit rule against the *same* tokens at the *same*
@@ -181,10 +186,9 @@ def adaptive_overhead(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int
             raise RuntimeError("adaptive decoding is not deterministic across repeats")
         adaptive.append(seconds)
         fixed.append(_decode_seconds(model, rule, prompt, n_gen, replay=trace, **kw)[0])
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     loops = trace[1][1:]
-    return {"adaptive_s": median(adaptive), "same_depths_fixed_s": median(fixed),
-            "ratio": round(median(adaptive) / median(fixed), 3),
+    return {"adaptive_s": _median(adaptive), "same_depths_fixed_s": _median(fixed),
+            "ratio": round(_median(adaptive) / _median(fixed), 3),
             "avg_loops": sum(loops) / len(loops), "repeats": repeats}
 
 
@@ -218,12 +222,11 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
     names = list(make)
     runs: dict[str, list[Run]] = {name: [] for name in names}
     for i in range(repeats):  # rotate the order: no run always follows the same one
-        for name in names[i % 3:] + names[:i % 3]:
+        for name in names[i % len(names):] + names[:i % len(names)]:
             runs[name].append(make[name]())
 
     def median(name: str, key: str) -> float:
-        xs = sorted(getattr(r, key) for r in runs[name])
-        return xs[len(xs) // 2]
+        return _median([getattr(r, key) for r in runs[name]])
 
     return {
         "prefill vs unrolled peer": round(median("full", "prompt_tps")

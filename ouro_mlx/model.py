@@ -116,7 +116,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset + (S - Sq))
+        q = self.rope(q, offset=offset if Sq == S else offset + (S - Sq))
         k = self.rope(k, offset=offset)
         if frozen is not None:
             active, fk, fv = frozen

@@ -94,9 +94,15 @@ def fill_context(cache: list, n: int, like: mx.array) -> None:
 
 
 def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = None) -> tuple:
-    """(prompt tok/s, decode tok/s, loops of the decoded tokens). The clock stops
-    when the last token arrives: work a generator queued beyond it is not counted
-    (mlx-lm's queues one more token than ours)."""
+    """(prompt tok/s, decode tok/s, loops of the decoded tokens) for the first
+    ``n_gen`` tokens of ``gen``, which must be asked for ``n_gen + 1``: then every
+    generator has queued the token after each one it hands out, the last timed one
+    included. That matters on MLX's CPU backend, where queueing is mostly computing
+    (``async_eval`` waits while more than ~10 tasks are pending): the first token
+    arrives once the second is (nearly) done and each later one once the next is, so
+    the prompt time includes one decode step and the decode time n_gen - 1 of them,
+    for Ouro and for mlx-lm alike. (Asked for exactly n_gen, ours would stop queueing
+    at the last token and mlx-lm's would not.)"""
     mx.synchronize()
     tic = time.perf_counter()
     loops = []
@@ -120,7 +126,7 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
     dtype = model.model.norm.weight.dtype  # the activation dtype, quantized or not
     fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
     mx.reset_peak_memory()
-    gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen)
+    gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen + 1)
     p, d, loops = timed(gen, prompt.size, n_gen, loops_of=lambda item: item[2])
     hist = {k: loops.count(k) for k in sorted(set(loops))}
     return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),
@@ -200,7 +206,7 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
     a = peer.args
     fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
     mx.reset_peak_memory()
-    gen = mlx_lm_generate_step(prompt, peer, max_tokens=n_gen, prompt_cache=cache)
+    gen = mlx_lm_generate_step(prompt, peer, max_tokens=n_gen + 1, prompt_cache=cache)
     p, d, _ = timed(gen, prompt.size, n_gen)
     return Run("mlx-lm llama, unrolled", p, d, mx.get_peak_memory() / 1e9, None,
                sum(c.nbytes for c in cache))

@@ -18,8 +18,11 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert cmd.main(["--random", "tiny", "--dtype", "float32", "--quant", "none",
                      "--prompt-tokens", "6", "--gen-tokens", "4", "--exits", "q0.5,h0.5",
                      "--context", "16", "--json-out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "mlx-lm llama, unrolled" in text and "ouro exit at step 1" in text
+    assert "use --gen-tokens 8 or more for decode figures" in captured.err  # 3 decoded
+    assert list(tmp_path.iterdir()) == [out]  # written via a temporary file, renamed
     data = json.loads(out.read_text())
     run = data["runs"]["float32"]
     names = [r["name"] for r in run["ouro"]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--quant takes none, 4, 8; got {', '.join(bad)}.")
     if args.prompt_tokens < 1 or args.gen_tokens < 2:
         raise ValueError("--prompt-tokens must be >= 1 and --gen-tokens >= 2.")
+    if args.gen_tokens < 8 and not args.quality:
+        print(f"note: decode tok/s here times {args.gen_tokens - 1} token(s) after the first; "
+              "use --gen-tokens 8 or more for decode figures", file=sys.stderr)
 
     if args.model:
         from ..loading import read_config, resolve
@@ -193,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "target_ratio_runs": medians,
                                       "adaptive_overhead": overheads}
     if args.json_out:
-        with open(args.json_out, "w") as f:
+        tmp = f"{args.json_out}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:  # a run stopped here leaves the old file whole
             json.dump(results, f, indent=2)
+        os.replace(tmp, args.json_out)
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
 

@@ -213,17 +213,20 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
 
 
 def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *,
-                  repeats: int = 3, context: int = 0, kv_bits=None) -> dict:
+                  repeats: int = 3, context: int = 0, kv_bits=None) -> tuple[dict, dict]:
     """The ratios the targets are stated in, from interleaved runs (peer, Ouro at
     full depth, Ouro with exit forced at step 1, the order rotating), medians of
-    ``repeats`` each: one run of a few tokens varies by 5-15 % on a shared CPU."""
+    ``repeats`` each: one run of a few tokens varies by 5-15 % on a shared CPU.
+    Also returns the first run of each ({"peer", "full", "exit1"}: ``Run``), which
+    can stand as the table's single-run rows."""
     T = len(peer.model.layers) // len(model.layers)
     dtype = model.model.norm.weight.dtype
     kw = dict(kv_bits=kv_bits, context=context)
     make = {
         "peer": lambda: run_peer(peer, prompt, n_gen, context=context, dtype=dtype),
-        "full": lambda: run_ouro(model, ExitRule(T), prompt, n_gen, **kw),
-        "exit1": lambda: run_ouro(model, ExitRule(T, at_step=0), prompt, n_gen, **kw),
+        "full": lambda: run_ouro(model, ExitRule(T), prompt, n_gen, name=f"ouro T={T}", **kw),
+        "exit1": lambda: run_ouro(model, ExitRule(T, at_step=0), prompt, n_gen,
+                                  name="ouro exit at step 1", **kw),
     }
     names = list(make)
     runs: dict[str, list[Run]] = {name: [] for name in names}
@@ -234,7 +237,7 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
     def median(name: str, key: str) -> float:
         return _median([getattr(r, key) for r in runs[name]])
 
-    return {
+    ratios = {
         "prefill vs unrolled peer": round(median("full", "prompt_tps")
                                           / median("peer", "prompt_tps"), 3),
         "decode vs unrolled peer": round(median("full", "decode_tps")
@@ -245,6 +248,7 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
         "runs_tok_per_s": {name: [[round(r.prompt_tps, 4), round(r.decode_tps, 4)] for r in rs]
                            for name, rs in runs.items()},
     }
+    return ratios, {name: rs[0] for name, rs in runs.items()}
 
 
 def per_step_kl(ref: Model, model: Model, ids: mx.array,

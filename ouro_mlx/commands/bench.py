@@ -146,24 +146,26 @@ def main(argv: list[str] | None = None) -> int:
             rows, peer = [], None
             kw = dict(kv_bits=args.kv_bits, context=args.context)
             B.run_ouro(model, ExitRule(T, threshold=0.5), ids[:2], 3)  # warm-up (compile)
-            medians = None
+            medians, first = None, {}  # first: the medians' first runs, reused as rows
             if not args.no_peer:
                 peer_model = B.unrolled_peer(model, T)
                 B.run_peer(peer_model, ids[:2], 3)
-                peer = B.as_dict(B.run_peer(peer_model, ids, args.gen_tokens,
-                                            context=args.context,
-                                            dtype=model.model.norm.weight.dtype))
                 if args.repeats > 0:
-                    medians = B.target_ratios(model, peer_model, ids, args.gen_tokens,
-                                              repeats=args.repeats, context=args.context,
-                                              kv_bits=args.kv_bits)
+                    medians, first = B.target_ratios(model, peer_model, ids, args.gen_tokens,
+                                                     repeats=args.repeats, context=args.context,
+                                                     kv_bits=args.kv_bits)
+                peer = B.as_dict(first.get("peer") or B.run_peer(
+                    peer_model, ids, args.gen_tokens, context=args.context,
+                    dtype=model.model.norm.weight.dtype))
                 del peer_model
-            full = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, name=f"ouro T={T}", **kw)
+            full = first.get("full") or B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
+                                                   name=f"ouro T={T}", **kw)
             rows.append(B.as_dict(full))
             depths = [] if args.no_fixed else list(range(1, T))
             for k in depths:
-                r = B.run_ouro(model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
-                               name=f"ouro exit at step {k}", **kw)
+                r = (first.get("exit1") if k == 1 else None) or B.run_ouro(
+                    model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
+                    name=f"ouro exit at step {k}", **kw)
                 rows.append(B.as_dict(r))
             overheads = {}
             for spec in [s.strip() for s in args.exits.split(",") if s.strip()]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 VERBS = {
@@ -29,7 +31,10 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:
+            quiet_stdout()
         return 0
     verb, rest = argv[0], argv[1:]
     if verb in ("-V", "--version"):
@@ -43,10 +48,37 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"ouro_mlx.commands.{verb.replace('-', '_')}")
     try:
         return module.main(rest) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except BrokenPipeError:
+        # `ouro-mlx ... | head`: the reader left; stop quietly, as cat does.
+        quiet_stdout()
+        return 141
+    except (ValueError, ImportError, RecursionError) as e:
         # Bad input: say what is wrong, without a traceback.
-        print(f"ouro-mlx {verb}: error: {e}", file=sys.stderr)
-        return 1
+        return error(verb, e)
+    except OSError as e:  # missing files, a full disk, permissions: one line, no traceback
+        return error(verb, os_message(e))
+
+
+def error(verb: str, message: object) -> int:
+    print(f"ouro-mlx {verb}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def os_message(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{f' writing {e.filename}' if e.filename else ''}."
+    if e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+def quiet_stdout() -> None:
+    """After a broken pipe, point stdout at devnull so the interpreter's final flush
+    does not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

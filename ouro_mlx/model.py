@@ -30,6 +30,7 @@ from mlx_lm.models.base import (
 from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
 from . import exit as ex
+from . import limits
 
 
 @dataclass
@@ -394,7 +395,27 @@ class Model(nn.Module):
 KV_MODES = ("full", "last")
 
 
-def check_ut_steps(ut_steps: int) -> int:
-    if not isinstance(ut_steps, int) or ut_steps < 1:
-        raise ValueError(f"ut_steps must be an integer >= 1, got {ut_steps!r}.")
+def check_ut_steps(ut_steps: int, name: str = "ut_steps") -> int:
+    """``ut_steps`` if it is a sane loop count; ``name`` is what the message calls it."""
+    if isinstance(ut_steps, bool) or not isinstance(ut_steps, int) or ut_steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {ut_steps!r}.")
+    if ut_steps > (cap := limits.max_ut_steps()):
+        raise ValueError(
+            f"{name} is {ut_steps}, above the maximum of {cap} loop steps; "
+            "set OURO_MLX_MAX_UT_STEPS to allow more."
+        )
     return ut_steps
+
+
+def num_parameters(args: ModelArgs) -> int:
+    """Parameters of the full-precision model ``args`` describes (no allocation)."""
+    H, hd, I, V = args.hidden_size, args.head_dim, args.intermediate_size, args.vocab_size
+    attn = 2 * H * args.num_attention_heads * hd + 2 * H * args.num_key_value_heads * hd
+    layer = attn + 3 * H * I + 4 * H
+    return 2 * V * H + args.num_hidden_layers * layer + H + (H + 1)
+
+
+def estimate_model_bytes(args: ModelArgs, bytes_per_param: int = 4) -> int:
+    """Bytes the weights of ``args``'s model take at ``bytes_per_param``; check it
+    with ``limits.check_fits`` before building a model from a stranger's config."""
+    return num_parameters(args) * bytes_per_param

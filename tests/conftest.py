@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,17 +10,19 @@ import pytest
 from ouro_mlx.random_model import make_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+# Reference data of the official PyTorch code lives outside the repository:
+# OURO_MLX_FIXTURES, or a shared/fixtures folder beside the checkout.
+FIXTURES = Path(os.environ.get("OURO_MLX_FIXTURES") or REPO.parent / "shared" / "fixtures")
 REFERENCE = FIXTURES / "ouro-reference" / "A"
 TOKENIZER = FIXTURES / "ouro-tokenizer"
 
 needs_reference = pytest.mark.skipif(
     not (REFERENCE / "expected.npz").exists(),
-    reason=f"reference fixture not found at {REFERENCE} (clone without ../shared)",
+    reason=f"reference fixture not found at {REFERENCE} (set OURO_MLX_FIXTURES)",
 )
 needs_tokenizer = pytest.mark.skipif(
     not (TOKENIZER / "tokenizer.json").exists(),
-    reason=f"Ouro tokenizer fixture not found at {TOKENIZER} (clone without ../shared)",
+    reason=f"Ouro tokenizer fixture not found at {TOKENIZER} (set OURO_MLX_FIXTURES)",
 )
 
 

@@ -30,5 +30,6 @@ def find_convert_in_source_tree(package: str, package_path: list[str]) -> None:
     source = here.parent / "convert"
     if (here / "convert").is_dir() or not (source / "__init__.py").is_file():
         return  # an installed wheel, or no source tree
-    if not any(isinstance(f, _ConvertFinder) for f in sys.meta_path):
-        sys.meta_path.append(_ConvertFinder(f"{package}.convert", source))
+    name = f"{package}.convert"
+    if not any(isinstance(f, _ConvertFinder) and f.name == name for f in sys.meta_path):
+        sys.meta_path.append(_ConvertFinder(name, source))

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .encoding import encode_chat, encode_text  # content is plain text, never markup
 from .loading import atomic_directory
 
 META = "meta.json"
@@ -41,7 +42,7 @@ class DataError(ValueError):
 def _render(obj: dict, tokenizer) -> tuple[list[int], list[int]] | None:
     """(tokens, mask) for one JSON object, or None if it has no known format."""
     if isinstance(obj.get("text"), str):
-        ids = tokenizer.encode(obj["text"], add_special_tokens=False)
+        ids = encode_text(tokenizer, obj["text"])
         return ids, [1] * len(ids)
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
         obj = {"messages": [{"role": "user", "content": obj["prompt"]},
@@ -50,8 +51,8 @@ def _render(obj: dict, tokenizer) -> tuple[list[int], list[int]] | None:
     if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
         if msgs[-1].get("role") != "assistant":
             return None
-        prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs)
+        prompt = encode_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
+        full = encode_chat(tokenizer, msgs, add_generation_prompt=False)
         if full[: len(prompt)] != prompt:  # template not prefix-stable: train on all
             return full, [1] * len(full)
         return full, [0] * len(prompt) + [1] * (len(full) - len(prompt))
@@ -82,7 +83,7 @@ def read_samples(path: Path, tokenizer, warn=print) -> Iterator[tuple[list[int],
     elif path.suffix in (".txt", ".md"):
         for doc in text.split("\n\n"):
             if doc.strip():
-                ids = tokenizer.encode(doc.strip(), add_special_tokens=False)
+                ids = encode_text(tokenizer, doc.strip())
                 yield ids, [1] * len(ids)
     else:
         raise DataError(f"{path}: unknown data format (use .txt or .jsonl)")

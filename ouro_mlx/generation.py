@@ -197,8 +197,10 @@ def generate_step(
 
 
 def encode(tokenizer, prompt: str | list[int] | mx.array) -> mx.array:
-    if isinstance(prompt, str):
-        prompt = tokenizer.encode(prompt, add_special_tokens=False)
+    if isinstance(prompt, str):  # plain text: "<|im_end|>" in it is not the special token
+        from .encoding import encode_text
+
+        prompt = encode_text(tokenizer, prompt)
     ids = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.int32)
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError("The prompt is empty." if ids.size == 0 else

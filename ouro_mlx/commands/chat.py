@@ -133,10 +133,11 @@ class ChatSession:
         self.cached = tokens[:low]
 
     def reply(self, user: str):
+        from ..encoding import encode_chat
         from ..generation import stream_generate
 
         self.messages.append({"role": "user", "content": user})
-        ids = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        ids = encode_chat(self.tokenizer, self.messages, add_generation_prompt=True)
         new = self._sync_cache(ids)
         out_tokens: list[int] = []
         text, stopped, thinking = "", False, False

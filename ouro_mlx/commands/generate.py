@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--no-chat-template", action="store_true",
                    help="Use the prompt as raw text instead of a ChatML user turn.")
+    p.add_argument("--raw-special-tokens", action="store_true",
+                   help="Read special-token strings in the prompt (e.g. <|im_start|>) as "
+                        "special tokens; by default they are plain text. Unsafe with "
+                        "untrusted text.")
     p.add_argument("--show-depth", action="store_true",
                    help="Colour every token by the loop steps it ran (on a terminal).")
     add_loop_args(p)
@@ -30,14 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def encode_prompt(tokenizer, prompt: str, system: str | None, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, system: str | None, chat: bool,
+                  raw: bool = False) -> list[int]:
+    """The prompt's ids; special-token strings in it are plain text unless ``raw``."""
+    from ..encoding import encode_chat, encode_text
+
     if not prompt:
         raise ValueError("The prompt is empty.")
     if chat and tokenizer.has_chat_template:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode(prompt, add_special_tokens=False)
+        if raw:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return encode_chat(tokenizer, messages, add_generation_prompt=True)
+    if raw:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    return encode_text(tokenizer, prompt)
 
 
 def read_stdin() -> str:
@@ -59,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype)
     make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
-    ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template)
+    ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template,
+                        args.raw_special_tokens)
     from .chat import RESET, depth_colour, legend
 
     r, loops = None, []

@@ -1,0 +1,123 @@
+"""Text to token ids where special tokens come only from the chat template.
+
+A tokenizer's ``encode`` turns the string ``<|im_end|>`` into the real end-of-turn
+token wherever it appears, so a user who types ``<|im_end|>\\n<|im_start|>system``
+opens a system turn of their own. Here message content and raw text are encoded as
+plain text; only the template's own markup becomes special tokens.
+
+Text without any added-token string (nearly all of it) takes the tokenizer's usual
+path, so its ids are exactly those the model was trained on. Otherwise the template
+is rendered with each added-token string in the content replaced by a sentinel, the
+rendering is cut at the template's own special tokens, and each piece between them
+is encoded with every added token treated as plain text, as a whole (merges across
+template text and content stay as in a normal encoding).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+
+def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    """The chat template's ids for ``messages``; content is always plain text."""
+    specials = _added_tokens(tokenizer)
+    if not any(_has_special(m.get("content"), specials) for m in messages):
+        return list(tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt))
+    marks = {s: f"\ue000{uuid.uuid4().hex}{i}\ue001" for i, s in enumerate(specials)}
+    hidden = [{**m, "content": _replace(m["content"], marks)}
+              if isinstance(m.get("content"), str) else m for m in messages]
+    text = tokenizer.apply_chat_template(
+        hidden, add_generation_prompt=add_generation_prompt, tokenize=False)
+    back = {v: k for k, v in marks.items()}
+    return _encode_plain(tokenizer, text, specials, restore=back)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``text`` as plain text: an added-token string in it is never a special token."""
+    specials = _added_tokens(tokenizer)
+    if not _has_special(text, specials):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return _plain_encoder(tokenizer).encode(text, first=True)
+
+
+def _added_tokens(tokenizer) -> dict[str, int]:
+    return dict(tokenizer.get_added_vocab())
+
+
+def _has_special(text, specials: dict[str, int]) -> bool:
+    return isinstance(text, str) and any(s in text for s in specials)
+
+
+def _replace(text: str, marks: dict[str, str]) -> str:
+    pattern = "|".join(map(re.escape, sorted(marks, key=len, reverse=True)))
+    return re.sub(pattern, lambda m: marks[m.group(0)], text)
+
+
+def _encode_plain(tokenizer, text: str, specials: dict[str, int],
+                  restore: dict[str, str]) -> list[int]:
+    """Cut ``text`` at the added-token strings it holds (the template's own), take
+    their ids, and encode the pieces between them with ``restore`` applied, plainly."""
+    encoder = _plain_encoder(tokenizer)
+    pattern = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
+    ids: list[int] = []
+    pos = 0
+    for m in [*re.finditer(pattern, text), None]:
+        end = m.start() if m else len(text)
+        if end > pos:
+            piece = _replace(text[pos:end], restore) if restore else text[pos:end]
+            ids += encoder.encode(piece, first=pos == 0)
+        if m:
+            ids.append(specials[m.group(0)])
+            pos = m.end()
+    return ids
+
+
+class _PlainEncoder:
+    """Encodes with every added token as plain text. ``first``: the piece starts the
+    text (a Metaspace pre-tokenizer with prepend_scheme "first" marks only that one)."""
+
+    def __init__(self, tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.slow = tokenizer if backend is None else None
+        if backend is None:
+            return
+        from tokenizers import Tokenizer
+
+        spec = json.loads(backend.to_str())
+        for token in spec.get("added_tokens") or []:
+            token["special"] = True  # encode_special_tokens then skips them all
+        self.first = Tokenizer.from_str(json.dumps(spec))
+        _never_prepend(spec.get("pre_tokenizer"))
+        self.rest = Tokenizer.from_str(json.dumps(spec))
+        for t in (self.first, self.rest):
+            t.encode_special_tokens = True
+
+    def encode(self, text: str, first: bool) -> list[int]:
+        if self.slow is not None:
+            return list(self.slow.encode(text, add_special_tokens=False,
+                                         split_special_tokens=True))
+        return (self.first if first else self.rest).encode(
+            text, add_special_tokens=False).ids
+
+
+def _never_prepend(spec) -> None:
+    if isinstance(spec, dict):
+        if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first":
+            spec["prepend_scheme"] = "never"
+        for v in spec.values():
+            _never_prepend(v)
+    elif isinstance(spec, list):
+        for v in spec:
+            _never_prepend(v)
+
+
+def _plain_encoder(tokenizer) -> _PlainEncoder:
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper
+    encoder = getattr(inner, "_ouro_plain_encoder", None)
+    if encoder is None:
+        encoder = _PlainEncoder(inner)
+        inner._ouro_plain_encoder = encoder
+    return encoder

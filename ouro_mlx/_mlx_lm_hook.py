@@ -22,6 +22,9 @@ class _Loader:
 
     def exec_module(self, module):
         module.__spec__ = self._own_spec  # importlib set it to the alias's spec
+        # mlx-lm loads the tokenizer next, through AutoTokenizer, which reads
+        # config.json: name "ouro" to transformers so it neither prompts nor warns.
+        importlib.import_module("ouro_mlx.loading").register_hf_config()
 
 
 class _Finder:

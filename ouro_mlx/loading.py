@@ -260,11 +260,44 @@ def load_tokenizer(path: Path, config: dict | None = None):
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json).")
     eos = (config or {}).get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
+    register_hf_config()
     with quiet_transformers():
-        tokenizer = load_tokenizer_wrapper(path, eos_token_ids=eos)
+        try:
+            # Never run, nor offer to run, a tokenizer's or config's code from ``path``.
+            tokenizer = load_tokenizer_wrapper(
+                path, {"trust_remote_code": False}, eos_token_ids=eos
+            )
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise CheckpointError(
+                f"{path / 'tokenizer_config.json'} needs the directory's own Python code "
+                "(auto_map) to load its tokenizer; ouro-mlx never runs code from a model "
+                "directory. Set tokenizer_class (e.g. PreTrainedTokenizerFast) instead."
+            ) from None
     if CHAT_END in tokenizer.get_vocab():
         tokenizer.add_eos_token(CHAT_END)
     return tokenizer
+
+
+def register_hf_config() -> None:
+    """Teach transformers' ``AutoConfig`` the model type "ouro" (a plain config, no
+    code). ``AutoTokenizer`` reads config.json first: without this it offers to run
+    the directory's ``configuration_ouro.py`` (``auto_map``) or, refused, warns about
+    an unknown model type and a deprecated ``rope_scaling``."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "ouro" in CONFIG_MAPPING:
+        return
+
+    class OuroConfig(PretrainedConfig):
+        model_type = "ouro"
+
+        def __init__(self, rope_scaling=None, **kwargs):  # always None for Ouro
+            super().__init__(**kwargs)
+
+    AutoConfig.register("ouro", OuroConfig)
 
 
 @contextmanager

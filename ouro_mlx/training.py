@@ -16,12 +16,14 @@ gather the shards into one ordinary checkpoint (resumable with any world size).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -84,13 +86,52 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        """Refuse, in one line naming the key, any value training cannot use."""
+        from .model import check_ut_steps
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = type(f.default) if f.default not in (MISSING, None) else None
+            if kind is float and isinstance(value, str):
+                value = _float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+                setattr(self, f.name, value)
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}.")
+            if kind in (int, bool, str) and not _is(value, kind) or \
+                    f.default is None and value is not None and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be {_KIND[kind]}, got {value!r}.")
         if not isinstance(self.model, dict):
             raise ValueError('model must be a mapping, e.g. {"shape": "tiny"} or config fields.')
+        model_dims(self.model)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
-        for name in ("batch_size", "grad_accum", "iters", "ut_steps", "upcycle"):
+        for name in ("batch_size", "grad_accum", "iters", "upcycle", "eval_batches",
+                     "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("warmup", "eval_every", "keep", "seed", "beta", "stage2_gamma",
+                     "min_lr", "weight_decay", "grad_clip"):  # 0: off / none / all
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.lr <= 0 or self.stage2_k <= 0:
+            bad = "lr" if self.lr <= 0 else "stage2_k"
+            raise ValueError(f"{bad} must be > 0, got {getattr(self, bad)}.")
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be below 2**32, got {self.seed}.")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"decay_frac must be between 0 and 1, got {self.decay_frac}.")
+        if not (isinstance(self.betas, list) and len(self.betas) == 2
+                and all(_is(b, float) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}.")
+        check_ut_steps(self.ut_steps)
+        if not isinstance(self.loop_schedule, list) or not all(
+                isinstance(e, list) and len(e) == 2 and _is(e[0], int) and e[0] >= 0
+                for e in self.loop_schedule):
+            raise ValueError("loop_schedule must be a list of [step, ut_steps] pairs of "
+                             f"integers, got {self.loop_schedule!r}.")
+        for _, t in self.loop_schedule:
+            check_ut_steps(t, "a loop_schedule entry's ut_steps")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}.")
         if not self.data:
@@ -103,6 +144,78 @@ class TrainConfig:
             if step >= start:
                 T = int(t)
         return T
+
+
+# What each option means: `ouro-mlx train --help` shows these.
+HELP = {
+    "data": "Directory of shards prepared by `ouro-mlx data`.",
+    "out": "Run directory: checkpoints (ckpt-STEP, latest), history.jsonl, training.png.",
+    "model": 'A new model: {"shape": NAME} (tiny, small, ouro-1.4b, ouro-2.6b), optionally '
+             "with config.json fields that override it, or config.json fields alone.",
+    "init_from": "Checkpoint directory to start from instead of a new model.",
+    "upcycle": "Duplicate every layer this many times (2: 24 -> 48 layers).",
+    "val_data": "Shards to evaluate on (null: the training data).",
+    "loss": "stage1 (entropy-regularised loop loss), stage2 (exit gate only) or fixed "
+            "(plain cross-entropy at ut_steps).",
+    "beta": "Stage I entropy weight.",
+    "stage2_k": "Stage II gate loss sharpness k.",
+    "stage2_gamma": "Stage II improvement threshold gamma.",
+    "ut_steps": "Loop steps per forward pass.",
+    "loop_schedule": "Loop steps by optimizer step, as JSON [[step, ut_steps], ...], "
+                     "e.g. [[0, 8], [1000, 4]].",
+    "batch_size": "Sequences per micro-batch (per process).",
+    "grad_accum": "Micro-batches accumulated per optimizer step.",
+    "iters": "Optimizer steps in total (a resumed run continues up to this).",
+    "lr": "Peak learning rate (warmup, constant, cosine decay).",
+    "min_lr": "Learning rate at the end of the decay.",
+    "warmup": "Steps of linear warmup.",
+    "decay_frac": "Fraction of the steps, at the end, that decay to min_lr.",
+    "weight_decay": "AdamW weight decay.",
+    "betas": "AdamW betas, as JSON [b1, b2].",
+    "grad_clip": "Clip the gradient norm to this (0: no clipping).",
+    "dtype": "float32 or bfloat16 weights.",
+    "grad_checkpoint": "Recompute activations in the backward pass (less memory).",
+    "eval_every": "Evaluate every N steps and at the end (0: never).",
+    "eval_batches": "Batches per evaluation.",
+    "save_every": "Write a checkpoint every N steps and at the end.",
+    "keep": "Checkpoints kept (0: all).",
+    "seed": "Seed of the initial weights and the data order.",
+    "plot": "Write training.png at the end (needs matplotlib).",
+    "tensor_parallel": "Split the model over all processes instead of the batch.",
+}
+
+_KIND = {int: "an integer", bool: "true or false", str: "a string", None: "a string or null"}
+# config.json sizes a model spec may set: positive integers
+MODEL_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings")
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def model_dims(spec: dict) -> dict:
+    """The config fields of ``cfg.model``: a named shape and its overrides, or fields."""
+    from .random_model import SHAPES
+
+    spec = dict(spec)
+    shape = spec.pop("shape", None)
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"model: unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}.")
+    dims = {**SHAPES[shape], **spec} if shape else spec
+    for k in MODEL_SIZES:
+        if k in dims and dims[k] is not None and not (_is(dims[k], int) and dims[k] >= 1):
+            raise ValueError(f"model: {k} must be an integer >= 1, got {dims[k]!r}.")
+    return dims
 
 
 def wsd_schedule(cfg: TrainConfig):
@@ -123,15 +236,22 @@ def init_model(cfg: TrainConfig) -> Model:
     """A new model from ``cfg.model`` (initializer_range 0.02), or ``init_from``,
     optionally upcycled by layer duplication."""
     from .loading import load_model
-    from .random_model import SHAPES, hf_config
+    from .random_model import hf_config
 
     if cfg.init_from:
         model = load_model(cfg.init_from, dtype="float32")
+        check_training_fits(model.args, cfg)
     else:
-        spec = dict(cfg.model)
-        shape = spec.pop("shape", None)
-        config = hf_config(SHAPES[shape] if shape else spec, total_ut_steps=cfg.ut_steps)
-        config.update(spec if shape else {})
+        dims = model_dims(cfg.model)
+        required = [f.name for f in fields(ModelArgs) if f.default is MISSING]
+        if missing := [k for k in required if k not in dims and k != "model_type"]:
+            raise ValueError(f"model: missing {', '.join(missing)}; give a shape "
+                             f"(e.g. {{\"shape\": \"tiny\"}}) or every size.")
+        args = ModelArgs.from_dict({"model_type": "ouro", "total_ut_steps": cfg.ut_steps,
+                                    **dims})
+        check_training_fits(args, cfg)  # before hf_config's per-layer lists, too
+        config = hf_config(dims, total_ut_steps=cfg.ut_steps)
+        config.update(dims)
         model = Model(ModelArgs.from_dict(config))
         std = config.get("initializer_range", 0.02)
         key = mx.random.key(cfg.seed)
@@ -151,6 +271,19 @@ def init_model(cfg: TrainConfig) -> Model:
     model.set_dtype(mx.float32 if cfg.dtype == "float32" else mx.bfloat16)
     mx.eval(model.parameters())
     return model
+
+
+def check_training_fits(args: ModelArgs, cfg: TrainConfig) -> None:
+    """Refuse a model whose weights, gradients and two AdamW moments (16 bytes a
+    parameter in float32) exceed the machine's memory, before allocating any."""
+    from .limits import check_fits
+    from .model import estimate_model_bytes
+
+    if cfg.upcycle > 1:
+        args = ModelArgs.from_dict({**asdict(args),
+                                    "num_hidden_layers": args.num_hidden_layers * cfg.upcycle})
+    per_param = 16 if cfg.dtype == "float32" else 8
+    check_fits(estimate_model_bytes(args, per_param), "Training this model")
 
 
 def upcycle(model: Model, factor: int) -> Model:
@@ -190,25 +323,42 @@ def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
                                     dict(tree_flatten(opt.state)))
     from .loading import copy_support_files
 
+    if bad := [k for k, v in params.items() if not mx.all(mx.isfinite(v)).item()]:
+        raise NonFiniteLoss(  # never save (or point latest at) broken weights
+            f"Weights are not finite after step {step} ({bad[0]}, {len(bad)} tensor(s)); "
+            f"stopping without saving. {kept(out)} (lower lr or check the data)."
+        )
     dest = out / f"ckpt-{step:07d}"
     tmp = out / f".ckpt-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), params, metadata={"format": "pt"})
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    (tmp / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2))
-    state = {"step": step, "position": asdict(position), "config": _resume_view(cfg)}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if tokenizer_dir:
-        copy_support_files(Path(tokenizer_dir), tmp)
-    for f in tmp.iterdir():  # make the data durable before the rename
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        for name, tensors_ in (("model.safetensors", params), ("optimizer.safetensors", opt_state)):
+            mx.save_safetensors(str(tmp / name), tensors_,
+                                metadata={"format": "pt"} if name == "model.safetensors" else None)
+            _check_complete(tmp / name)
+        (tmp / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2))
+        state = {"step": step, "position": asdict(position), "config": _resume_view(cfg)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if tokenizer_dir:
+            copy_support_files(Path(tokenizer_dir), tmp)
+        for f in tmp.iterdir():  # make the data durable before the rename
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException as e:  # a full disk, Ctrl-C: no partial checkpoint, latest unchanged
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror or str(e), str(tmp)) from None
+        raise
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     latest_tmp = out / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(dest.name)
+    try:
+        latest_tmp.write_text(dest.name)
+    except OSError:
+        latest_tmp.unlink(missing_ok=True)
+        raise
     os.replace(latest_tmp, out / "latest")
     old = sorted(out.glob("ckpt-*"))[: -cfg.keep] if cfg.keep > 0 else []
     for p in old:
@@ -216,25 +366,105 @@ def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
     return dest
 
 
+def _check_complete(path: Path) -> None:
+    """mx.save_safetensors does not report a short write (a full disk): compare the
+    file's size with the end of the last tensor its header names."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        try:
+            header = json.loads(f.read(n)) if 0 < n < 1 << 30 else None
+        except ValueError:
+            header = None
+    ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+    if header is None or path.stat().st_size < 8 + n + max(ends, default=0):
+        raise OSError(errno.ENOSPC, "written incompletely (is the disk full?)", str(path))
+
+
+def kept(out: Path) -> str:
+    """What a stopped run leaves: the checkpoint ``latest`` names, or none."""
+    latest = out / "latest"
+    if latest.exists():
+        return f"The last good checkpoint is kept: {out / latest.read_text().strip()}"
+    return f"No checkpoint was written to {out}"
+
+
 def _resume_view(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     return {k: d[k] for k in TrainConfig.RESUME_KEYS}
 
 
-def load_checkpoint(out: Path, cfg: TrainConfig) -> tuple[Path, dict] | None:
+def load_checkpoint(out: Path, cfg: TrainConfig, log=print
+                    ) -> tuple[Path, dict, dict, dict] | None:
+    """(directory, trainer state, weights, optimizer state) of the checkpoint
+    ``out/latest`` names; when that one is damaged (a truncated file, corrupt JSON),
+    the newest older one that loads, with a note. None for a new run."""
     latest = out / "latest"
     if not latest.exists():
         return None
-    ckpt = out / latest.read_text().strip()
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    saved, now = state["config"], _resume_view(cfg)
-    if diff := [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]:
-        raise ValueError(
-            f"Cannot resume {ckpt}: the config differs in {', '.join(diff)} "
-            f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}). "
-            "Use another --out or the original settings."
-        )
-    return ckpt, state
+    name = latest.read_text(errors="replace").strip()
+    candidates = sorted((p for p in out.glob("ckpt-*") if p.name < name), reverse=True)
+    if re.fullmatch(r"ckpt-\d+", name):
+        candidates.insert(0, out / name)
+    else:
+        log(f"skipping {latest}: it names {name[:40]!r}, not a checkpoint of this run")
+        candidates = sorted(out.glob("ckpt-*"), reverse=True)
+    for ckpt in candidates:
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            state["position"] = Position(**state["position"])
+            state["step"], saved = int(state["step"]), dict(state["config"])
+            weights = dict(mx.load(str(ckpt / "model.safetensors")))
+            opt_state = dict(mx.load(str(ckpt / "optimizer.safetensors")))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            log(f"skipping {ckpt}: damaged ({_first_line(e)}); trying an older checkpoint")
+            continue
+        now = _resume_view(cfg)
+        if diff := [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]:
+            raise ValueError(
+                f"Cannot resume {ckpt}: the config differs in {', '.join(diff)} "
+                f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}). "
+                "Use another --out or the original settings."
+            )
+        return ckpt, state, weights, opt_state
+    raise ValueError(f"No usable checkpoint in {out} (see above); "
+                     "use another --out, or remove the damaged ones to start over.")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def read_history(path: Path) -> list[dict]:
+    """The rows of ``history.jsonl``; a line cut short by a kill is left out."""
+    rows = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
+def remove_stale(out: Path) -> None:
+    """Temporary checkpoints and ``latest`` files left by killed runs."""
+    for p in out.glob(".*.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 class NonFiniteLoss(RuntimeError):
@@ -259,20 +489,23 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
     opt = optim.AdamW(learning_rate=wsd_schedule(cfg), betas=tuple(cfg.betas),
                       weight_decay=cfg.weight_decay)
     step, position = 0, Position()
-    resumed = load_checkpoint(out, cfg)
+    if rank == 0 and out.is_dir():
+        remove_stale(out)
+    resumed = load_checkpoint(out, cfg, log)
     if resumed:
-        ckpt, state = resumed
-        weights = dict(mx.load(str(ckpt / "model.safetensors")))
+        ckpt, state, weights, opt_state = resumed
         model.load_weights(list((tp.local(weights) if tp else weights).items()))
         opt.init(model.trainable_parameters())
-        opt_state = dict(mx.load(str(ckpt / "optimizer.safetensors")))
         opt.state = tree_unflatten(list((tp.local(opt_state) if tp else opt_state).items()))
-        step, position = state["step"], Position(**state["position"])
+        step, position = state["step"], state["position"]
         log(f"resumed from {ckpt} at step {step}")
         if rank == 0 and (out / "history.jsonl").exists():  # drop steps after the checkpoint
-            rows = (out / "history.jsonl").read_text().splitlines()
-            keep = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
-            (out / "history.jsonl").write_text("".join(r + "\n" for r in keep))
+            keep = [r for r in read_history(out / "history.jsonl") if r["step"] <= step]
+            tmp = out / f".history.tmp-{os.getpid()}"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, out / "history.jsonl")
+    elif rank == 0 and (out / "history.jsonl").exists():  # a run killed before its first save
+        (out / "history.jsonl").unlink()
     if cfg.loss == "stage2":
         model.freeze()
         model.model.early_exit_gate.unfreeze()
@@ -331,8 +564,7 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
         if not (math.isfinite(value) and math.isfinite(grad_norm.item())):
             raise NonFiniteLoss(  # before the update: the weights stay the last good ones
                 f"Loss {value}, gradient norm {grad_norm.item()} at step {step + 1}; "
-                f"stopping. The last good checkpoint is kept in {out} (lower lr or check "
-                "the data)."
+                f"stopping. {kept(out)} (lower lr or check the data)."
             )
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
@@ -446,7 +678,7 @@ def plot_history(history: Path, png: Path) -> Path | None:
     except ImportError:
         print("(no plot: pip install 'ouro-mlx[plot]' for training.png)")
         return None
-    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    rows = read_history(history)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax[0].set(xlabel="step", ylabel="training loss", title="loss")

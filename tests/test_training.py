@@ -224,3 +224,160 @@ def test_tensor_parallel_logits_equal_single_device(tiny_dir, tmp_path):
     ids = mx.array([[5, 17, 300, 42, 7, 99, 128, 3]])
     np.testing.assert_allclose(got["logits"], np.array(model(ids, exit_threshold=0.5)), atol=1e-4)
     np.testing.assert_allclose(got["step"], np.array(model(ids)[:, -1:]), atol=1e-4)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+    ({"lr": -1e-3}, "lr must be > 0"),
+    ({"min_lr": float("inf")}, "min_lr must be a finite number"),
+    ({"warmup": -1}, "warmup must be >= 0"),
+    ({"iters": 0}, "iters must be >= 1"),
+    ({"batch_size": 2.5}, "batch_size must be an integer"),
+    ({"batch_size": True}, "batch_size must be an integer"),
+    ({"beta": "lots"}, "beta must be a finite number, got 'lots'"),
+    ({"betas": [0.9, 1.5]}, "betas must be two numbers in"),
+    ({"grad_clip": -1}, "grad_clip must be >= 0"),
+    ({"save_every": 0}, "save_every must be >= 1"),
+    ({"eval_every": -5}, "eval_every must be >= 0"),
+    ({"decay_frac": 2}, "decay_frac must be between 0 and 1"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"ut_steps": 10**6}, "ut_steps is 1000000, above the maximum"),
+    ({"loop_schedule": [[0, "eight"]]}, "loop_schedule entry's ut_steps must be an integer"),
+    ({"loop_schedule": "8"}, "loop_schedule must be a list of"),
+    ({"plot": "yes"}, "plot must be true or false"),
+    ({"model": {"shape": "huge"}}, "unknown shape 'huge'; known shapes: tiny, small"),
+    ({"model": {"shape": "tiny", "hidden_size": "64"}}, "model: hidden_size must be an integer"),
+])
+def test_hyper_parameters_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict({"data": "x", **options})
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers():
+    # YAML 1.1 reads `lr: 3e-4` as a string
+    assert TrainConfig.from_dict({"data": "x", "lr": "3e-4"}).lr == 3e-4
+
+
+def test_bad_flags_are_one_line(data_dir, tmp_path, capsys):
+    from ouro_mlx.cli import main
+
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                 "--lr", "nan"]) == 1
+    err = capsys.readouterr().err
+    assert err == "ouro-mlx train: error: lr must be a finite number, got nan.\n"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("model", [{"shape": "tiny", "hidden_size": 10**9},
+                                   {"shape": "tiny", "num_hidden_layers": 10**6}])
+def test_a_model_too_big_for_memory_fails_at_once(data_dir, tmp_path, model):
+    tic = time.perf_counter()
+    with pytest.raises(ValueError, match=r"Training this model needs about [\d,.]+ GiB but "
+                                         r"this machine has"):
+        train(config(data_dir, tmp_path / "run", model=model), log=lambda *_: None)
+    assert time.perf_counter() - tic < 5 and not (tmp_path / "run").exists()
+
+
+def test_help_describes_every_option_with_its_default():
+    from dataclasses import fields
+
+    from ouro_mlx.commands.train import build_parser
+
+    parser = build_parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    for f in fields(TrainConfig):
+        assert len(helps[f.name].split("(default:")[0]) > 12, f.name  # a description
+        assert helps[f.name].endswith(")") and "(default: " in helps[f.name], f.name
+    assert "Loop steps by optimizer step, as JSON [[step, ut_steps], ...], e.g. [[0, 8], " \
+           "[1000, 4]]. (default: [])" in " ".join(parser.format_help().split())
+
+
+def test_non_finite_weights_are_never_saved(data_dir, tmp_path):
+    import mlx.optimizers as optim
+
+    from ouro_mlx.data import Position
+    from ouro_mlx.training import NonFiniteLoss, save_checkpoint
+
+    out = tmp_path / "run"
+    train(config(data_dir, out, iters=2, save_every=2, eval_every=0), log=lambda *_: None)
+    cfg = config(data_dir, out, iters=4)
+    model = init_model(cfg)
+    model.lm_head.weight = model.lm_head.weight * float("nan")
+    opt = optim.AdamW(learning_rate=1e-3)
+    opt.init(model.trainable_parameters())
+    with pytest.raises(NonFiniteLoss, match=r"not finite after step 4 \(lm_head.weight.*"
+                                            r"last good checkpoint is kept: .*ckpt-0000002"):
+        save_checkpoint(out, 4, model, opt, Position(), cfg, None)
+    assert (out / "latest").read_text() == "ckpt-0000002"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "ckpt"))) == [
+        "ckpt-0000002"]
+
+
+@pytest.mark.parametrize("how", ["raises", "short write"])
+def test_disk_full_while_saving_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                          capsys, how):
+    """ENOSPC during the second checkpoint: one line, no partial files, latest on the
+    first; mx.save_safetensors itself writes short files silently on a full disk."""
+    import errno
+
+    from ouro_mlx.cli import main
+
+    out = tmp_path / "run"
+    real = mx.save_safetensors
+    calls = []
+
+    def full_disk(path, arrays, metadata=None):
+        calls.append(path)
+        if len(calls) <= 2:
+            return real(path, arrays, metadata=metadata)
+        if how == "raises":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, arrays, metadata=metadata)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    flags = ["train", "--data", str(data_dir), "--out", str(out), "--model", '{"shape": "tiny"}',
+             "--iters", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "0",
+             "--plot", "false"]
+    assert main(flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ouro-mlx train: error: no space left on the device writing ")
+    assert err.endswith(f"The last good checkpoint is kept: {out / 'ckpt-0000002'}.")
+    assert (out / "latest").read_text() == "ckpt-0000002"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000002", "history.jsonl", "latest"]
+    monkeypatch.setattr(mx, "save_safetensors", real)
+    assert main(flags) == 0  # the retry resumes from step 2 and finishes
+    assert [r["step"] for r in history(out)] == [1, 2, 3, 4]
+
+
+def test_resume_skips_damaged_checkpoints_and_a_cut_history_line(data_dir, tmp_path):
+    from ouro_mlx.training import plot_history
+
+    out = tmp_path / "run"
+    notes = []
+    train(config(data_dir, out, iters=6, save_every=2, keep=3), log=lambda *_: None)
+    first = history(out)
+    # a kill left a temporary checkpoint and half a history line behind
+    (out / ".ckpt-0000008.tmp-4194999").mkdir()
+    with open(out / "history.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    # the newest optimizer file is truncated, the one before has a corrupt state
+    opt = out / "ckpt-0000006" / "optimizer.safetensors"
+    os.truncate(opt, opt.stat().st_size // 2)
+    (out / "ckpt-0000004" / "trainer_state.json").write_text('{"step": 4, "posi')
+    train(config(data_dir, out, iters=6, save_every=2, keep=3), log=notes.append)
+    assert any("skipping" in n and "ckpt-0000006: damaged" in n for n in notes)
+    assert any("ckpt-0000004: damaged" in n for n in notes)
+    assert f"resumed from {out / 'ckpt-0000002'} at step 2" in notes
+    rows = history(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in first], rtol=1e-5)
+    assert not (out / ".ckpt-0000008.tmp-4194999").exists()
+    with open(out / "history.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    assert plot_history(out / "history.jsonl", out / "p.png") is not None
+    # nothing usable at all: one line, not a traceback
+    for ckpt in out.glob("ckpt-*"):
+        (ckpt / "trainer_state.json").write_text("[")
+    with pytest.raises(ValueError, match=f"No usable checkpoint in {out}"):
+        train(config(data_dir, out, iters=8), log=lambda *_: None)

@@ -11,27 +11,37 @@ import argparse
 import json
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..training import TrainConfig
+    from ..training import HELP, TrainConfig
 
     p = argparse.ArgumentParser(prog="ouro-mlx train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with TrainConfig keys.")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--config", metavar="YAML",
+                   help="YAML file whose keys are the options below (with _ for -).")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="Directory whose tokenizer files are copied into checkpoints.")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
+        # the default shows in the help; None keeps "not given" apart so YAML values stand
+        text = f"{HELP[f.name]} (default: {json.dumps(default)})"
         if isinstance(default, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=_bool, default=None)
+            kw = dict(type=_bool, metavar="true|false")
         elif isinstance(default, (list, dict)):
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=json.loads, default=None,
-                           help="JSON")
+            kw = dict(type=_json, metavar="JSON")
         else:
-            kind = type(default) if default is not None else str
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+            kw = dict(type=type(default) if default is not None else str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", default=None, help=text, **kw)
     return p
+
+
+def _json(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {s!r}") from None
 
 
 def _bool(s: str) -> bool:
@@ -66,12 +76,15 @@ def load_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args)
-    from ..training import NonFiniteLoss, train
+    from ..cli import error, os_message
+    from ..training import NonFiniteLoss, kept, train
 
     try:
         last = train(cfg, tokenizer_dir=args.tokenizer)
     except NonFiniteLoss as e:
         print(f"ouro-mlx train: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk mid-run: say what survives
+        return error("train", f"{os_message(e)} {kept(Path(cfg.out))}.")
     print(json.dumps(last))
     return 0

@@ -19,7 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .model import Model, ModelArgs
+from .limits import check_fits
+from .model import Model, ModelArgs, estimate_model_bytes
 
 # Files a checkpoint directory may hold that we read. No "*.py": we never run them.
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -81,39 +82,102 @@ def resolve(
         ) from e
 
 
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``; anything else is refused naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{file} is nested too deeply to be a config.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds {JSON_TYPES[type(data)]}; expected a JSON object.")
+    return data
+
+
 def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.exists():
         raise CheckpointError(f"{path} has no config.json; is it a model directory?")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    config = read_json_object(file)
     if config.get("model_type") != "ouro":
         raise CheckpointError(
             f"{file} has model_type {config.get('model_type')!r}; ouro-mlx loads only "
             "Ouro checkpoints (model_type 'ouro')."
         )
+    check_eos(config.get("eos_token_id"), file)
+    check_quantization(config.get("quantization"), file)
     gen = path / "generation_config.json"
     if gen.exists():
-        try:
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-        except json.JSONDecodeError:
-            eos = None
+        eos = read_json_object(gen).get("eos_token_id")
         if eos is not None:
-            config["eos_token_id"] = eos
+            config["eos_token_id"] = check_eos(eos, gen)
     return config
+
+
+def check_eos(eos: Any, file: Path) -> Any:
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not (ids and all(is_token_id(i) for i in ids)):
+        raise CheckpointError(
+            f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}."
+        )
+    return eos
+
+
+def is_token_id(i: Any) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
+def check_quantization(quant: Any, file: Path) -> None:
+    """mlx-lm's ``quantization``: bits, group_size and mode, plus per-layer entries
+    (a bool, or an object with their own bits and group_size)."""
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{file}: quantization must be an object with bits and "
+                              f"group_size, got {quant!r}.")
+    entries = [("quantization", quant)] + [
+        (f"quantization.{k}", v) for k, v in quant.items() if isinstance(v, dict)
+    ]
+    for name, entry in entries:
+        for key in ("bits", "group_size"):
+            value = entry.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(
+                    f"{file}: {name}.{key} must be a positive integer, got {value!r}."
+                )
+        if not isinstance(entry.get("mode", ""), str):
+            raise CheckpointError(f"{file}: {name}.mode must be a string.")
+    if bad := [k for k, v in quant.items()
+               if k not in ("bits", "group_size", "mode") and not isinstance(v, (bool, dict))]:
+        raise CheckpointError(f"{file}: quantization.{bad[0]} must be true, false or an "
+                              "object with bits and group_size.")
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint; with an index, exactly those it names."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(n, str) for n in weight_map.values()
+        ):
+            raise CheckpointError(f"{index} has no weight_map object of tensor → file name.")
+        names = sorted(set(weight_map.values()))
+        if outside := [n for n in names if not lies_inside(path, n)]:
+            raise CheckpointError(f"{index} names {outside[0]!r}, outside {path}; shards "
+                                  "must lie inside the model directory.")
         if missing := [n for n in names if not (path / n).exists()]:
             raise CheckpointError(f"{index} names missing files: {', '.join(missing)}")
         return [path / n for n in names]
     files = sorted(Path(f) for f in glob.glob(str(path / "model*.safetensors")))
+    if outside := [f for f in files if not lies_inside(path, f.name)]:
+        raise CheckpointError(f"{outside[0]} links to a file outside {path}; shards must "
+                              "lie inside the model directory.")
     if not files:
         torch_files = [f for p in TORCH_PATTERNS for f in glob.glob(str(path / p))]
         hint = (
@@ -124,6 +188,17 @@ def weight_files(path: Path) -> list[Path]:
         )
         raise CheckpointError(f"No model*.safetensors in {path}.{hint}")
     return files
+
+
+def lies_inside(path: Path, name: str) -> bool:
+    """Whether file ``name`` of directory ``path``, links followed, lies inside it
+    (or, in the HF cache, in the ``blobs`` folder its snapshot links point to)."""
+    root = path.resolve()
+    file = Path(os.path.normpath(root / name))
+    if not file.is_relative_to(root):
+        return False
+    roots = [root] + ([root.parents[1] / "blobs"] if root.parent.name == "snapshots" else [])
+    return any(file.resolve().is_relative_to(r) for r in roots)
 
 
 def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
@@ -147,15 +222,26 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         for k, v in expected.items()
         if k in weights and weights[k].shape != v.shape
     ]
+    # Floats where the model holds floats; quantized weights are packed integers.
+    dtypes = [
+        f"{k}: checkpoint {weights[k].dtype}, model {v.dtype}"
+        for k, v in expected.items()
+        if k in weights and is_float(weights[k]) != is_float(v)
+    ]
     problems = [
         (f"missing tensors ({len(missing)})", missing),
         (f"unexpected tensors ({len(extra)})", extra),
         (f"wrong shapes ({len(shapes)})", shapes),
+        (f"wrong dtypes ({len(dtypes)})", dtypes),
     ]
     if any(items for _, items in problems):
         lines = [f"  {title}:\n" + "\n".join(f"    {i}" for i in items)
                  for title, items in problems if items]
         raise CheckpointError("The checkpoint does not match its config:\n" + "\n".join(lines))
+
+
+def is_float(x: mx.array) -> bool:
+    return mx.issubdtype(x.dtype, mx.floating)
 
 
 def apply_quantization(model: nn.Module, config: dict, weights: dict) -> None:
@@ -197,21 +283,39 @@ def build_model(
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
 ) -> Model:
-    try:
-        args = ModelArgs.from_dict(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"Invalid Ouro config in {path}: {e}") from e
-    model = Model(args)
+    dtype = parse_dtype(dtype)
+    model = Model(model_args(path, config, dtype))
     weights = model.sanitize(read_safetensors(weight_files(path)))
     apply_quantization(model, config, weights)
     check_weights(model, weights)
-    if (dtype := parse_dtype(dtype)) is not None:
+    if dtype is not None:
         weights = cast_floats(weights, dtype)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
     return model
+
+
+def model_args(path: Path, config: dict, dtype: mx.Dtype | None = None) -> ModelArgs:
+    """The checked ``ModelArgs`` of ``path``'s config, refused before anything is
+    allocated when the model would not fit in memory (stored at ``dtype``)."""
+    try:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    if quant := config.get("quantization"):
+        per_param = quant.get("bits", 4) / 8
+    else:
+        stored = config.get("torch_dtype") or config.get("dtype")
+        per_param = (dtype or DTYPES.get(stored if isinstance(stored, str) else "",
+                                         mx.bfloat16)).size
+    try:
+        check_fits(estimate_model_bytes(args, per_param),
+                   f"The model that {path / 'config.json'} describes")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return args
 
 
 def load_model(

@@ -15,6 +15,7 @@ What differs from a Llama-style decoder:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -59,15 +60,31 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(f"model_type is {self.model_type!r}, expected 'ouro'.")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in SIZES:
+            check_positive_int(getattr(self, name), name, optional=name == "head_dim")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of "
+                    f"num_attention_heads ({self.num_attention_heads}) without head_dim."
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})."
             )
-        if self.total_ut_steps < 1:
-            raise ValueError(f"total_ut_steps must be >= 1, got {self.total_ut_steps}.")
+        check_ut_steps(self.total_ut_steps, "total_ut_steps")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not is_number(value := getattr(self, name)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        t = self.early_exit_threshold
+        if t is not None and (not is_number(t) or not 0 <= t <= 1):
+            raise ValueError(f"early_exit_threshold must be in [0, 1] or null, got {t!r}.")
+        s = self.early_exit_step
+        if s is not None and (not isinstance(s, int) or not 0 <= s < self.total_ut_steps):
+            raise ValueError(f"early_exit_step must be in [0, {self.total_ut_steps}) or "
+                             f"null, got {s!r}.")
         unsupported = {
             "rope_scaling": self.rope_scaling,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -76,6 +93,21 @@ class ModelArgs(BaseModelArgs):
         }
         if bad := [k for k, v in unsupported.items() if v]:
             raise ValueError(f"Unsupported Ouro config options: {', '.join(bad)}.")
+
+
+SIZES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_positive_int(value: Any, name: str, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 class LoopOutputs(NamedTuple):
@@ -415,7 +447,8 @@ def num_parameters(args: ModelArgs) -> int:
     return 2 * V * H + args.num_hidden_layers * layer + H + (H + 1)
 
 
-def estimate_model_bytes(args: ModelArgs, bytes_per_param: int = 4) -> int:
-    """Bytes the weights of ``args``'s model take at ``bytes_per_param``; check it
-    with ``limits.check_fits`` before building a model from a stranger's config."""
-    return num_parameters(args) * bytes_per_param
+def estimate_model_bytes(args: ModelArgs, bytes_per_param: float = 4) -> int:
+    """Bytes ``Model(args)`` takes with weights of ``bytes_per_param``, plus ~90 KB
+    of Python and MLX objects per layer (measured); check it with
+    ``limits.check_fits`` before building a model from a stranger's config."""
+    return int(num_parameters(args) * bytes_per_param) + args.num_hidden_layers * 2**17

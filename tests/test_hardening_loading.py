@@ -8,11 +8,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
+from ouro_mlx import CheckpointError, load_model
 from ouro_mlx.convert import hf_to_mlx, mlx_to_hf
+from ouro_mlx.limits import MAX_UT_STEPS
+from ouro_mlx.model import check_ut_steps, estimate_model_bytes, num_parameters
 from tests.conftest import TOKENIZER, needs_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -119,3 +125,176 @@ def test_stock_mlx_lm_loads_our_outputs_quietly(converted, which):
     assert "model of type" not in out.stderr and "rope_scaling" not in out.stderr, out.stderr
     assert "Warning" not in out.stderr, out.stderr
     assert_no_prompt(out)
+
+
+def ckpt(tiny_dir: Path, tmp_path: Path, edit=None) -> Path:
+    """A copy of the tiny checkpoint with ``edit(config)`` applied to its config.json."""
+    path = shutil.copytree(tiny_dir, tmp_path / "model")
+    if edit is not None:
+        config = json.loads((path / "config.json").read_text())
+        config = edit(config) or config
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def refusal(path: Path, **kw) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_model(path, **kw)
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+def shard(path: Path, names: dict[str, str] | None = None) -> dict:
+    """Split model.safetensors into two shards named by ``names``; returns the index."""
+    w = dict(mx.load(str(path / "model.safetensors")))
+    (path / "model.safetensors").unlink()
+    keys = sorted(w)
+    index = {}
+    for part, ks in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{part + 1}-of-00002.safetensors"
+        mx.save_safetensors(str(path / name), {k: w[k] for k in ks})
+        index.update({k: (names or {}).get(name, name) for k in ks})
+    return index
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_shards_outside_the_model_dir_are_refused(tiny_dir, tmp_path, where):
+    path = ckpt(tiny_dir, tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    index = shard(path)
+    os.replace(path / "model-00002-of-00002.safetensors", outside)
+    name = {"parent": "../outside.safetensors", "absolute": str(outside),
+            "symlink": "model-00002-of-00002.safetensors"}[where]
+    if where == "symlink":
+        (path / name).symlink_to(outside)
+    index = {k: name if v.startswith("model-00002") else v for k, v in index.items()}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    message = refusal(path)
+    assert "model.safetensors.index.json" in message and "inside the model directory" in message
+
+
+def test_unindexed_shard_linking_outside_is_refused(tiny_dir, tmp_path):
+    path = ckpt(tiny_dir, tmp_path)
+    os.replace(path / "model.safetensors", tmp_path / "outside.safetensors")
+    (path / "model.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    assert "inside the model directory" in refusal(path)
+
+
+def test_hf_cache_snapshot_links_to_blobs_load(tiny_dir, tmp_path):
+    """The hub cache's layout: snapshots/REV/file → ../../blobs/SHA."""
+    repo = tmp_path / "models--x--y"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    shutil.copytree(tiny_dir, snap)
+    blobs.mkdir()
+    os.replace(snap / "model.safetensors", blobs / "sha")
+    (snap / "model.safetensors").symlink_to(Path("../../blobs/sha"))
+    load_model(snap)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "holds an array; expected a JSON object"),
+    ('{"metadata": {}}', "has no weight_map"),
+    ('{"weight_map": ["a"]}', "has no weight_map"),
+])
+def test_bad_shard_index_is_refused_naming_it(tiny_dir, tmp_path, text, expected):
+    path = ckpt(tiny_dir, tmp_path)
+    (path / "model.safetensors.index.json").write_text(text)
+    message = refusal(path)
+    assert "model.safetensors.index.json" in message and expected in message
+
+
+def set_(**fields):
+    return lambda config: {**config, **fields}
+
+
+def drop_head_dim(hidden: int):
+    return lambda config: {**{k: v for k, v in config.items() if k != "head_dim"},
+                           "hidden_size": hidden}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda config: [config], "config.json holds an array; expected a JSON object"),
+    (set_(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (set_(num_key_value_heads=-2), "num_key_value_heads must be a positive integer"),
+    (set_(hidden_size="64"), "hidden_size must be a positive integer, got '64'"),
+    (set_(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
+    (set_(vocab_size=2.5), "vocab_size must be a positive integer"),
+    (set_(intermediate_size=True), "intermediate_size must be a positive integer"),
+    (drop_head_dim(66), "hidden_size (66) must be a multiple of num_attention_heads (4)"),
+    (set_(rms_norm_eps="x"), "rms_norm_eps must be a positive number"),
+    (set_(early_exit_threshold=2), "early_exit_threshold must be in [0, 1]"),
+    (set_(eos_token_id="x"), "eos_token_id must be a token id or a list of them, got 'x'"),
+    (set_(eos_token_id=[0, None]), "eos_token_id must be a token id"),
+    (set_(quantization="yes"), "quantization must be an object with bits and group_size"),
+    (set_(quantization={"bits": "4", "group_size": 64}), "quantization.bits must be a"),
+    (set_(quantization={"bits": 4, "group_size": 64, "model.norm": 3}),
+     "quantization.model.norm must be true, false or an object"),
+    (set_(total_ut_steps=10**6), "total_ut_steps is 1000000, above the maximum"),
+    (set_(total_ut_steps=0), "total_ut_steps must be an integer >= 1"),
+    (set_(num_hidden_layers=10**7), "needs about"),
+    (set_(hidden_size=10**9, head_dim=None), "needs about"),
+])
+def test_bad_config_is_refused_in_one_line(tiny_dir, tmp_path, edit, expected):
+    message = refusal(ckpt(tiny_dir, tmp_path, edit))
+    assert "config.json" in message and expected in message, message
+
+
+def test_absurd_sizes_fail_at_once(tiny_dir, tmp_path):
+    path = ckpt(tiny_dir, tmp_path, set_(num_hidden_layers=10**7, vocab_size=10**9))
+    start = time.perf_counter()
+    assert "needs about" in refusal(path)
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[0]", "holds an array"),
+    ('{"eos_token_id": "x"}', "eos_token_id must be a token id"),
+    ("{", "is not valid JSON"),
+])
+def test_bad_generation_config_is_refused_naming_it(tiny_dir, tmp_path, text, expected):
+    path = ckpt(tiny_dir, tmp_path)
+    (path / "generation_config.json").write_text(text)
+    message = refusal(path)
+    assert "generation_config.json" in message and expected in message
+
+
+def test_deeply_nested_config_is_refused(tiny_dir, tmp_path):
+    path = ckpt(tiny_dir, tmp_path)
+    (path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in refusal(path)
+
+
+def test_integer_weights_where_floats_belong_are_refused(tiny_dir, tmp_path):
+    path = ckpt(tiny_dir, tmp_path)
+    w = dict(mx.load(str(path / "model.safetensors")))
+    w["model.norm.weight"] = w["model.norm.weight"].astype(mx.int32)
+    mx.save_safetensors(str(path / "model.safetensors"), w)
+    with pytest.raises(CheckpointError, match=r"wrong dtypes \(1\):\n    model.norm.weight: "
+                                              r"checkpoint mlx.core.int32, model mlx.core.float32"):
+        load_model(path)
+
+
+def test_quantized_checkpoint_still_loads(converted, tmp_path):
+    hf_to_mlx(converted[0], tmp_path / "q", quantize=True, q_bits=8, q_group_size=32)
+    load_model(tmp_path / "q")
+
+
+def test_loop_steps_are_capped_unless_raised(tiny_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="set OURO_MLX_MAX_UT_STEPS to allow more"):
+        check_ut_steps(MAX_UT_STEPS + 1)
+    with pytest.raises(ValueError, match="ut_steps is 65"):
+        load_model(tiny_dir, ut_steps=65)
+    path = ckpt(tiny_dir, tmp_path, set_(total_ut_steps=100))
+    monkeypatch.setenv("OURO_MLX_MAX_UT_STEPS", "100")
+    assert load_model(path).ut_steps == 100
+    assert check_ut_steps(100) == 100
+
+
+def test_estimate_model_bytes_counts_every_parameter(tiny_dir):
+    model = load_model(tiny_dir)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert num_parameters(model.args) == n
+    overhead = model.args.num_hidden_layers * 2**17
+    assert estimate_model_bytes(model.args, 2) == 2 * n + overhead

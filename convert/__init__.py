@@ -5,6 +5,15 @@
 - :func:`mlx_to_hf`: MLX directory → HF PyTorch-format directory (dequantized).
 """
 
-from .convert import Q_MODES, hf_config_from, hf_to_mlx, max_logit_diff, mlx_to_hf
+from .convert import (
+    Q_MODES,
+    Q_SUPPORTED,
+    Verification,
+    hf_config_from,
+    hf_to_mlx,
+    max_logit_diff,
+    mlx_to_hf,
+)
 
-__all__ = ["Q_MODES", "hf_config_from", "hf_to_mlx", "max_logit_diff", "mlx_to_hf"]
+__all__ = ["Q_MODES", "Q_SUPPORTED", "Verification", "hf_config_from", "hf_to_mlx",
+           "max_logit_diff", "mlx_to_hf"]

@@ -8,9 +8,12 @@ neither ever modifies the source.
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
@@ -29,11 +32,21 @@ from ..loading import (
     read_safetensors,
     resolve,
     weight_files,
+    write_errors,
 )
-from ..model import Model, ModelArgs
+from ..limits import check_fits
+from ..model import Model, ModelArgs, estimate_model_bytes
 from .torch_io import read_state_dict, torch_files
 
+# Default (group size, bits) per quantization mode, as mlx-lm's.
 Q_MODES = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+# The (group sizes, bits) mx.quantize accepts per mode; tests check this against MLX.
+Q_SUPPORTED = {
+    "affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)),
+    "mxfp4": ((32,), (4,)),
+    "nvfp4": ((16,), (4,)),
+    "mxfp8": ((32,), (8,)),
+}
 TORCH_DOWNLOAD = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 # Fields of the released config.json files (spec §1.1) that an exported config keeps.
@@ -58,6 +71,61 @@ HF_DEFAULTS = {
     "use_cache": True,
     "use_sliding_window": False,
 }
+
+
+def destination(path: str | Path, flag: str, force: bool) -> Path:
+    """The absolute destination ``path``, refused before any work when it is not empty
+    (without ``force``) or when replacing it would delete the working directory."""
+    dst = Path(os.path.abspath(Path(path).expanduser()))
+    cwd = Path.cwd().resolve()
+    if dst.resolve() == cwd or dst.resolve() in cwd.parents:
+        raise ValueError(f"{flag} {path} is or contains the current directory; "
+                         "name a new directory to write to.")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise FileExistsError(f"{flag} {path} exists and is not empty; "
+                              "pass --force to replace it.")
+    return dst
+
+
+def check_apart(dst: Path, flag: str, sources: dict[str, Path]) -> None:
+    """Refuse a destination that is, contains or lies inside a source: replacing it
+    would delete the source, or write into it."""
+    d = dst.resolve()
+    for name, src in sources.items():
+        s = src.resolve()
+        if d == s or d in s.parents:
+            raise ValueError(f"{flag} {dst} contains the source {name} {src}; "
+                             "write to a directory outside it.")
+        if s in d.parents:
+            raise ValueError(f"{flag} {dst} lies inside the source {name} {src}; "
+                             "write to a directory outside it.")
+
+
+def quant_options(
+    quantize: bool, q_bits: int | None, q_group_size: int | None, q_mode: str | None,
+    mixed: bool,
+) -> tuple[int, int, str]:
+    """``(group_size, bits, mode)`` after checking them against what MLX supports;
+    quantization options without ``quantize`` are refused, not ignored."""
+    given = {"--q-bits": q_bits, "--q-group-size": q_group_size, "--q-mode": q_mode,
+             "--mixed": mixed or None}
+    if not quantize:
+        if unused := [flag for flag, v in given.items() if v is not None]:
+            raise ValueError(f"{', '.join(unused)} apply only with -q/--quantize.")
+        return 0, 0, ""
+    mode = q_mode or "affine"
+    if mode not in Q_MODES:
+        raise ValueError(f"Unknown --q-mode {mode!r}; choose one of {', '.join(Q_MODES)}.")
+    sizes, bit_widths = Q_SUPPORTED[mode]
+    group_size = Q_MODES[mode][0] if q_group_size is None else q_group_size
+    bits = Q_MODES[mode][1] if q_bits is None else q_bits
+    if group_size not in sizes:
+        raise ValueError(f"--q-group-size {group_size} is not supported by --q-mode {mode}; "
+                         f"choose {' or '.join(map(str, sizes))}.")
+    if bits not in bit_widths:
+        raise ValueError(f"--q-bits {bits} is not supported by --q-mode {mode}; "
+                         f"choose {' or '.join(map(str, bit_widths))}.")
+    return group_size, bits, mode
 
 
 def _read_source_weights(src: Path) -> dict[str, mx.array]:
@@ -114,12 +182,71 @@ def _materialise(model: Model, desc: str) -> None:
         mx.eval(v)
 
 
+def _logits(model: Model, vocab_size: int, n_tokens: int = 16) -> mx.array:
+    ids = (mx.arange(n_tokens) * 7919 + 17) % vocab_size
+    return model(ids[None])[0].astype(mx.float32)
+
+
 def max_logit_diff(a: Model, b: Model, vocab_size: int, n_tokens: int = 16) -> float:
     """Largest |logit| difference of two models on a few fixed tokens, in float32."""
-    ids = (mx.arange(n_tokens) * 7919 + 17) % vocab_size
-    la = a(ids[None]).astype(mx.float32)
-    lb = b(ids[None]).astype(mx.float32)
+    la, lb = _logits(a, vocab_size, n_tokens), _logits(b, vocab_size, n_tokens)
     return (la - lb).abs().max().item()
+
+
+# Tolerated |logit difference| between the written model and the converted one held in
+# memory, relative to the largest |logit|, by the dtype they compute in. They hold the
+# same weights, so any difference beyond rounding means the directory is wrong.
+VERIFY_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
+
+
+@dataclass
+class Verification:
+    """What ``verify`` measured on a few fixed tokens: the written directory against the
+    converted model held in memory (must agree within ``tolerance``), and, when the
+    conversion was lossy on purpose (a cast, quantization), how far it moved from the
+    source (reported, not judged: the error is the one asked for)."""
+
+    diff: float
+    tolerance: float
+    dtype: str
+    lossy: str | None = None
+    drift: float | None = None
+    same_top: int = 0
+    positions: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.diff <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "MISMATCH"
+        line = (f"verify: {verdict} — largest |logit difference| written vs converted "
+                f"{self.diff:.1e} ({self.dtype} tolerance {self.tolerance:.1e})")
+        if self.lossy:
+            line += (f"\nverify: {self.lossy} moves the logits by up to {self.drift:.3g}; "
+                     f"the top token matches the source at {self.same_top} of "
+                     f"{self.positions} positions")
+        return line
+
+
+def _verify(converted: Model, written: Model, vocab_size: int, source: Model | None = None,
+            lossy: str | None = None) -> Verification:
+    lc, lw = _logits(converted, vocab_size), _logits(written, vocab_size)
+    dtype = str(converted.model.norm.weight.dtype).split(".")[-1]
+    scale = max(1.0, lc.abs().max().item())
+    v = Verification((lc - lw).abs().max().item(), VERIFY_TOLERANCE[dtype] * scale, dtype)
+    if source is not None and lossy:
+        ls = _logits(source, vocab_size)
+        v.lossy, v.drift = lossy, (ls - lw).abs().max().item()
+        v.same_top = (ls.argmax(-1) == lw.argmax(-1)).sum().item()
+        v.positions = ls.shape[0]
+    return v
+
+
+def _check_verified(v: Verification, dst: Path) -> Verification:
+    if not v.ok:  # raised inside atomic_directory: dst keeps what it held
+        raise ValueError(f"{str(v).replace(chr(10), '; ')}; {dst} was not written.")
+    return v
 
 
 def hf_to_mlx(
@@ -131,22 +258,21 @@ def hf_to_mlx(
     quantize: bool = False,
     q_bits: int | None = None,
     q_group_size: int | None = None,
-    q_mode: str = "affine",
+    q_mode: str | None = None,
     mixed: bool = False,
     force: bool = False,
     verify: bool = False,
     revision: str | None = None,
-) -> float | None:
+) -> Verification | None:
     """Convert an HF Ouro checkpoint (directory, repo id, or a raw ``.bin``/``.pt``
-    file with ``config_path``) into an MLX directory. Returns the largest logit
-    difference source vs result when ``verify``."""
+    file with ``config_path``) into an MLX directory. Every option is checked before
+    any work; with ``verify`` the written model is run against the converted one and
+    the source (a mismatch raises and writes nothing)."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     dtype = parse_dtype(dtype)
-    if q_mode not in Q_MODES:
-        raise ValueError(f"Unknown q_mode {q_mode!r}; choose one of {', '.join(Q_MODES)}.")
-    if quantize and q_bits is not None and q_bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"q_bits must be one of 2, 3, 4, 5, 6, 8; got {q_bits}.")
+    group_size, bits, q_mode = quant_options(quantize, q_bits, q_group_size, q_mode, mixed)
+    dst = destination(mlx_path, "--mlx-path", force)
     src = Path(hf_path).expanduser()
     if not src.exists():
         src = resolve(hf_path, revision, CONFIG_FILES + TOKENIZER_FILES + WEIGHT_PATTERNS
@@ -156,13 +282,13 @@ def hf_to_mlx(
     meta_dir = Path(config_path).expanduser() if config_path else src
     if meta_dir.is_file():
         meta_dir = meta_dir.parent
+    check_apart(dst, "--mlx-path", {"--hf-path": src, "--config": meta_dir})
     config = read_config(meta_dir)
-    dst = Path(mlx_path).expanduser()
-    if dst.resolve() == (src if src.is_dir() else src.parent).resolve():
-        raise ValueError("The destination must differ from the source.")
+    args = _model_args(config, meta_dir)
+    check_fits(estimate_model_bytes(args), f"The model in {meta_dir / 'config.json'}")
 
     with atomic_directory(dst, force=force) as tmp:
-        model = Model(ModelArgs.from_dict(config))
+        model = Model(args)
         weights = model.sanitize(_read_source_weights(src))
         check_weights(model, weights)
         if dtype is not None:
@@ -172,26 +298,51 @@ def hf_to_mlx(
         model.load_weights(list(weights.items()))
         _materialise(model, "converting")
         if quantize:
-            group_size, bits = Q_MODES[q_mode]
             model, config = quantize_model(
-                model,
-                config,
-                q_group_size or group_size,
-                q_bits or bits,
-                mode=q_mode,
-                quant_predicate=_quant_predicate(mixed, q_group_size or group_size),
+                model, config, group_size, bits, mode=q_mode,
+                quant_predicate=_quant_predicate(mixed, group_size),
             )
-        save_model(tmp, model)
-        save_config(dict(config), tmp / "config.json")
-        copy_support_files(meta_dir, tmp)
-        _write_generation_config(tmp, config, meta_dir)
-        diff = None
-        if verify:
-            source = Model(ModelArgs.from_dict(config))
-            source.load_weights(list(model.sanitize(_read_source_weights(src)).items()))
-            diff = max_logit_diff(source, build_model(tmp, read_config(tmp)),
-                                  config["vocab_size"])
-    return diff
+            _check_quantized(model, group_size)
+        nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        with write_errors(dst, nbytes):
+            save_model(tmp, model)
+            save_config(dict(config), tmp / "config.json")
+            copy_support_files(meta_dir, tmp)
+            _write_generation_config(tmp, config, meta_dir)
+        if not verify:
+            return None
+        lossy = " and ".join(
+            ([f"the {config['torch_dtype']} cast"] if dtype is not None else [])
+            + ([f"{bits}-bit {q_mode} quantization{' (mixed)' if mixed else ''}"]
+               if quantize else [])
+        )
+        source = None
+        if lossy:
+            source = Model(args)
+            source.load_weights(list(source.sanitize(_read_source_weights(src)).items()))
+        result = _verify(model, build_model(tmp, read_config(tmp)), args.vocab_size,
+                         source, lossy)
+        _check_verified(result, dst)
+    return result
+
+
+def _model_args(config: dict, where: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"Invalid Ouro config in {where / 'config.json'}: {e}") from e
+
+
+def _check_quantized(model: Model, group_size: int) -> None:
+    """Refuse a "quantized" model in which no layer could be quantized."""
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    if not any(isinstance(m, quantized) for _, m in model.named_modules()):
+        widths = sorted({m.weight.shape[-1] for _, m in model.named_modules()
+                         if isinstance(m, (nn.Linear, nn.Embedding))})
+        raise ValueError(
+            f"-q quantized no layer: --q-group-size {group_size} divides none of this "
+            f"model's input widths ({', '.join(map(str, widths))}); choose a smaller one."
+        )
 
 
 def mlx_to_hf(
@@ -201,24 +352,28 @@ def mlx_to_hf(
     dtype: str | None = None,
     force: bool = False,
     verify: bool = False,
-) -> float | None:
+) -> Verification | None:
     """Export an MLX directory (quantized or not) as an HF PyTorch-format checkpoint:
     dequantized safetensors under the HF key names and a released-style config.
     ``dtype`` casts the output (the released checkpoints are bfloat16); by default
     tensors keep their dtype (dequantized ones take their scales' dtype)."""
     from mlx_lm.utils import dequantize_model, make_shards
 
+    dtype = parse_dtype(dtype)
+    dst = destination(hf_path, "--hf-path", force)
     src = resolve(mlx_path)
+    check_apart(dst, "--hf-path", {"--mlx-path": src})
     config = read_config(src)
     model = build_model(src, config, lazy=True)
     dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
-    if (dtype := parse_dtype(dtype)) is not None:
+    if dtype is not None:
         weights = cast_floats(weights, dtype)
+        model.load_weights(list(weights.items()))
     out_dtype = str(next(iter(weights.values())).dtype).split(".")[-1]
     hf_config = hf_config_from(config, out_dtype)
 
-    with atomic_directory(Path(hf_path).expanduser(), force=force) as tmp:
+    with atomic_directory(dst, force=force) as tmp:
         shards = make_shards(weights)
         names = (
             ["model.safetensors"]
@@ -227,20 +382,29 @@ def mlx_to_hf(
                   for i in range(len(shards))]
         )
         weight_map = {}
-        for name, shard in tqdm(list(zip(names, shards)), desc="exporting", unit="shard"):
-            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        copy_support_files(src, tmp)
-        diff = None
-        if verify:
-            diff = max_logit_diff(model, build_model(tmp, read_config(tmp)),
-                                  config["vocab_size"])
-    return diff
+        nbytes = sum(v.nbytes for v in weights.values())
+        with write_errors(dst, nbytes):
+            for name, shard in tqdm(list(zip(names, shards)), desc="exporting",
+                                    unit="shard"):
+                mx.save_safetensors(str(tmp / name), shard, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": nbytes},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            copy_support_files(src, tmp)
+        if not verify:
+            return None
+        lossy = " and ".join(
+            (["dequantization"] if "quantization" in config else [])
+            + ([f"the {out_dtype} cast"] if dtype is not None else [])
+        )
+        source = build_model(src, config) if lossy else None
+        result = _verify(model, build_model(tmp, read_config(tmp)), config["vocab_size"],
+                         source, lossy)
+        _check_verified(result, dst)
+    return result
 
 
 def hf_config_from(config: dict, dtype: str) -> dict:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .loading import atomic_directory, parse_dtype
+from .limits import check_fits
+from .loading import atomic_directory, parse_dtype, write_errors
+from .model import ModelArgs, check_ut_steps, estimate_model_bytes
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -192,18 +194,31 @@ def make_random_checkpoint(
     total_ut_steps: int = 4,
     force: bool = False,
 ) -> Path:
-    """Write a random-weight Ouro checkpoint (HF layout, safetensors, tokenizer)."""
+    """Write a random-weight Ouro checkpoint (HF layout, safetensors, tokenizer).
+    Sizes are checked against the machine's memory before anything is allocated."""
     if isinstance(shape, str) and shape not in SHAPES:
         raise ValueError(f"Unknown shape {shape!r}; choose one of {', '.join(SHAPES)}.")
     mx_dtype = parse_dtype(dtype)
+    check_ut_steps(total_ut_steps, "total_ut_steps")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}.")
     config = hf_config(shape, total_ut_steps=total_ut_steps, dtype=dtype)
+    sizes = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "vocab_size"]
+    for k in sizes + ["num_key_value_heads", "head_dim"]:
+        v = config.get(k, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}.")
     if config["vocab_size"] < len(SPECIAL_TOKENS) + 256:
         raise ValueError("vocab_size must be at least 273 for the byte tokenizer.")
+    nbytes = estimate_model_bytes(ModelArgs.from_dict(config), mx_dtype.size)
+    check_fits(nbytes, f"A random {shape if isinstance(shape, str) else 'custom'} model")
     dest = Path(path).expanduser()
     with atomic_directory(dest, force=force) as tmp:
         weights = random_weights(config, seed, mx_dtype)
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights,
-                            metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_byte_tokenizer(tmp)
+        with write_errors(dest, nbytes):
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights,
+                                metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_byte_tokenizer(tmp)
     return dest

@@ -86,7 +86,7 @@ def test_convert_cli_round_trip_and_errors(tiny_dir, tmp_path):
     out = ouro("convert", "--hf-path", str(tiny_dir), "--mlx-path", str(tmp_path / "m"),
                "-q", "--q-bits", "8", "--q-group-size", "32", "--verify")
     assert out.returncode == 0, out.stderr
-    assert "verify: largest |logit difference|" in out.stdout
+    assert "verify: OK — largest |logit difference|" in out.stdout
     out = ouro("convert", "--hf-path", str(tmp_path / "h"), "--mlx-path",
                str(tmp_path / "m"), "--to-hf", "--dtype", "bfloat16")
     assert out.returncode == 0, out.stderr

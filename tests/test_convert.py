@@ -59,7 +59,10 @@ def test_hf_mlx_hf_round_trip_is_identical(tiny_dir, tmp_path, dtype):
 
 
 def test_verify_reports_zero_for_lossless(tiny_dir, tmp_path):
-    assert hf_to_mlx(tiny_dir, tmp_path / "mlx", verify=True) == 0.0
+    result = hf_to_mlx(tiny_dir, tmp_path / "mlx", verify=True)
+    assert result.ok and result.diff == 0.0 and result.lossy is None
+    assert str(result).startswith("verify: OK — largest |logit difference| written vs ")
+    assert "(float32 tolerance " in str(result) and "\n" not in str(result)
 
 
 def test_raw_torch_bin_and_pt(tiny_dir, tmp_path):
@@ -155,10 +158,231 @@ def test_failed_conversion_leaves_nothing(tiny_dir, tmp_path):
 
 
 def test_bad_options(tiny_dir, tmp_path):
-    with pytest.raises(ValueError, match="q_mode"):
+    with pytest.raises(ValueError, match="--q-mode"):
         hf_to_mlx(tiny_dir, tmp_path / "a", quantize=True, q_mode="int3")
     with pytest.raises(ValueError, match="Unknown dtype"):
         hf_to_mlx(tiny_dir, tmp_path / "b", dtype="float64")
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match="contains the source"):
         hf_to_mlx(tiny_dir, tiny_dir, force=True)
     assert not any(tmp_path.iterdir())
+
+
+# Issue 10: no lost data, no silent wrong results, one-line refusals.
+
+
+def test_destination_holding_or_inside_the_source_is_refused(tiny_dir, tmp_path):
+    parent = tmp_path / "P"
+    src = parent / "src"
+    shutil.copytree(tiny_dir, src)
+    (parent / "sibling.txt").write_text("keep")
+    hf_to_mlx(src, parent / "mlx")
+    before = {p: digest(p) for p in (src, parent / "mlx")}
+    cases = [
+        (hf_to_mlx, src, parent, "contains the source --hf-path"),
+        (hf_to_mlx, src, src, "contains the source --hf-path"),
+        (hf_to_mlx, src, src / "out", "lies inside the source --hf-path"),
+        (hf_to_mlx, src, tmp_path, "contains the source --hf-path"),
+        (mlx_to_hf, parent / "mlx", parent, "contains the source --mlx-path"),
+        (mlx_to_hf, parent / "mlx", parent / "mlx" / "hf", "lies inside the source"),
+    ]
+    for convert, a, b, message in cases:
+        with pytest.raises(ValueError, match=message):
+            convert(a, b, force=True)
+    assert {p: digest(p) for p in before} == before
+    assert (parent / "sibling.txt").read_text() == "keep"
+    assert sorted(p.name for p in parent.iterdir()) == ["mlx", "sibling.txt", "src"]
+
+
+def test_raw_weights_file_inside_the_destination_is_refused(tiny_dir, tmp_path):
+    src = tmp_path / "P"
+    shutil.copytree(tiny_dir, src)
+    with pytest.raises(ValueError, match="contains the source"):
+        hf_to_mlx(src / "model.safetensors", tmp_path, config_path=src / "config.json",
+                  force=True)
+    shutil.copy(src / "model.safetensors", tmp_path / "weights.pt")  # never read
+    with pytest.raises(ValueError, match="contains the source --config"):
+        hf_to_mlx(tmp_path / "weights.pt", src, config_path=src, force=True)
+    assert digest(src) == digest(tiny_dir)
+
+
+def test_destination_refused_before_any_work(tiny_dir, tmp_path, monkeypatch):
+    import ouro_mlx.convert.convert as C
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the conversion started")
+
+    monkeypatch.setattr(C, "_read_source_weights", no_work)
+    monkeypatch.setattr(C, "build_model", no_work)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for dst in (".", str(tmp_path), "./"):
+        with pytest.raises(ValueError, match="current directory"):
+            hf_to_mlx(tiny_dir, dst, force=True)
+        with pytest.raises(ValueError, match="current directory"):
+            mlx_to_hf(tiny_dir, dst, force=True)
+    monkeypatch.chdir(tmp_path / "..")
+    with pytest.raises(FileExistsError, match="--mlx-path .* --force"):
+        hf_to_mlx(tiny_dir, work)
+    with pytest.raises(FileExistsError, match="--hf-path .* --force"):
+        mlx_to_hf(tiny_dir, work)
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+
+
+def test_cli_refuses_dot_in_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    from ouro_mlx.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--hf-path", str(tiny_dir), "--mlx-path", ".", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ouro-mlx convert: error: --mlx-path . is or contains the current")
+    assert err.count("\n") == 1 and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(quantize=True, q_group_size=3), "--q-group-size 3 is not supported"),
+    (dict(quantize=True, q_group_size=0), "--q-group-size 0 is not supported"),
+    (dict(quantize=True, q_group_size=-64), "--q-group-size -64 is not supported"),
+    (dict(quantize=True, q_bits=7), "--q-bits 7 is not supported by --q-mode affine"),
+    (dict(quantize=True, q_bits=0), "--q-bits 0 is not supported"),
+    (dict(quantize=True, q_mode="mxfp4", q_bits=8), "--q-bits 8 .* --q-mode mxfp4; choose 4"),
+    (dict(quantize=True, q_mode="nvfp4", q_group_size=32), "choose 16"),
+    (dict(mixed=True), "--mixed apply only with -q"),
+    (dict(q_bits=8), "--q-bits apply only with -q"),
+    (dict(q_group_size=32, q_mode="affine"), "--q-group-size, --q-mode apply only"),
+])
+def test_quantization_options_checked_before_work(tiny_dir, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        hf_to_mlx(tiny_dir, tmp_path / "out", **options)
+    assert not any(tmp_path.iterdir())
+
+
+def test_supported_quantization_table_matches_mlx():
+    from ouro_mlx.convert import Q_MODES, Q_SUPPORTED
+
+    w = mx.random.normal((8, 256))
+    for mode, (sizes, bit_widths) in Q_SUPPORTED.items():
+        assert Q_MODES[mode][0] in sizes and Q_MODES[mode][1] in bit_widths
+        for g in sizes:
+            for b in bit_widths:
+                mx.eval(mx.quantize(w, group_size=g, bits=b, mode=mode))
+    for g, b in [(16, 4), (64, 7), (256, 4)]:
+        with pytest.raises(ValueError):
+            mx.eval(mx.quantize(w, group_size=g, bits=b, mode="affine"))
+
+
+def test_quantizing_nothing_is_refused(tmp_path):
+    from ouro_mlx.random_model import make_random_checkpoint
+
+    narrow = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                  num_key_value_heads=3, head_dim=16, intermediate_size=80, vocab_size=300,
+                  max_position_embeddings=64, rope_theta=10000.0)
+    src = make_random_checkpoint(tmp_path / "narrow", narrow)
+    with pytest.raises(ValueError, match="quantized no layer: --q-group-size 32 .*48, 80"):
+        hf_to_mlx(src, tmp_path / "q", quantize=True, q_group_size=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["narrow"]
+
+
+def test_verify_reports_lossy_drift_and_refuses_a_mismatch(tiny_dir, tmp_path, monkeypatch):
+    import ouro_mlx.convert.convert as C
+
+    result = hf_to_mlx(tiny_dir, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32,
+                       verify=True)
+    assert result.ok and result.diff == 0.0 and 0 < result.drift < 1
+    lines = str(result).splitlines()
+    assert lines[0].startswith("verify: OK") and len(lines) == 2
+    assert lines[1].startswith("verify: 8-bit affine quantization moves the logits by up to")
+    assert result.positions == 16 and result.same_top >= 12
+    back = mlx_to_hf(tmp_path / "q8", tmp_path / "hf", dtype="bfloat16", verify=True)
+    assert back.ok and back.dtype == "bfloat16" and "dequantization and the bfloat16" in back.lossy
+
+    build = C.build_model
+
+    def corrupted(path, config, **kwargs):
+        model = build(path, config, **kwargs)
+        model.lm_head.weight = model.lm_head.weight * 1.01
+        return model
+
+    monkeypatch.setattr(C, "build_model", corrupted)
+    dst = tmp_path / "q8"
+    before = digest(dst)
+    with pytest.raises(ValueError, match="verify: MISMATCH .*q8 was not written"):
+        hf_to_mlx(tiny_dir, dst, force=True, verify=True)
+    assert digest(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "q8"]
+
+
+def test_cli_verify_mismatch_exits_1(tiny_dir, tmp_path, monkeypatch, capsys):
+    import ouro_mlx.convert.convert as C
+    from ouro_mlx.cli import main
+
+    monkeypatch.setattr(C, "VERIFY_TOLERANCE", {"float32": -1.0})
+    args = ["convert", "--hf-path", str(tiny_dir), "--mlx-path", str(tmp_path / "m")]
+    assert main(args + ["--verify"]) == 1
+    err = capsys.readouterr().err  # progress bars, then the error
+    assert err.splitlines()[-1].startswith("ouro-mlx convert: error: verify: MISMATCH")
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags", [["-q"], ["--q-bits", "4"], ["--mixed"], ["--config", "x"],
+                                   ["--revision", "main"]])
+def test_cli_to_hf_refuses_hf_to_mlx_flags(tiny_dir, tmp_path, flags, capsys):
+    from ouro_mlx.commands.convert import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--to-hf", "--mlx-path", str(tiny_dir), "--hf-path", str(tmp_path / "h")]
+             + flags)
+    assert e.value.code == 2
+    assert f"error: {flags[0]} apply only to HF → MLX" in capsys.readouterr().err
+
+
+def test_cli_accepts_mlx_lm_flag_names(tiny_dir, tmp_path, capsys):
+    from ouro_mlx.commands.convert import build_parser, main
+
+    assert main(["--model", str(tiny_dir), "--mlx-path", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: affine)" in text and "(default: as stored)" in text
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def fail_writes(monkeypatch, kind):
+    """Make every safetensors write fail as a full disk does, after a partial write."""
+    import errno
+
+    def full(file, *args, **kwargs):
+        Path(file).write_bytes(b"\0" * 1000)
+        if kind == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", file)
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")  # what MLX raises
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    if kind == "runtime":
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+
+
+@pytest.mark.parametrize("kind", ["runtime", "oserror"])
+@pytest.mark.parametrize("verb", ["convert", "to-hf", "random"])
+def test_disk_full_leaves_previous_output(tiny_dir, tmp_path, monkeypatch, capsys, verb, kind):
+    from ouro_mlx.cli import main
+
+    dst = tmp_path / "out"
+    args = {
+        "convert": ["convert", "--hf-path", str(tiny_dir), "--mlx-path", str(dst)],
+        "to-hf": ["convert", "--to-hf", "--mlx-path", str(tiny_dir), "--hf-path", str(dst)],
+        "random": ["random", "--out", str(dst)],
+    }[verb]
+    assert main(args) == 0
+    before = digest(dst)
+    capsys.readouterr()
+    fail_writes(monkeypatch, kind)
+    for _ in range(2):  # a retry leaves nothing behind either
+        assert main(args + ["--force"]) == 1
+        err = capsys.readouterr().err  # progress bars, then the error
+        last = err.splitlines()[-1]
+        assert last.startswith(f"ouro-mlx {args[0]}: error: ") and "Traceback" not in err
+        assert last.endswith(f"error: no space left on the device writing {dst}.")
+        assert [p.name for p in tmp_path.iterdir()] == ["out"] and digest(dst) == before

@@ -6,12 +6,13 @@ internals. Nothing here imports or executes code from a model directory.
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -277,22 +278,6 @@ def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.a
     }
 
 
-@contextmanager
-def write_errors(dest: Path, nbytes: int) -> Iterator[None]:
-    """Writes into a temporary directory for ``dest``: a full disk is reported as an
-    OSError naming ``dest``, not the temporary file. MLX reports failed writes as a
-    RuntimeError without an errno; they mean a full disk when ``nbytes`` do not fit."""
-    try:
-        yield
-    except RuntimeError as e:
-        full = shutil.disk_usage(Path(dest).parent).free < nbytes
-        raise OSError(errno.ENOSPC if full else errno.EIO, str(e), str(dest)) from e
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise OSError(errno.ENOSPC, e.strerror, str(dest)) from e
-
-
 def build_model(
     path: Path,
     config: dict,
@@ -459,12 +444,18 @@ def load(
 @contextmanager
 def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success it replaces ``dest``.
-    On any error the temporary directory is removed and ``dest`` is untouched."""
+    On any error the temporary directory is removed and ``dest`` is untouched.
+
+    A run killed between moving the old ``dest`` aside and moving the new one in
+    leaves no ``dest``: the next run puts the old copy back (and says so). Hidden
+    leftovers of killed runs (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) are removed.
+    New directories get the umask's permissions, like ``mkdir``."""
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
         raise FileExistsError(f"{dest} exists and is not empty; pass --force to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_sibling_dir(dest)
     try:
         yield tmp
     except BaseException:
@@ -476,10 +467,56 @@ def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+        remove(old)
+
+
+def make_sibling_dir(dest: Path) -> Path:
+    """``.NAME.tmp-PID-RANDOM`` beside ``dest``: the PID tells later runs whether
+    its writer is still alive."""
+    while True:
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def recover_interrupted(dest: Path) -> None:
+    """Undo what killed runs of ``atomic_directory(dest)`` left behind; the
+    leftovers of runs still alive are theirs and stay."""
+    pattern = re.compile(re.escape(f".{dest.name}.") + r"(tmp|old)-(\d+)(-[0-9a-f]+)?")
+    leftovers = []
+    for p in dest.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and not pid_alive(int(m[2])):
+            leftovers.append((m[1], p))
+    for kind, p in sorted(leftovers):  # "old" first: restore before cleaning up
+        if kind == "old" and not os.path.lexists(dest):
+            os.replace(p, dest)
+            print(f"ouro-mlx: restored {dest} from {p.name}, left by an interrupted run.",
+                  file=sys.stderr)
         else:
-            old.unlink()
+            remove(p)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process we can ask about: leave its files alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def copy_support_files(src: Path, dst: Path) -> None:

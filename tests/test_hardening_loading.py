@@ -3,9 +3,11 @@ one-line refusals of malformed configs, directories replaced without a gap."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from mlx.utils import tree_flatten
 from ouro_mlx import CheckpointError, load_model
 from ouro_mlx.convert import hf_to_mlx, mlx_to_hf
 from ouro_mlx.limits import MAX_UT_STEPS
+from ouro_mlx.loading import atomic_directory
 from ouro_mlx.model import check_ut_steps, estimate_model_bytes, num_parameters
 from tests.conftest import TOKENIZER, needs_tokenizer
 
@@ -298,3 +301,84 @@ def test_estimate_model_bytes_counts_every_parameter(tiny_dir):
     assert num_parameters(model.args) == n
     overhead = model.args.num_hidden_layers * 2**17
     assert estimate_model_bytes(model.args, 2) == 2 * n + overhead
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def siblings(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}."))
+
+
+def write_dir(dest: Path, text: str, force: bool = True) -> None:
+    with atomic_directory(dest, force=force) as tmp:
+        (tmp / "file.txt").write_text(text)
+
+
+KILL_AT_SECOND_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from ouro_mlx import loading
+calls, replace = [], os.replace
+def killing_replace(src, dst):
+    calls.append(src)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+loading.os.replace = killing_replace
+with loading.atomic_directory(Path(sys.argv[1]), force=True) as tmp:
+    (tmp / "file.txt").write_text("new")
+"""
+
+
+def test_run_killed_between_renames_is_restored_by_the_next(tmp_path, capfd):
+    dest = tmp_path / "out"
+    write_dir(dest, "old")
+    killed = run("-c", KILL_AT_SECOND_RENAME, str(dest), stdin="")
+    assert killed.returncode == -9
+    assert not dest.exists() and [n.split("-")[0] for n in siblings(dest)] == [
+        ".out.old", ".out.tmp"]
+    with pytest.raises(FileExistsError):  # the old copy is back, so this refuses
+        write_dir(dest, "newer", force=False)
+    assert "restored" in capfd.readouterr().err
+    assert (dest / "file.txt").read_text() == "old" and siblings(dest) == []
+    write_dir(dest, "newer")
+    assert (dest / "file.txt").read_text() == "newer" and siblings(dest) == []
+
+
+def test_leftovers_of_dead_runs_go_and_of_live_runs_stay(tmp_path):
+    dest = tmp_path / "out"
+    write_dir(dest, "current")
+    dead, live = dead_pid(), os.getppid()
+    for name in (f".out.tmp-{dead}-0a1b", f".out.old-{dead}", f".out.tmp-{live}-2c3d",
+                 f".out.old-{live}", ".outer.tmp-1-00", ".out.tmp-unknown"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "big.bin").write_bytes(b"x" * 1000)
+    write_dir(dest, "next")
+    assert (dest / "file.txt").read_text() == "next"
+    assert siblings(dest) == sorted([f".out.tmp-{live}-2c3d", f".out.old-{live}",
+                                     ".out.tmp-unknown"])
+    assert (tmp_path / ".outer.tmp-1-00").exists()
+
+
+def test_error_inside_leaves_the_old_copy_and_no_temporary(tmp_path):
+    dest = tmp_path / "out"
+    write_dir(dest, "old")
+    with pytest.raises(OSError), atomic_directory(dest, force=True) as tmp:
+        (tmp / "part.bin").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (dest / "file.txt").read_text() == "old" and siblings(dest) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_output_directories_honour_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_dir(tmp_path / "a" / "out", "x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a" / "out").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == mode

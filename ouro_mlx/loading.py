@@ -6,6 +6,7 @@ internals. Nothing here imports or executes code from a model directory.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -276,6 +277,22 @@ def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.a
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
         for k, v in weights.items()
     }
+
+
+@contextmanager
+def write_errors(dest: Path, nbytes: int) -> Iterator[None]:
+    """Writes into a temporary directory for ``dest``: a full disk is reported as an
+    OSError naming ``dest``, not the temporary file. MLX reports failed writes as a
+    RuntimeError without an errno; they mean a full disk when ``nbytes`` do not fit."""
+    try:
+        yield
+    except RuntimeError as e:
+        full = shutil.disk_usage(Path(dest).parent).free < nbytes
+        raise OSError(errno.ENOSPC if full else errno.EIO, str(e), str(dest)) from e
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, e.strerror, str(dest)) from e
 
 
 def build_model(

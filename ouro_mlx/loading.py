@@ -425,8 +425,8 @@ def register_hf_config() -> None:
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers warns that it does not know model_type "ouro" (it reads
-    config.json to pick a tokenizer class); harmless here, so hide it."""
+    """Hide transformers' log warnings and FutureWarnings while it reads a
+    tokenizer: they speak to the checkpoint's author, not to our user."""
     import warnings
 
     from transformers.utils import logging

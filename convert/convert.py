@@ -130,7 +130,7 @@ def quant_options(
 
 def _read_source_weights(src: Path) -> dict[str, mx.array]:
     if src.is_file():
-        return read_state_dict(src)
+        return read_safetensors([src]) if src.suffix == ".safetensors" else read_state_dict(src)
     try:
         return read_safetensors(weight_files(src))
     except CheckpointError:

@@ -3,11 +3,12 @@ torch, lazily, and always with ``weights_only=True`` (no pickled code runs)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from ..loading import CheckpointError, lies_inside, read_json_object
 
 
 def _torch():
@@ -21,26 +22,43 @@ def _torch():
 
 
 def torch_files(path: Path) -> list[Path]:
-    """The PyTorch weight files of a directory (index-aware), or ``[path]`` for a file."""
+    """The PyTorch weight files of a directory (index-aware), or ``[path]`` for a file.
+    Every file must lie inside the directory."""
     if path.is_file():
         return [path]
     index = path / "pytorch_model.bin.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    return sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(n, str) for n in weight_map.values()
+        ):
+            raise CheckpointError(f"{index} has no weight_map object of tensor → file name.")
+        names = sorted(set(weight_map.values()))
+    else:
+        names = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext)
+                       if p.is_file())
+    if outside := [n for n in names if not lies_inside(path, n)]:
+        raise CheckpointError(f"{path / outside[0]} lies outside {path}; weight files must "
+                              "lie inside the model directory.")
+    if missing := [n for n in names if not (path / n).is_file()]:
+        raise CheckpointError(f"{index} names missing files: {', '.join(missing)}")
+    return [path / n for n in names]
 
 
 def read_state_dict(file: Path) -> dict[str, mx.array]:
     torch = _torch()
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"Cannot read PyTorch weights from {file}: {e}") from e
+    except Exception as e:  # torch raises many types, often over several lines
+        why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(
+            f"Cannot read PyTorch weights from {file} (truncated, corrupt or not a state "
+            f"dict?): {why.split('. ')[0].rstrip('.')[:200]}."
+        ) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{file} does not hold a state dict of tensors.")
+        raise CheckpointError(f"{file} does not hold a state dict of tensors.")
     out = {}
     for k, t in obj.items():
         t = t.detach().contiguous()

@@ -386,3 +386,59 @@ def test_disk_full_leaves_previous_output(tiny_dir, tmp_path, monkeypatch, capsy
         assert last.startswith(f"ouro-mlx {args[0]}: error: ") and "Traceback" not in err
         assert last.endswith(f"error: no space left on the device writing {dst}.")
         assert [p.name for p in tmp_path.iterdir()] == ["out"] and digest(dst) == before
+
+
+@pytest.fixture
+def bin_dir(tiny_dir, tmp_path) -> Path:
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    from ouro_mlx.convert.torch_io import save_state_dict
+
+    hf_dir = tmp_path / "hf-bin"
+    hf_dir.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, hf_dir / f)
+    save_state_dict(tensors(tiny_dir), hf_dir / "pytorch_model.bin")
+    return hf_dir
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[: len(b) // 2], "failed finding central directory"),
+    (lambda b: b"", "EOFError"),
+    (lambda b: bytes(range(256)) * 8, "Weights only load failed"),
+])
+def test_damaged_torch_file_is_one_line_naming_it(bin_dir, tmp_path, damage, message):
+    file = bin_dir / "pytorch_model.bin"
+    file.write_bytes(damage(file.read_bytes()))
+    with pytest.raises(CheckpointError) as e:
+        hf_to_mlx(bin_dir, tmp_path / "out")
+    assert str(e.value).startswith(f"Cannot read PyTorch weights from {file} (truncated")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_index_checked(bin_dir, tmp_path):
+    outside = tmp_path / "outside.bin"
+    shutil.copy(bin_dir / "pytorch_model.bin", outside)
+    (bin_dir / "pytorch_model.bin").unlink()
+    index = bin_dir / "pytorch_model.bin.index.json"
+    for text, message in [
+        ("{not json", "is not valid JSON"),
+        ('{"metadata": {}}', "has no weight_map"),
+        (json.dumps({"weight_map": {"lm_head.weight": "../outside.bin"}}),
+         "outside.bin lies outside .*hf-bin; weight files must lie inside"),
+        (json.dumps({"weight_map": {"lm_head.weight": str(outside)}}), "lies outside"),
+        (json.dumps({"weight_map": {"lm_head.weight": "gone.bin"}}), "missing files: gone.bin"),
+    ]:
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            hf_to_mlx(bin_dir, tmp_path / "out")
+    (bin_dir / "pytorch_model.bin").symlink_to(outside)
+    index.unlink()
+    with pytest.raises(CheckpointError, match="lies outside"):
+        hf_to_mlx(bin_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_raw_safetensors_file_with_config(tiny_dir, tmp_path):
+    hf_to_mlx(tiny_dir / "model.safetensors", tmp_path / "out", config_path=tiny_dir)
+    assert_same_tensors(tensors(tiny_dir), tensors(tmp_path / "out"))

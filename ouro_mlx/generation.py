@@ -32,7 +32,9 @@ Sampler = Callable[[mx.array], mx.array]
 @dataclass
 class GenerationResponse:
     """One streamed token. The stats fields hold running values; the last response
-    (``finish_reason`` set) carries the final ones."""
+    (``finish_reason`` set) carries the final ones. ``finish_reason``: "stop" (an
+    eos token) or "length"; ``context_full`` says a "length" came from the model's
+    positions running out before ``max_tokens``."""
 
     text: str
     token: int
@@ -45,6 +47,7 @@ class GenerationResponse:
     peak_memory: float
     avg_loops: float
     finish_reason: str | None = None
+    context_full: bool = False
 
 
 @dataclass
@@ -247,11 +250,12 @@ def stream_generate(
     check_cache(cache, rule.ut_steps)
     past = cache[0][0].offset
     limit = model.args.max_position_embeddings
-    if past + ids.size > limit:
+    if past + ids.size >= limit:
         raise ValueError(
             f"The prompt ({ids.size} tokens{f' after {past} cached' if past else ''}) "
-            f"exceeds the model's {limit} positions."
+            f"leaves no room in the model's {limit} positions."
         )
+    context_full = limit - past - ids.size < max_tokens
     max_tokens = min(max_tokens, limit - past - ids.size)
 
     detokenizer = tokenizer.detokenizer
@@ -287,6 +291,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9,
             avg_loops=total_loops / (n + 1),
             finish_reason=finish,
+            context_full=finish == "length" and context_full,
         )
         if finish:
             break

@@ -4,9 +4,11 @@ they belong to benchmarks, not tests), and its peer being a faithful unrolled st
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from ouro_mlx import bench as B
 from ouro_mlx.commands import bench as cmd
@@ -62,3 +64,30 @@ def test_peer_is_the_unrolled_loop():
     assert peer.model.layers[2] is peer.model.layers[0]
     logits = peer(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, 512) and np.isfinite(np.array(logits)).all()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--random", "custom", "--hidden", "0"], "--hidden must be >= 1, got 0."),
+    (["--random", "custom", "--heads", "3"], "--hidden must be a multiple of --heads"),
+    (["--random", "custom", "--hidden", "1000000", "--layers", "1000"], "needs about"),
+    (["--random", "tiny", "--context", "1000000000"], "tokens of KV cache needs about"),
+    (["--random", "tiny", "--context", "-1"], "--context must be >= 0"),
+    (["--random", "tiny", "--ut-steps", "1000000"], "--ut-steps: 1000000 loop steps"),
+    (["--random", "tiny", "--kv-bits", "4"], "--kv-bits is unavailable for this model"),
+])
+def test_absurd_sizes_fail_before_allocating(args, message, monkeypatch):
+    import ouro_mlx.bench
+
+    def no(*a, **k):
+        raise AssertionError("allocated a model before checking its size")
+
+    monkeypatch.setattr(ouro_mlx.bench, "random_model", no)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cmd.main(args)
+
+
+def test_speeds_are_plain_numbers():
+    row = dict(name="ouro T=4", prompt_tps=12345.6, decode_tps=2880.4, avg_loops=4.0,
+               peak_gb=0.1, kv_bytes=2**20)
+    line = cmd.table([row], None).splitlines()[-1]
+    assert "12,346" in line and "2,880" in line and "e+" not in line

@@ -9,7 +9,7 @@ import pexpect
 import pytest
 
 import ouro_mlx
-from ouro_mlx.commands.chat import ChatSession
+from ouro_mlx.commands.chat import ChatSession, command
 from tests.test_cli import ENV
 
 PROMPT = ">> "
@@ -21,7 +21,7 @@ def repl(tiny_dir):
                                            "--max-tokens", "6", "--show-depth",
                                            "--exit-threshold", "0.5"],
                           env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
-    child.expect("loop steps per token")
+    child.expect("colours by loop steps")  # the legend, not a per-token list
     child.expect_exact(PROMPT)
     yield child
     child.close(force=True)
@@ -156,3 +156,18 @@ def test_typed_special_tokens_are_plain_text(session):
     assert [t for t in prompt if t in specials] == [t for t in harmless if t in specials]
     assert tok.decode(prompt) == tok.decode(tok.apply_chat_template(
         session.messages[:1], add_generation_prompt=True))
+
+
+def test_absurd_loops_are_refused_at_once(session):
+    """/loops 1000000 would allocate a million caches per layer: refused, session intact."""
+    out = command(session, "/loops 1000000")
+    assert out.startswith("usage: /loops N") and "above the limit of 64" in out
+    assert session.loop.get("ut_steps") is None
+    assert command(session, "/loops 2") == "(loop steps per token: 2)"
+    assert len(list(session.reply("hi"))) > 0
+
+
+def test_stats_say_why_the_answer_ended(session):
+    list(session.reply("hello"))  # no eos (cleared): ends at max_tokens
+    assert session.stats.cut and "finished: --max-tokens 5 reached" in str(session.stats)
+    assert "e+" not in str(session.stats)

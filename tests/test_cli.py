@@ -68,11 +68,49 @@ def test_generate_is_reproducible_with_seed_and_reads_stdin(tiny_dir):
     (["--prompt", "x" * 3000], "positions"),
     (["--prompt", "x", "--kv-mode", "middle"], "invalid choice"),
     (["--prompt", "x", "--min-loops", "9"], "min_loops"),
+    # absurd depths fail at once, before anything is allocated
+    (["--prompt", "x", "--ut-steps", "1000000"], "--ut-steps: 1000000 loop steps per token "
+                                                 "are above the limit of 64"),
+    (["--prompt", "x", "--max-loops", "1000000"], "--max-loops: 1000000 loop steps"),
+    (["--prompt", "x", "--exit-at-step", "1000000"], "--exit-at-step: 1000001 loop steps"),
+    # non-finite numbers would pass every range check
+    (["--prompt", "x", "--temp", "nan"], "argument --temp: must be a finite number"),
+    (["--prompt", "x", "--top-p", "nan"], "argument --top-p: must be a finite number"),
+    (["--prompt", "x", "--repetition-penalty", "nan"], "argument --repetition-penalty: must"),
+    (["--prompt", "x", "--exit-threshold", "nan"], "argument --exit-threshold: must be a"),
+    (["--prompt", "x", "--hidden-eps", "inf"], "argument --hidden-eps: must be a finite"),
+    (["--prompt", "x", "--seed", "-1"], "argument --seed: must be an integer in [0, 2**64)"),
+    (["--prompt", "x", "--top-p", "2"], "--top-p must be in [0, 1], got 2.0."),
+    (["--prompt", "x", "--kv-bits", "4"], "--kv-bits is unavailable for this model: its "
+                                          "head_dim (16)"),
 ])
 def test_generate_bad_input_is_a_clear_error(tiny_dir, args, message):
     out = ouro("generate", "--model", str(tiny_dir), *args)
     assert out.returncode in (1, 2) and message in out.stderr
     assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("ouro-mlx generate: error: ")
+
+
+def test_generate_rejects_non_utf8_prompt(tiny_dir):
+    """argv bytes that are not UTF-8 arrive as surrogate escapes: one line, no traceback."""
+    out = subprocess.run([sys.executable, "-m", "ouro_mlx", "generate", "--model", str(tiny_dir),
+                          "--prompt", b"ab\xff"], capture_output=True, env=ENV, timeout=300)
+    assert out.returncode == 2 and b"argument --prompt/-p: not valid UTF-8" in out.stderr
+    assert b"Traceback" not in out.stderr
+
+
+def test_generate_stdin_drops_one_trailing_newline_and_says_why_it_stopped():
+    """--prompt - reads like $(cat): "2,23,14,31\n" is the prompt "2,23,14,31"."""
+    args = ["generate", "-p", "2,23,14,31", "--show-depth"]
+    typed, piped = ouro(*args), ouro(*args[:2], "-", *args[3:], stdin="2,23,14,31\n")
+    assert typed.returncode == 0, typed.stderr
+    assert typed.stdout == piped.stdout == "=133\n"
+    summary = typed.stderr.strip().splitlines()[-1]
+    assert summary.endswith("finished: end of answer")
+    assert "loop steps per token: " in typed.stderr  # piped: the per-token list
+    assert "e+" not in summary and " tok/s" in summary  # plain numbers
+    short = ouro("generate", "-p", "2,23,14,31", "-m", "2", "--ignore-chat-template")
+    assert short.stderr.strip().endswith("finished: --max-tokens 2 reached")
 
 
 def test_generate_rejects_non_utf8_stdin(tiny_dir):

@@ -255,6 +255,26 @@ def test_bad_prompts(loaded):
         generate(model, tok, [1] * (model.args.max_position_embeddings + 1))
 
 
+def test_stopping_at_the_context_limit_says_so(loaded):
+    """Asked for 100 tokens with room for 3: the last response says the positions ran
+    out, and the summary line says so in words."""
+    from ouro_mlx.commands.chat import finish_note
+
+    model, tok = loaded
+    limit = model.args.max_position_embeddings
+    with pytest.raises(ValueError, match="no room"):  # a prompt that fills every position
+        generate(model, tok, [1] * limit)
+    rs = list(stream_generate(model, no_stop(tok), [1] * (limit - 3), max_tokens=100,
+                              exit_at_step=0))
+    last = rs[-1]
+    assert len(rs) == 3 and last.finish_reason == "length" and last.context_full
+    assert not any(r.context_full for r in rs[:-1])
+    assert "context limit" in finish_note(last, 100) and "3 of 100" in finish_note(last, 100)
+    last = list(stream_generate(model, no_stop(tok), "Hello", max_tokens=2))[-1]
+    assert last.finish_reason == "length" and not last.context_full
+    assert finish_note(last, 2) == "finished: --max-tokens 2 reached"
+
+
 def test_exit_rule_vectorised_matches_incremental():
     rule = ExitRule(4, threshold=0.6, hidden_eps=0.3, min_loops=2)
     hidden = [mx.random.normal((2, 5, 8), key=mx.random.key(i)) for i in range(4)]

@@ -19,9 +19,10 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from ..random_model import SHAPES
+    from .options import HelpFormatter, seed
 
     p = argparse.ArgumentParser(prog="ouro-mlx bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="A checkpoint directory or repo id.")
     src.add_argument("--random", choices=[*SHAPES, "custom"],
@@ -37,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ut-steps", type=int, default=None, help="Loop steps (default: config).")
     p.add_argument("--exits", default="q0.5",
                    help="Comma list of adaptive exits: qQ (Q-exit) or hE (hidden change).")
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="Quantize the KV cache (group 64; default: not quantized).")
+    p.add_argument("--prompt-tokens", "-p", type=int, default=32, help="Prompt length.")
+    p.add_argument("--gen-tokens", "--generation-tokens", "-g", type=int, default=16,
+                   help="Tokens generated per run (the first one is timed as prefill).")
     p.add_argument("--context", type=int, default=0,
                    help="Pre-fill caches with this many tokens of random K/V.")
     p.add_argument("--repeats", type=int, default=3,
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", action="store_true",
                    help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="Seed of the random weights.")
     return p
 
 
@@ -68,6 +71,44 @@ def shape_config(args) -> dict:
     return hf_config(args.random)
 
 
+def check_sizes(args, config: dict, dtypes: list[str], quants: list[str]) -> None:
+    """Refuse absurd sizes with the flag's name, and models that cannot fit in memory,
+    before anything is allocated."""
+    from ..limits import check_fits
+    from .options import check_loop_steps
+
+    if args.random == "custom":
+        for flag in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(args, flag)}.")
+        if args.hidden % args.heads or args.heads % args.kv_heads:
+            raise ValueError("--hidden must be a multiple of --heads, and --heads of "
+                             f"--kv-heads; got {args.hidden}, {args.heads}, {args.kv_heads}.")
+    for flag in ("context", "repeats"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
+    if args.ut_steps is not None:
+        check_loop_steps(args.ut_steps, "--ut-steps")
+    c = config
+    H, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = c.get("head_dim") or H // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", 1) * hd
+    if args.kv_bits and hd % 64:
+        raise ValueError(f"--kv-bits is unavailable for this model: its head_dim ({hd}) is "
+                         "not a multiple of 64, the KV quantization group used here.")
+    params = 2 * V * H + L * (2 * H * q + 2 * H * kv + 3 * H * c["intermediate_size"])
+    T = args.ut_steps or c.get("total_ut_steps", 4)
+    tokens = args.prompt_tokens + args.gen_tokens + args.context
+    for dtype in dtypes:
+        size = 4 if dtype == "float32" else 2
+        copies = 2 if quants != ["none"] else 1  # a quantized copy next to the original
+        weights = params * size * copies + (0 if args.model else params * 4)  # + float32 init
+        cache = 2 * (L * T + L * T) * kv * tokens * size  # Ouro's and the peer's KV
+        check_fits(weights + cache, f"the {dtype} model ({params:,} parameters) with "
+                                    f"{tokens:,} tokens of KV cache")
+
+
 def parse_exit(spec: str, T: int):
     from ..exit import ExitRule
 
@@ -82,6 +123,8 @@ def parse_exit(spec: str, T: int):
 
 
 def table(rows: list[dict], peer: dict | None) -> str:
+    from .options import rate
+
     head = f"{'run':<28} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
            f"{'avg loops':>9} {'peak GB':>8} {'KV MiB':>8}"
     lines = [head, "-" * len(head)]
@@ -89,7 +132,7 @@ def table(rows: list[dict], peer: dict | None) -> str:
         ratio = f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "-"
         loops = f"{r['avg_loops']:.2f}" if r["avg_loops"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r["kv_bytes"] is not None else "-"
-        lines.append(f"{r['name']:<28} {r['prompt_tps']:>12.3g} {r['decode_tps']:>12.3g} "
+        lines.append(f"{r['name']:<28} {rate(r['prompt_tps']):>12} {rate(r['decode_tps']):>12} "
                      f"{ratio:>8} {loops:>9} {r['peak_gb']:>8.3f} {kv:>8}")
     return "\n".join(lines)
 
@@ -123,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"config": {k: config[k] for k in ("hidden_size", "num_hidden_layers",
                                                   "intermediate_size", "vocab_size")},
                "runs": {}}
+    check_sizes(args, config, dtypes, quants)
     ids = mx.array([(7919 * i + 13) % config["vocab_size"] for i in range(args.prompt_tokens)])
 
     for dtype in dtypes:

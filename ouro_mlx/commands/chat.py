@@ -13,13 +13,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .options import (
+    HelpFormatter,
     add_loop_args,
     add_model_args,
     add_sampling_args,
     apply_compile_flag,
+    check_kv_args,
+    check_loop_args,
+    check_loop_steps,
     loop_kwargs,
     model_or_demo,
+    rate,
     sampling_kwargs,
+    text,
 )
 
 RESET, DIM = "\033[0m", "\033[2m"
@@ -40,7 +46,18 @@ def depth_colour(loops: int) -> str:
 
 def legend(max_loops: int) -> str:
     cells = [f"{depth_colour(n)}{n}{RESET}" for n in range(1, max_loops + 1)]
-    return "loop steps per token: " + " ".join(cells)
+    return "colours by loop steps: " + " ".join(cells)
+
+
+def finish_note(r, max_tokens: int) -> str:
+    """Why generation ended, from the last response: eos, --max-tokens or the
+    model's positions (then fewer tokens than asked for came out)."""
+    if r.finish_reason == "stop":
+        return "finished: end of answer"
+    if r.context_full:
+        return (f"finished: context limit (the model's positions ran out after "
+                f"{r.generation_tokens} of {max_tokens} tokens)")
+    return f"finished: --max-tokens {max_tokens} reached"
 
 
 @dataclass
@@ -52,15 +69,19 @@ class Stats:
     peak_memory: float = 0.0
     loops: Counter = field(default_factory=Counter)
     kv_bytes: int = 0
+    finish: str = ""  # why the answer ended (finish_note), "" while streaming
+    cut: bool = False  # ended by --max-tokens or the model's positions, not by itself
 
     def __str__(self) -> str:
         total = sum(self.loops.values())
         avg = sum(k * v for k, v in self.loops.items()) / total if total else 0.0
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(self.loops.items()))
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s\n"
+        return (f"prompt: {self.prompt_tokens} tokens, {rate(self.prompt_tps)} tok/s | "
+                f"generation: {self.generation_tokens} tokens, "
+                f"{rate(self.generation_tps)} tok/s\n"
                 f"avg loops: {avg:.2f} ({hist}) | KV cache: {self.kv_bytes / 2**20:.1f} MiB | "
-                f"peak memory: {self.peak_memory:.3f} GB")
+                f"peak memory: {self.peak_memory:.3f} GB"
+                + (f"\n{self.finish}" if self.finish else ""))
 
 
 class ChatSession:
@@ -100,6 +121,7 @@ class ChatSession:
     def set_loops(self, n: int) -> None:
         from ..generation import make_rule
 
+        check_loop_steps(n, "/loops")
         make_rule(self.model, **{**self.loop, "ut_steps": n})
         self.loop["ut_steps"] = n
         depth = len(self.cache[0].caches)
@@ -152,6 +174,9 @@ class ChatSession:
                 s.prompt_tokens, s.prompt_tps = r.prompt_tokens, r.prompt_tps
                 s.generation_tokens, s.generation_tps = r.generation_tokens, r.generation_tps
                 s.peak_memory = r.peak_memory
+                if r.finish_reason:
+                    s.finish = finish_note(r, self.sampling.get("max_tokens", 256))
+                    s.cut = r.finish_reason == "length"
                 if r.token in self.think_ids:
                     thinking = r.token == self.think_ids[0]
                     continue
@@ -160,6 +185,7 @@ class ChatSession:
                 hits = [text.find(x) for x in self.stop if x in text]
                 if hits:  # a stop string: show what precedes it, then end the answer
                     text, stopped = text[: min(hits)], True
+                    s.finish = "finished: stop string"
                     yield text[start:], r.loops, thinking
                     break
                 yield r.text, r.loops, thinking
@@ -178,14 +204,16 @@ class ChatSession:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_model_args(p, demo=True)
-    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--system-prompt", default=None, type=text,
+                   help="A system message that opens every conversation.")
     p.add_argument("--hide-thinking", action="store_true",
                    help="Hide <think>…</think> reasoning (default: shown dimmed).")
     p.add_argument("--show-depth", action="store_true",
                    help="Colour every token by the loop steps it ran.")
-    p.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
+    p.add_argument("--stop", action="append", default=[], type=text,
+                   help="End the answer where this text appears (repeatable).")
     p.add_argument("--single-turn", action="store_true",
                    help="Every message starts a new conversation (the default for the "
                         "bundled demo model, which was trained on single questions).")
@@ -241,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     # (a background job of a non-interactive shell inherits SIG_IGN).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_kwargs(args)
+    check_loop_args(args)
     apply_compile_flag(args)
 
     from ..loading import load
@@ -248,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     single_turn = args.single_turn or args.model is None
     args.model = model_or_demo(args)
     model, tokenizer = load(args.model, dtype=args.dtype)
+    check_kv_args(args, model)
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           kv_mode=args.kv_mode, kv_bits=args.kv_bits,
                           kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
@@ -291,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             print()
+            if session.stats.cut:
+                print(f"({session.stats.finish})")
         except KeyboardInterrupt:
             answer.close()  # keeps the partial answer and repairs the cache
             print(f"{RESET}\n(stopped)")

@@ -6,22 +6,30 @@ import argparse
 import sys
 
 from .options import (
+    HelpFormatter,
     add_loop_args,
     add_model_args,
     add_sampling_args,
     apply_compile_flag,
+    check_kv_args,
+    check_loop_args,
     loop_kwargs,
     model_or_demo,
+    rate,
     sampling_kwargs,
+    text,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ouro-mlx generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="ouro-mlx generate", description=__doc__,
+                                formatter_class=HelpFormatter)
     add_model_args(p, demo=True)
-    p.add_argument("--prompt", required=True, help="The prompt; '-' reads stdin.")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--no-chat-template", action="store_true",
+    p.add_argument("--prompt", "-p", required=True, type=text,
+                   help="The prompt; '-' reads stdin (one trailing newline dropped).")
+    p.add_argument("--system-prompt", default=None, type=text,
+                   help="A system message before the prompt (chat template only).")
+    p.add_argument("--no-chat-template", "--ignore-chat-template", action="store_true",
                    help="Use the prompt as raw text instead of a ChatML user turn.")
     p.add_argument("--raw-special-tokens", action="store_true",
                    help="Read special-token strings in the prompt (e.g. <|im_start|>) as "
@@ -53,16 +61,19 @@ def encode_prompt(tokenizer, prompt: str, system: str | None, chat: bool,
 
 
 def read_stdin() -> str:
+    """stdin as text, less one trailing newline (as the shell's $(...) drops it)."""
     data = sys.stdin.buffer.read()
     try:
-        return data.decode("utf-8")
+        data = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"stdin is not valid UTF-8 (byte {e.start}).") from e
+    return data[:-2] if data.endswith("\r\n") else data.removesuffix("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_kwargs(args)
+    check_loop_args(args)
     apply_compile_flag(args)
     prompt = read_stdin() if args.prompt == "-" else args.prompt
 
@@ -71,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype)
     make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
+    check_kv_args(args, model)
     ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template,
                         args.raw_special_tokens)
-    from .chat import RESET, depth_colour, legend
+    from .chat import RESET, depth_colour, finish_note, legend
 
     r, loops = None, []
     for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode, kv_bits=args.kv_bits,
@@ -90,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(legend(T) if sys.stdout.isatty() else
               "loop steps per token: " + " ".join(map(str, loops)), file=sys.stderr)
     print(
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3g} tok/s | "
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.3g} tok/s | "
-        f"avg loops: {r.avg_loops:.2f} | peak memory: {r.peak_memory:.3f} GB",
+        f"prompt: {r.prompt_tokens} tokens, {rate(r.prompt_tps)} tok/s | "
+        f"generation: {r.generation_tokens} tokens, {rate(r.generation_tps)} tok/s | "
+        f"avg loops: {r.avg_loops:.2f} | peak memory: {r.peak_memory:.3f} GB | "
+        f"{finish_note(r, args.max_tokens)}",
         file=sys.stderr,
     )
     return 0

@@ -3,6 +3,86 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and adds each flag's default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def number(text: str) -> float:
+    """A finite float: nan or inf would pass every range check and sample garbage."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text}")
+    return value
+
+
+def text(value: str) -> str:
+    """Text from the command line; invalid UTF-8 arrives as surrogate escapes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 (byte {e.start})") from None
+    return value
+
+
+def check_loop_steps(n: int, name: str) -> int:
+    """Refuse a loop depth above the cap before anything is allocated for it."""
+    from ..limits import max_ut_steps
+
+    cap = max_ut_steps()
+    if n > cap:
+        raise ValueError(f"{name}: {n} loop steps per token are above the limit of {cap} "
+                         "(set OURO_MLX_MAX_UT_STEPS to allow more).")
+    return n
+
+
+def check_kv_args(args: argparse.Namespace, model) -> None:
+    """--kv-bits against the model's head size, in words a user can act on."""
+    if args.kv_bits is None:
+        return
+    hd = model.args.head_dim
+    groups = [g for g in (32, 64, 128) if hd % g == 0]
+    if not groups:
+        raise ValueError(f"--kv-bits is unavailable for this model: its head_dim ({hd}) is "
+                         "not a multiple of 32, the smallest KV quantization group.")
+    if args.kv_group_size not in groups:
+        raise ValueError(f"--kv-group-size {args.kv_group_size} does not fit this model's "
+                         f"head_dim ({hd}); use {' or '.join(map(str, groups))}.")
+
+
+def rate(tps: float) -> str:
+    """A speed as a plain number: 2,880 tok/s, 12.5 tok/s."""
+    return f"{tps:,.0f}" if tps >= 100 else f"{tps:.1f}"
+
+
+def check_loop_args(args: argparse.Namespace) -> None:
+    """The loop flags against the cap, before the model is loaded."""
+    for name in ("ut_steps", "min_loops", "max_loops"):
+        if (n := getattr(args, name)) is not None:
+            check_loop_steps(n, "--" + name.replace("_", "-"))
+    if args.exit_at_step is not None:
+        check_loop_steps(args.exit_at_step + 1, "--exit-at-step")
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True,
@@ -10,7 +90,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True,
     p.add_argument("--model", required=required and not demo,
                    help="Local directory or Hugging Face repo id (HF or MLX format)"
                         + ("; default: the bundled demo model." if demo else "."))
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="Compute in this dtype (default: the checkpoint's).")
     p.add_argument("--no-compile", action="store_true",
                    help="Disable mx.compile (for debugging).")
 
@@ -38,31 +119,43 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loop depth and exit")
     g.add_argument("--ut-steps", type=int, default=None,
                    help="Loop steps per token (default: the config's total_ut_steps).")
-    g.add_argument("--exit-threshold", type=float, default=None,
+    g.add_argument("--exit-threshold", type=number, default=None,
                    help="Q-exit threshold in [0, 1]: a token stops at the first step whose "
-                        "exit cdf reaches it (1.0 = always the last step).")
+                        "exit cdf reaches it (1.0 = always the last step; default: the "
+                        "config's early_exit_threshold).")
     g.add_argument("--exit-at-step", type=int, default=None,
                    help="Run exactly this many + 1 loops per token (0-based step).")
-    g.add_argument("--min-loops", type=int, default=1)
-    g.add_argument("--max-loops", type=int, default=None)
-    g.add_argument("--hidden-eps", type=float, default=None,
+    g.add_argument("--min-loops", type=int, default=1,
+                   help="Never stop a token before this many loop steps.")
+    g.add_argument("--max-loops", type=int, default=None,
+                   help="Always stop a token after this many loop steps (default: all).")
+    g.add_argument("--hidden-eps", type=number, default=None,
                    help="Also stop when ‖h_t − h_t−1‖/‖h_t−1‖ falls below this.")
     g.add_argument("--kv-mode", choices=["full", "last"], default="full",
                    help="full: a KV cache per loop step; last: one shared cache (1/T memory).")
     g.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
-                   help="Quantize the KV cache.")
-    g.add_argument("--kv-group-size", type=int, default=64)
+                   help="Quantize the KV cache to this many bits (default: not quantized).")
+    g.add_argument("--kv-group-size", type=int, default=64,
+                   help="Group size of the KV cache quantization (must divide head_dim).")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temp", type=float, default=0.0, help="Temperature (0 = greedy).")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--temp", type=number, default=0.0, help="Temperature (0 = greedy).")
+    g.add_argument("--top-p", type=number, default=1.0,
+                   help="Sample from the smallest set of tokens whose probability reaches "
+                        "this (1 = off).")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="Sample from the k most likely tokens (0 = off).")
+    g.add_argument("--min-p", type=number, default=0.0,
+                   help="Drop tokens less likely than this times the top one (0 = off).")
+    g.add_argument("--repetition-penalty", type=number, default=None,
+                   help="Divide the logits of tokens already seen by this (> 1 discourages "
+                        "repeats; default: off).")
+    g.add_argument("--seed", type=seed, default=None,
+                   help="Random seed, for reproducible sampling (default: random).")
+    g.add_argument("--max-tokens", "-m", type=int, default=512,
+                   help="Generate at most this many tokens.")
 
 
 def loop_kwargs(args: argparse.Namespace) -> dict:
@@ -80,12 +173,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     """sampler and logits_processors built with mlx-lm's own helpers."""
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    if args.temp < 0 or not 0 <= args.top_p <= 1 or not 0 <= args.min_p <= 1 or args.top_k < 0:
-        raise ValueError("--temp must be >= 0, --top-p and --min-p in [0, 1], --top-k >= 0.")
+    for name, value, ok, rule in [("--temp", args.temp, args.temp >= 0, ">= 0"),
+                                  ("--top-p", args.top_p, 0 <= args.top_p <= 1, "in [0, 1]"),
+                                  ("--min-p", args.min_p, 0 <= args.min_p <= 1, "in [0, 1]"),
+                                  ("--top-k", args.top_k, args.top_k >= 0, ">= 0")]:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value}.")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}.")
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise ValueError("--repetition-penalty must be > 0.")
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}.")
     if args.seed is not None:
         import mlx.core as mx
 

@@ -8,7 +8,6 @@ neither ever modifies the source.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ..loading import (
     cast_floats,
     check_weights,
     copy_support_files,
+    destination,
     parse_dtype,
     read_config,
     read_safetensors,
@@ -71,20 +71,6 @@ HF_DEFAULTS = {
     "use_cache": True,
     "use_sliding_window": False,
 }
-
-
-def destination(path: str | Path, flag: str, force: bool) -> Path:
-    """The absolute destination ``path``, refused before any work when it is not empty
-    (without ``force``) or when replacing it would delete the working directory."""
-    dst = Path(os.path.abspath(Path(path).expanduser()))
-    cwd = Path.cwd().resolve()
-    if dst.resolve() == cwd or dst.resolve() in cwd.parents:
-        raise ValueError(f"{flag} {path} is or contains the current directory; "
-                         "name a new directory to write to.")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise FileExistsError(f"{flag} {path} exists and is not empty; "
-                              "pass --force to replace it.")
-    return dst
 
 
 def check_apart(dst: Path, flag: str, sources: dict[str, Path]) -> None:

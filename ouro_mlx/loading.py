@@ -295,6 +295,20 @@ def write_errors(dest: Path, nbytes: int) -> Iterator[None]:
         raise OSError(errno.ENOSPC, e.strerror, str(dest)) from e
 
 
+def destination(path: str | Path, flag: str, force: bool) -> Path:
+    """The absolute destination ``path``, refused before any work when it is not empty
+    (without ``force``) or when replacing it would delete the working directory."""
+    dst = Path(os.path.abspath(Path(path).expanduser()))
+    cwd = Path.cwd().resolve()
+    if dst.resolve() == cwd or dst.resolve() in cwd.parents:
+        raise ValueError(f"{flag} {path} is or contains the current directory; "
+                         "name a new directory to write to.")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise FileExistsError(f"{flag} {path} exists and is not empty; "
+                              "pass --force to replace it.")
+    return dst
+
+
 def build_model(
     path: Path,
     config: dict,

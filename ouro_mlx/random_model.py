@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .limits import check_fits
-from .loading import atomic_directory, parse_dtype, write_errors
+from .loading import atomic_directory, destination, parse_dtype, write_errors
 from .model import ModelArgs, check_ut_steps, estimate_model_bytes
 
 SHAPES = {
@@ -202,18 +202,18 @@ def make_random_checkpoint(
     check_ut_steps(total_ut_steps, "total_ut_steps")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}.")
-    config = hf_config(shape, total_ut_steps=total_ut_steps, dtype=dtype)
-    sizes = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "vocab_size"]
-    for k in sizes + ["num_key_value_heads", "head_dim"]:
-        v = config.get(k, 1)
+    dims = SHAPES[shape] if isinstance(shape, str) else shape
+    for k in ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "vocab_size"]:
+        v = dims.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{k} must be a positive integer, got {v!r}.")
-    if config["vocab_size"] < len(SPECIAL_TOKENS) + 256:
+    if dims["vocab_size"] < len(SPECIAL_TOKENS) + 256:
         raise ValueError("vocab_size must be at least 273 for the byte tokenizer.")
+    config = hf_config(shape, total_ut_steps=total_ut_steps, dtype=dtype)
     nbytes = estimate_model_bytes(ModelArgs.from_dict(config), mx_dtype.size)
     check_fits(nbytes, f"A random {shape if isinstance(shape, str) else 'custom'} model")
-    dest = Path(path).expanduser()
+    dest = destination(path, "--out", force)
     with atomic_directory(dest, force=force) as tmp:
         weights = random_weights(config, seed, mx_dtype)
         with write_errors(dest, nbytes):

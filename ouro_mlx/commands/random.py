@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..model import check_ut_steps
-    from ..random_model import SHAPES, make_random_checkpoint
+def build_parser() -> argparse.ArgumentParser:
+    from ..random_model import SHAPES
 
     p = argparse.ArgumentParser(prog="ouro-mlx random", description=__doc__)
     p.add_argument("--out", required=True,
@@ -22,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="Random seed, 0 to 2**64 - 1 (default: 0).")
     p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..model import check_ut_steps
+    from ..random_model import make_random_checkpoint
+
+    p = build_parser()
     args = p.parse_args(argv)
     check_ut_steps(args.ut_steps, "--ut-steps")
     if not 0 <= args.seed < 2**64:

@@ -21,7 +21,7 @@ from ouro_mlx import CheckpointError, load_model
 from ouro_mlx.convert import hf_to_mlx, mlx_to_hf
 from ouro_mlx.limits import MAX_UT_STEPS
 from ouro_mlx.loading import atomic_directory
-from ouro_mlx.model import check_ut_steps, estimate_model_bytes, num_parameters
+from ouro_mlx.model import ModelArgs, check_ut_steps, estimate_model_bytes, num_parameters
 from tests.conftest import TOKENIZER, needs_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -382,3 +382,22 @@ def test_output_directories_honour_the_umask(tmp_path, umask, mode):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a" / "out").stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == mode
+
+
+def test_model_args_check_values_for_every_loader():
+    """mlx-lm's own loader builds ModelArgs too: the checks live there."""
+    dims = dict(model_type="ouro", hidden_size=64, num_hidden_layers=1,
+                intermediate_size=8, num_attention_heads=4, vocab_size=8)
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
+        ModelArgs(**{**dims, "num_attention_heads": 0})
+    with pytest.raises(ValueError, match="total_ut_steps is 1000000, above the maximum"):
+        ModelArgs(**dims, total_ut_steps=10**6)
+    assert ModelArgs(**dims).head_dim == 16
+
+
+def test_cli_refuses_a_bad_config_in_one_line(tiny_dir, tmp_path):
+    path = ckpt(tiny_dir, tmp_path, set_(num_attention_heads="4"))
+    out = run("-m", "ouro_mlx", "generate", "--model", str(path), "--prompt", "hi", stdin="")
+    assert out.returncode == 1
+    assert out.stderr == (f"ouro-mlx generate: error: {path / 'config.json'}: "
+                          "num_attention_heads must be a positive integer, got '4'.\n")

@@ -144,3 +144,112 @@ def test_batches_deterministic_resumable_and_split_by_rank(tok, tmp_path):
     nxt = next(it)
     assert first[-1][2].epoch == 0 and nxt[2] == Position(1, 4)
     assert not np.array_equal(nxt[0], first[0][0])
+
+
+def test_inputs_are_checked_before_any_is_read(tok, tmp_path):
+    good = write(tmp_path / "good.txt", ["some words " * 20])
+    (tmp_path / "dir.jsonl").mkdir()
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would block: it must not be read
+    for bad, message in [("/dev/zero", "/dev/zero: unknown data format"),
+                         (tmp_path / "dir.jsonl", "dir.jsonl: is a directory"),
+                         (tmp_path / "pipe.txt", "pipe.txt: not a regular file")]:
+        with pytest.raises(DataError, match=message):
+            prepare([good, bad], tmp_path / "out", tok, seq_len=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "good.txt", "pipe.txt"]
+
+
+def test_bad_chat_samples_are_reported_with_their_line_and_skipped(tok, tmp_path):
+    answer = {"role": "assistant", "content": "yes"}
+    jl = write(tmp_path / "chat.jsonl", [
+        json.dumps({"messages": [{"role": "user", "content": "ok?"}, answer]}),
+        json.dumps({"messages": [{"content": "no role"}, answer]}),
+        json.dumps({"messages": [{"role": "user", "content": 5}, answer]}),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}, answer]}),
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"messages": [{"role": "user", "content": "fine"}, answer]}),
+    ])
+    seen = []
+    meta = prepare([jl], tmp_path / "out", tok, seq_len=8, warn=seen.append)
+    assert meta.documents == 2 and meta.skipped == 5
+    assert seen == [f"{jl}:2: skipped, message 1 needs a string role and a string content",
+                    f"{jl}:3: skipped, message 1 needs a string role and a string content",
+                    f"{jl}:4: skipped, message 1 needs a string role and a string content",
+                    f"{jl}:5: skipped, the last message must be the assistant's (the answer "
+                    "trained on)",
+                    f"{jl}:6: skipped, JSON nested too deeply"]
+
+
+def test_utf8_errors_name_the_file_and_line(tok, tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"fine text\n\nmore text\nbad \xff byte\n")
+    with pytest.raises(DataError, match=rf"{f}:4: not UTF-8 text \(byte 0xff at column 5\)"):
+        prepare([f], tmp_path / "out", tok, seq_len=8)
+
+
+def test_txt_documents_are_read_line_by_line_as_before(tok, tmp_path):
+    from ouro_mlx.data import read_samples
+
+    f = tmp_path / "a.txt"
+    f.write_text("\n\nfirst doc\nits second line\r\n\n\n\nsecond\n  \nthird")
+    docs = [tok.decode(ids) for ids, _ in read_samples(f, tok)]
+    assert docs == ["first doc\nits second line", "second", "third"]
+
+
+def test_a_shard_too_big_for_memory_is_refused_at_once(tok, tmp_path):
+    with pytest.raises(ValueError, match="A shard of 4096 sequences of 1000000001 tokens "
+                                         "needs about"):
+        prepare([write(tmp_path / "a.txt", ["x"])], tmp_path / "out", tok, seq_len=10**9)
+
+
+def test_disk_full_is_one_line_and_leaves_the_previous_shards(tiny_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    import errno
+
+    import ouro_mlx.data as data
+    from ouro_mlx.cli import main
+
+    src = write(tmp_path / "a.txt", [f"document number {i} " * 4 + "\n" for i in range(80)])
+    out = tmp_path / "shards"
+    flags = ["data", "--tokenizer", str(tiny_dir), "--out", str(out), "--seq-len", "8",
+             "--shard-sequences", "4", str(src)]
+    assert main(flags) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, written = data._write, []
+
+    def full(path, array):
+        if len(written) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(path, array)
+
+    monkeypatch.setattr(data, "_write", full)
+    assert main([*flags, "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"ouro-mlx data: error: no space left on the device writing {out}."
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "shards"]  # no partial dir
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(data, "_write", real)
+    assert main([*flags, "--force"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_data_flags_are_checked_and_described(tiny_dir, tmp_path, capsys):
+    from ouro_mlx.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "--tokenizer", str(tiny_dir), "--out", str(tmp_path / "o"),
+              "--seq-len", "1", "x.txt"])
+    assert "argument --seq-len: must be at least 2, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Tokens per training sequence (each row holds one more, the target). " \
+           "(default: 2048)" in text and "Sequences per shard file. (default: 4096)" in text
+
+
+@pytest.mark.parametrize("meta", ["{not json", '["a list"]', '{"seq_len": 8}', b"\xff\xfe"])
+def test_a_damaged_shard_index_names_its_file(tmp_path, meta):
+    (tmp_path / "meta.json").write_bytes(meta if isinstance(meta, bytes) else meta.encode())
+    with pytest.raises(DataError, match=f"{tmp_path / 'meta.json'}: not a shard index"):
+        PackedDataset(tmp_path)

@@ -6,26 +6,39 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .options import HelpFormatter
+
     p = argparse.ArgumentParser(prog="ouro-mlx data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help=".txt or .jsonl files")
-    p.add_argument("--tokenizer", required=True,
+                                formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="FILE",
+                   help=".txt (documents separated by blank lines) or .jsonl (text, "
+                        "prompt/completion or messages) files")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
                    help="A model directory (or repo id) with a tokenizer.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--shard-sequences", type=int, default=4096)
+    p.add_argument("--out", required=True, metavar="DIR", help="Directory for the shards.")
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="Tokens per training sequence (each row holds one more, the target).")
+    p.add_argument("--shard-sequences", type=int, default=4096,
+                   help="Sequences per shard file.")
     p.add_argument("--no-pack", action="store_true",
                    help="One document per row, padded (short chat samples); longer ones "
                         "are skipped.")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="Replace --out if it exists.")
     args = p.parse_args(argv)
+    if args.seq_len < 2:
+        p.error(f"argument --seq-len: must be at least 2, got {args.seq_len}")
+    if args.shard_sequences < 1:
+        p.error(f"argument --shard-sequences: must be at least 1, got {args.shard_sequences}")
 
-    from ..data import prepare
+    from ..data import check_input, prepare
     from ..loading import load_tokenizer, read_config, resolve
 
+    for f in args.inputs:  # before loading the tokenizer: fail at once
+        check_input(Path(f))
     path = resolve(args.tokenizer)
     tokenizer = load_tokenizer(path, read_config(path) if (path / "config.json").exists() else None)
     meta = prepare(args.inputs, args.out, tokenizer, args.seq_len,

@@ -13,34 +13,56 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .data import check_input, documents, text_lines
 from .loading import atomic_directory
 from .random_model import chat_template
 
 SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
+# sentencepiece silently drops input lines longer than its max_sentence_length; longer
+# texts are cut (at a space where there is one) into lines of at most this many bytes.
+MAX_LINE = 1 << 16
+# Far above any released vocabulary (Ouro's is 49,152); token ids must fit the shards.
+MAX_VOCAB = 1 << 20
+
+
 def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
-    """The raw text of .txt documents and of JSONL text/prompt/completion/messages."""
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
-        if path.suffix == ".jsonl":
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                for key in ("text", "prompt", "completion"):
-                    if isinstance(obj.get(key), str):
-                        yield obj[key]
-                for m in obj.get("messages") or []:
-                    if isinstance(m, dict) and isinstance(m.get("content"), str):
-                        # the role too: ChatML puts it in every turn's header
-                        yield f"{m.get('role', '')}\n{m['content']}"
-        else:
-            yield from (d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip())
+    """The raw text of .txt documents and of JSONL text/prompt/completion/messages,
+    read line by line."""
+    paths = [Path(p) for p in paths]
+    for path in paths:  # all of them, before reading any
+        check_input(path)
+    for path in paths:
+        if path.suffix != ".jsonl":
+            yield from documents(path)
+            continue
+        for _, line in text_lines(path):
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            if not isinstance(obj, dict):
+                continue
+            for key in ("text", "prompt", "completion"):
+                if isinstance(obj.get(key), str):
+                    yield obj[key]
+            msgs = obj.get("messages")
+            for m in msgs if isinstance(msgs, list) else []:
+                if isinstance(m, dict) and isinstance(m.get("content"), str):
+                    # the role too: ChatML puts it in every turn's header
+                    yield f"{m.get('role', '')}\n{m['content']}"
+
+
+def corpus_lines(text: str) -> Iterator[str]:
+    """``text`` as sentencepiece input lines of at most MAX_LINE bytes."""
+    line, most = text.replace("\n", " "), MAX_LINE // 4  # characters of up to 4 bytes
+    while len(line) > most:
+        cut = line.rfind(" ", 1, most)
+        cut = cut if cut > 0 else most
+        yield line[:cut]
+        line = line[cut:]
+    yield line
 
 
 def train_tokenizer(
@@ -59,16 +81,20 @@ def train_tokenizer(
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be bpe or unigram, got {model_type!r}.")
-    if vocab_size < len(SPECIALS) + 256 + 8:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or vocab_size < len(SPECIALS) + 256 + 8:
         raise ValueError(f"vocab_size must be at least {len(SPECIALS) + 264} "
                          "(special tokens + 256 byte tokens + a few pieces).")
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocab_size must be at most {MAX_VOCAB:,}, got {vocab_size:,}.")
     with tempfile.TemporaryDirectory() as work, atomic_directory(Path(out_dir), force) as tmp:
         corpus = Path(work) / "corpus.txt"
         n = 0
         with open(corpus, "w", encoding="utf-8") as f:
             for text in corpus_texts(inputs):
-                f.write(text.replace("\n", " ") + "\n")
-                n += 1
+                for line in corpus_lines(text):
+                    f.write(line + "\n")
+                    n += 1
         if n == 0:
             raise ValueError("The corpus is empty.")
         try:
@@ -77,7 +103,7 @@ def train_tokenizer(
                 model_type=model_type, eos_id=0, eos_piece=SPECIALS[0], unk_id=1,
                 unk_piece=SPECIALS[1], bos_id=-1, pad_id=-1, user_defined_symbols=SPECIALS[2:],
                 byte_fallback=True, split_digits=True, character_coverage=1.0,
-                hard_vocab_limit=False, minloglevel=2,
+                hard_vocab_limit=False, max_sentence_length=MAX_LINE, minloglevel=2,
             )
         except RuntimeError as e:
             raise ValueError(f"sentencepiece could not train: {e}") from e

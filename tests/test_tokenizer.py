@@ -63,3 +63,41 @@ def test_role_names_are_pieces_and_default_system_is_optional(corpus, tmp_path):
     text = load_tokenizer(with_system, {"eos_token_id": 0}).apply_chat_template(
         chat, add_generation_prompt=True, tokenize=False)
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+
+
+def test_a_megabyte_line_is_learnt_from_not_dropped(tmp_path):
+    # sentencepiece drops lines over its max_sentence_length; one such line alone
+    # used to end in "INTERNAL: ... [!sentences_.empty()]"
+    (tmp_path / "long.txt").write_text("zebra crossing " * 70_000)  # ~1 MB, no newline
+    out = train_tokenizer([tmp_path / "long.txt"], tmp_path / "tok", vocab_size=300)
+    tok = load_tokenizer(out, {"eos_token_id": 0})
+    assert len(tok.encode("zebra crossing", add_special_tokens=False)) <= 3
+
+
+def test_corpus_errors_name_the_file(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=rf"{bad}:2: not UTF-8 text"):
+        train_tokenizer([bad], tmp_path / "a", vocab_size=300)
+    with pytest.raises(ValueError, match=rf"{tmp_path}: is a directory"):
+        train_tokenizer([corpus[0], tmp_path], tmp_path / "b", vocab_size=300)
+    with pytest.raises(ValueError, match="at most 1,048,576"):
+        train_tokenizer(corpus, tmp_path / "c", vocab_size=10**9)
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text("[" * 100_000 + "\n" + json.dumps({"text": "only this " * 50}) + "\n")
+    assert train_tokenizer([nested], tmp_path / "d", vocab_size=300).exists()
+
+
+def test_cli_reports_the_size_it_wrote(corpus, tmp_path, capsys):
+    from ouro_mlx.cli import main
+
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "t"), "--vocab-size", "100000",
+                 str(corpus[1])]) == 0
+    size = len(load_tokenizer(tmp_path / "t", {"eos_token_id": 0}).get_vocab())
+    assert size < 400
+    assert capsys.readouterr().out == (f"Wrote a bpe tokenizer ({size} tokens; 100000 asked, "
+                                       f"the corpus supports no more) to {tmp_path / 't'}\n")
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "train", "--out", str(tmp_path / "u"), "--vocab-size", "1000000000",
+              str(corpus[1])])
+    assert "argument --vocab-size: must be between 270" in capsys.readouterr().err

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
@@ -246,18 +245,22 @@ def hf_to_mlx(
     q_group_size: int | None = None,
     q_mode: str | None = None,
     mixed: bool = False,
+    dequantize: bool = False,
     force: bool = False,
     verify: bool = False,
     revision: str | None = None,
 ) -> Verification | None:
     """Convert an HF Ouro checkpoint (directory, repo id, or a raw ``.bin``/``.pt``
-    file with ``config_path``) into an MLX directory. Every option is checked before
+    file with ``config_path``) into an MLX directory; ``dequantize`` reads a quantized
+    MLX directory instead, as mlx-lm's ``convert -d``. Every option is checked before
     any work; with ``verify`` the written model is run against the converted one and
     the source (a mismatch raises and writes nothing)."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     dtype = parse_dtype(dtype)
     group_size, bits, q_mode = quant_options(quantize, q_bits, q_group_size, q_mode, mixed)
+    if quantize and dequantize:
+        raise ValueError("-q/--quantize and -d/--dequantize exclude each other.")
     dst = destination(mlx_path, "--mlx-path", force)
     src = Path(hf_path).expanduser()
     if not src.exists():
@@ -270,25 +273,32 @@ def hf_to_mlx(
         meta_dir = meta_dir.parent
     check_apart(dst, "--mlx-path", {"--hf-path": src, "--config": meta_dir})
     config = read_config(meta_dir)
+    if "quantization" in config and not dequantize:
+        raise CheckpointError(f"{meta_dir} is a quantized MLX checkpoint: pass "
+                              "-d/--dequantize to write it dequantized.")
+    if dequantize and "quantization" not in config:
+        raise CheckpointError(f"-d/--dequantize: {meta_dir / 'config.json'} is not quantized.")
+    source_config = dict(config)
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
     args = _model_args(config, meta_dir)
     check_fits(estimate_model_bytes(args), f"The model in {meta_dir / 'config.json'}")
+    if quantize:
+        _check_quantizable(args, group_size)
 
     with atomic_directory(dst, force=force) as tmp:
-        model = Model(args)
-        weights = model.sanitize(_read_source_weights(src))
-        check_weights(model, weights)
+        model = _source_model(src, source_config, args)
         if dtype is not None:
-            weights = cast_floats(weights, dtype)
+            weights = cast_floats(dict(tree_flatten(model.parameters())), dtype)
+            model.load_weights(list(weights.items()))
             config["torch_dtype"] = str(dtype).split(".")[-1]
             config.pop("dtype", None)
-        model.load_weights(list(weights.items()))
         _materialise(model, "converting")
         if quantize:
             model, config = quantize_model(
                 model, config, group_size, bits, mode=q_mode,
                 quant_predicate=_quant_predicate(mixed, group_size),
             )
-            _check_quantized(model, group_size)
         nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         with write_errors(dst, nbytes):
             save_model(tmp, model)
@@ -302,10 +312,7 @@ def hf_to_mlx(
             + ([f"{bits}-bit {q_mode} quantization{' (mixed)' if mixed else ''}"]
                if quantize else [])
         )
-        source = None
-        if lossy:
-            source = Model(args)
-            source.load_weights(list(source.sanitize(_read_source_weights(src)).items()))
+        source = _source_model(src, source_config, args) if lossy else None
         result = _verify(model, build_model(tmp, read_config(tmp)), args.vocab_size,
                          source, lossy)
         _check_verified(result, dst)
@@ -319,14 +326,27 @@ def _model_args(config: dict, where: Path) -> ModelArgs:
         raise CheckpointError(f"Invalid Ouro config in {where / 'config.json'}: {e}") from e
 
 
-def _check_quantized(model: Model, group_size: int) -> None:
-    """Refuse a "quantized" model in which no layer could be quantized."""
-    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
-    if not any(isinstance(m, quantized) for _, m in model.named_modules()):
-        widths = sorted({m.weight.shape[-1] for _, m in model.named_modules()
-                         if isinstance(m, (nn.Linear, nn.Embedding))})
+def _source_model(src: Path, config: dict, args: ModelArgs) -> Model:
+    """The source as a full-precision model (a quantized MLX source dequantized)."""
+    if "quantization" in config:
+        from mlx_lm.utils import dequantize_model
+
+        return dequantize_model(build_model(src, config, lazy=True))
+    model = Model(args)
+    weights = model.sanitize(_read_source_weights(src))
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()))
+    return model
+
+
+def _check_quantizable(args: ModelArgs, group_size: int) -> None:
+    """Refuse quantizing when the group size divides no layer's input width (mlx-lm
+    would then leave every layer as it is and still write a quantized config)."""
+    widths = sorted({args.hidden_size, args.num_attention_heads * args.head_dim,
+                     args.intermediate_size})
+    if all(w % group_size for w in widths):
         raise ValueError(
-            f"-q quantized no layer: --q-group-size {group_size} divides none of this "
+            f"-q would quantize no layer: --q-group-size {group_size} divides none of this "
             f"model's input widths ({', '.join(map(str, widths))}); choose a smaller one."
         )
 

@@ -279,7 +279,7 @@ def test_quantizing_nothing_is_refused(tmp_path):
                   num_key_value_heads=3, head_dim=16, intermediate_size=80, vocab_size=300,
                   max_position_embeddings=64, rope_theta=10000.0)
     src = make_random_checkpoint(tmp_path / "narrow", narrow)
-    with pytest.raises(ValueError, match="quantized no layer: --q-group-size 32 .*48, 80"):
+    with pytest.raises(ValueError, match="-q would quantize no layer: --q-group-size 32 .*48, 80"):
         hf_to_mlx(src, tmp_path / "q", quantize=True, q_group_size=32)
     assert [p.name for p in tmp_path.iterdir()] == ["narrow"]
 
@@ -327,7 +327,7 @@ def test_cli_verify_mismatch_exits_1(tiny_dir, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flags", [["-q"], ["--q-bits", "4"], ["--mixed"], ["--config", "x"],
-                                   ["--revision", "main"]])
+                                   ["--revision", "main"], ["-d"]])
 def test_cli_to_hf_refuses_hf_to_mlx_flags(tiny_dir, tmp_path, flags, capsys):
     from ouro_mlx.commands.convert import main
 
@@ -335,7 +335,7 @@ def test_cli_to_hf_refuses_hf_to_mlx_flags(tiny_dir, tmp_path, flags, capsys):
         main(["--to-hf", "--mlx-path", str(tiny_dir), "--hf-path", str(tmp_path / "h")]
              + flags)
     assert e.value.code == 2
-    assert f"error: {flags[0]} apply only to HF → MLX" in capsys.readouterr().err
+    assert f"error: {flags[0]}: not with --to-hf" in capsys.readouterr().err
 
 
 def test_cli_accepts_mlx_lm_flag_names(tiny_dir, tmp_path, capsys):
@@ -442,3 +442,22 @@ def test_torch_index_checked(bin_dir, tmp_path):
 def test_raw_safetensors_file_with_config(tiny_dir, tmp_path):
     hf_to_mlx(tiny_dir / "model.safetensors", tmp_path / "out", config_path=tiny_dir)
     assert_same_tensors(tensors(tiny_dir), tensors(tmp_path / "out"))
+
+
+def test_dequantize_a_quantized_mlx_directory(tiny_dir, tmp_path):
+    q8 = tmp_path / "q8"
+    hf_to_mlx(tiny_dir, q8, quantize=True, q_bits=8, q_group_size=32)
+    with pytest.raises(CheckpointError, match="quantized MLX checkpoint: pass -d/--dequantize"):
+        hf_to_mlx(q8, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="-d/--dequantize: .*tiny/config.json is not"):
+        hf_to_mlx(tiny_dir, tmp_path / "x", dequantize=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        hf_to_mlx(q8, tmp_path / "x", dequantize=True, quantize=True)
+    result = hf_to_mlx(q8, tmp_path / "dq", dequantize=True, verify=True)
+    assert result.ok and result.diff == 0.0
+    config = json.loads((tmp_path / "dq" / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    dq = load_model(tmp_path / "dq")
+    assert type(dq.layers[0].mlp.up_proj) is nn.Linear
+    assert mx.allclose(dq(IDS), load_model(q8)(IDS), atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dq", "q8"]

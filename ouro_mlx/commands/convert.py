@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Quantization mode with -q (default: affine).")
     p.add_argument("--mixed", action="store_true",
                    help="With -q: keep embeddings and lm_head at 8 bits.")
+    p.add_argument("-d", "--dequantize", action="store_true",
+                   help="Read a quantized MLX directory as --hf-path and write it "
+                        "dequantized to --mlx-path (as mlx-lm's convert -d).")
     p.add_argument("--force", action="store_true",
                    help="Replace a non-empty destination (never one that holds the source).")
     p.add_argument("--verify", action="store_true",
@@ -56,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.to_hf:
-        hf_only = {"-q": args.quantize, "--q-bits": args.q_bits is not None,
+        hf_only = {"-q": args.quantize, "-d": args.dequantize,
+                   "--q-bits": args.q_bits is not None,
                    "--q-group-size": args.q_group_size is not None,
                    "--q-mode": args.q_mode is not None, "--mixed": args.mixed,
                    "--config": args.config is not None, "--revision": args.revision is not None}
         if unused := [flag for flag, given in hf_only.items() if given]:
-            parser.error(f"{', '.join(unused)} apply only to HF → MLX, not with --to-hf.")
+            parser.error(f"{', '.join(unused)}: not with --to-hf (only when writing "
+                         "--mlx-path).")
         result = mlx_to_hf(args.mlx_path, args.hf_path, dtype=args.dtype,
                            force=args.force, verify=args.verify)
         dest = args.hf_path
@@ -69,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         result = hf_to_mlx(
             args.hf_path, args.mlx_path, config_path=args.config, dtype=args.dtype,
             quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
-            q_mode=args.q_mode, mixed=args.mixed, force=args.force, verify=args.verify,
-            revision=args.revision,
+            q_mode=args.q_mode, mixed=args.mixed, dequantize=args.dequantize,
+            force=args.force, verify=args.verify, revision=args.revision,
         )
         dest = args.mlx_path
     print(f"Wrote {dest}")

@@ -315,10 +315,12 @@ def batch_generate(
     min_loops: int = 1,
     max_loops: int | None = None,
     hidden_eps: float | None = None,
+    kv_mode: str = "full",
     prefill_step_size: int = 2048,
 ) -> BatchResult:
     """Generate for several prompts at once (left-padded). Each row gives the tokens
-    it would give alone, exits at its own depth, and ends at its own eos."""
+    it would give alone, exits at its own depth, and ends at its own eos.
+    ``kv_mode``: "full" (a cache per loop step) or "last" (one shared cache)."""
     rule = make_rule(model, ut_steps, exit_threshold, exit_at_step, min_loops,
                      max_loops, hidden_eps)
     if not prompts:
@@ -331,8 +333,10 @@ def batch_generate(
         raise ValueError("The longest prompt plus max_tokens exceeds the model's positions.")
     pads = [width - len(r) for r in rows]
     ids = mx.array([[0] * p + r for p, r in zip(pads, rows)], dtype=mx.int32)
-    cache = [CacheList(*(BatchKVCache(pads) for _ in range(rule.ut_steps)))
-             for _ in model.layers]
+    if kv_mode not in ("full", "last"):
+        raise ValueError(f"Unknown kv_mode {kv_mode!r}; choose one of full, last.")
+    depth = rule.ut_steps if kv_mode == "full" else 1
+    cache = [CacheList(*(BatchKVCache(pads) for _ in range(depth))) for _ in model.layers]
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     eos = set(tokenizer.eos_token_ids)
 

@@ -186,3 +186,18 @@ def test_examples_run(tiny_dir):
     out = run(str(examples / "measure_load.py"), str(tiny_dir))
     assert out.returncode == 0, out.stderr
     assert "load" in out.stdout and "MLX peak" in out.stdout
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat", "bench", "demo-eval", "demo-train"])
+def test_help_describes_every_flag_with_its_default(verb):
+    import importlib
+
+    module = importlib.import_module(f"ouro_mlx.commands.{verb.replace('-', '_')}")
+    out = ouro(verb, "--help")
+    assert out.returncode == 0 and "usage: ouro-mlx " + verb in out.stdout
+    for action in module.build_parser()._actions:
+        assert action.help, f"{verb} {action.option_strings} has no help"
+    if verb in ("generate", "chat"):
+        assert "(default: 512)" in out.stdout and "-m MAX_TOKENS" in out.stdout
+    if verb == "generate":
+        assert "-p PROMPT" in out.stdout and "--ignore-chat-template" in out.stdout

@@ -63,6 +63,19 @@ def test_generate_and_demo_eval_use_the_bundled_model():
     assert ouro("demo-eval", "--n", "0").returncode != 0
 
 
+def test_shared_kv_cache_costs_the_demo_model_its_answers():
+    """--kv-mode last (one cache for all loop steps) is measured, not hidden: the
+    bundled model, trained with a cache per step, loses most of its accuracy."""
+    model, tokenizer = ouro_mlx.load(model_path())
+    full = evaluate(model, tokenizer, 60, depths=(1, 4))
+    last = evaluate(model, tokenizer, 60, depths=(1, 4), kv_mode="last")
+    assert last["kv_mode"] == "last" and full["kv_mode"] == "full"
+    assert last["accuracy"]["1"] == full["accuracy"]["1"]  # one step: the same cache
+    assert last["accuracy"]["4"] <= full["accuracy"]["4"] - 0.5, (full, last)
+    out = ouro("demo-eval", "--help")
+    assert "--kv-mode" in out.stdout and "kv-mode last" in out.stdout
+
+
 def test_recipe_runs_end_to_end(tmp_path):
     """The recipe at a tiny scale: every stage runs and leaves a loadable model."""
     out = ouro("demo-train", "--out", str(tmp_path / "demo"), "--scale", "0.003", timeout=600)

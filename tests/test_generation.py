@@ -255,6 +255,15 @@ def test_bad_prompts(loaded):
         generate(model, tok, [1] * (model.args.max_position_embeddings + 1))
 
 
+@pytest.mark.parametrize("opts", [dict(ut_steps=4), dict(exit_threshold=0.5)])
+def test_batch_shared_cache_equals_single_rows(loaded, opts):
+    model, tok = loaded
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5]]
+    out = batch_generate(model, no_stop(tok), prompts, max_tokens=5, kv_mode="last", **opts)
+    for p, tokens in zip(prompts, out.tokens):
+        assert tokens == run(model, no_stop(tok), p, 5, kv_mode="last", **opts)[0]
+
+
 def test_stopping_at_the_context_limit_says_so(loaded):
     """Asked for 100 tokens with room for 3: the last response says the positions ran
     out, and the summary line says so in words."""

@@ -12,14 +12,21 @@ import os
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from .options import HelpFormatter
+
     p = argparse.ArgumentParser(prog="ouro-mlx demo-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+                                formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True,
+                   help="Directory for the data, tokenizer, checkpoints and the final model.")
     p.add_argument("--scale", type=float, default=1.0,
                    help="Multiply the training steps (e.g. 0.01 for a smoke run).")
     p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not 0 < args.scale <= 10:
         raise ValueError(f"--scale must be in (0, 10], got {args.scale}.")
 

@@ -11,13 +11,14 @@ EVAL_SEED = 10_000  # training data uses seeds below this
 
 def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
              exit_threshold: float | None = None, batch_size: int = 100,
-             depths: tuple[int, ...] | None = None) -> dict:
+             depths: tuple[int, ...] | None = None, kv_mode: str = "full") -> dict:
     """Exact-match accuracy at T = 1..T_max (every token, prompt included, runs T loop
     steps) and with adaptive exit (prompt at full depth, each decoded token stops at
     the gate's Q-exit threshold: ``exit_threshold`` or the model's default).
     ``avg_loops_adaptive`` averages the loop steps of decoded tokens (the first answer
     token comes from the full-depth prompt and is not counted). ``depths``: the fixed
-    depths to measure (default all)."""
+    depths to measure (default all). ``kv_mode`` "last": one KV cache shared by
+    all loop steps (what ``--kv-mode last`` costs in answers)."""
     probs = problems(n, seed)
     prompts = [tokenizer.apply_chat_template(p.messages()[:1], add_generation_prompt=True)
                for p in probs]
@@ -30,7 +31,7 @@ def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
         texts, loops = [], []
         for i in range(0, n, batch_size):
             out = batch_generate(model, tokenizer, prompts[i:i + batch_size],
-                                 max_tokens=MAX_SWAPS + 2, **opts)
+                                 max_tokens=MAX_SWAPS + 2, kv_mode=kv_mode, **opts)
             texts += out.texts
             loops += out.loops
         return [t == p.answer for t, p in zip(texts, probs)], loops
@@ -48,6 +49,7 @@ def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
         "accuracy": accuracy,
         "avg_loops_adaptive": round(sum(decoded) / max(len(decoded), 1), 3),
         "exit_threshold": q,
+        "kv_mode": kv_mode,
         "problems": n,
         "accuracy_by_swaps": by_swaps,
     }

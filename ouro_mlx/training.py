@@ -91,15 +91,18 @@ class TrainConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
-            kind = type(f.default) if f.default not in (MISSING, None) else None
-            if kind is float and isinstance(value, str):
-                value = _float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
-                setattr(self, f.name, value)
-            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}.")
-            if kind in (int, bool, str) and not _is(value, kind) or \
-                    f.default is None and value is not None and not isinstance(value, str):
+            if f.default is None:  # an optional path
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{f.name} must be a path or null, got {value!r}.")
+                continue
+            kind = type(f.default) if f.default is not MISSING else None
+            if kind is float:
+                if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+                    value = _float(value)
+                    setattr(self, f.name, value)
+                if not (_is(value, float) and math.isfinite(value)):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}.")
+            elif kind is not None and not _is(value, kind):
                 raise ValueError(f"{f.name} must be {_KIND[kind]}, got {value!r}.")
         if not isinstance(self.model, dict):
             raise ValueError('model must be a mapping, e.g. {"shape": "tiny"} or config fields.')
@@ -114,9 +117,9 @@ class TrainConfig:
                      "min_lr", "weight_decay", "grad_clip"):  # 0: off / none / all
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.lr <= 0 or self.stage2_k <= 0:
-            bad = "lr" if self.lr <= 0 else "stage2_k"
-            raise ValueError(f"{bad} must be > 0, got {getattr(self, bad)}.")
+        for name in ("lr", "stage2_k"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.seed >= 2**32:
             raise ValueError(f"seed must be below 2**32, got {self.seed}.")
         if not 0 <= self.decay_frac <= 1:
@@ -184,7 +187,7 @@ HELP = {
     "tensor_parallel": "Split the model over all processes instead of the batch.",
 }
 
-_KIND = {int: "an integer", bool: "true or false", str: "a string", None: "a string or null"}
+_KIND = {int: "an integer", bool: "true or false", str: "a string"}
 # config.json sizes a model spec may set: positive integers
 MODEL_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings")
@@ -687,7 +690,12 @@ def plot_history(history: Path, png: Path) -> Path | None:
     ax[1].set(xlabel="step", ylabel="E[loops]", title="mean exit depth")
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp)
+    except OSError:  # a full disk: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     os.replace(tmp, png)
     return png

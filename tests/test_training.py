@@ -381,3 +381,22 @@ def test_resume_skips_damaged_checkpoints_and_a_cut_history_line(data_dir, tmp_p
         (ckpt / "trainer_state.json").write_text("[")
     with pytest.raises(ValueError, match=f"No usable checkpoint in {out}"):
         train(config(data_dir, out, iters=8), log=lambda *_: None)
+
+
+def test_plot_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    from ouro_mlx.training import plot_history
+
+    (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+
+    def full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    with pytest.raises(OSError):
+        plot_history(tmp_path / "history.jsonl", tmp_path / "training.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["history.jsonl"]

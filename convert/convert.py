@@ -96,7 +96,8 @@ def quant_options(
              "--mixed": mixed or None}
     if not quantize:
         if unused := [flag for flag, v in given.items() if v is not None]:
-            raise ValueError(f"{', '.join(unused)} apply only with -q/--quantize.")
+            need = "needs" if len(unused) == 1 else "need"
+            raise ValueError(f"{', '.join(unused)} {need} -q/--quantize.")
         return 0, 0, ""
     mode = q_mode or "affine"
     if mode not in Q_MODES:
@@ -106,11 +107,16 @@ def quant_options(
     bits = Q_MODES[mode][1] if q_bits is None else q_bits
     if group_size not in sizes:
         raise ValueError(f"--q-group-size {group_size} is not supported by --q-mode {mode}; "
-                         f"choose {' or '.join(map(str, sizes))}.")
+                         f"choose {_one_of(sizes)}.")
     if bits not in bit_widths:
         raise ValueError(f"--q-bits {bits} is not supported by --q-mode {mode}; "
-                         f"choose {' or '.join(map(str, bit_widths))}.")
+                         f"choose {_one_of(bit_widths)}.")
     return group_size, bits, mode
+
+
+def _one_of(values: tuple[int, ...]) -> str:
+    *rest, last = map(str, values)
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def _read_source_weights(src: Path) -> dict[str, mx.array]:

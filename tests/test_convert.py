@@ -248,9 +248,10 @@ def test_cli_refuses_dot_in_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     (dict(quantize=True, q_bits=0), "--q-bits 0 is not supported"),
     (dict(quantize=True, q_mode="mxfp4", q_bits=8), "--q-bits 8 .* --q-mode mxfp4; choose 4"),
     (dict(quantize=True, q_mode="nvfp4", q_group_size=32), "choose 16"),
-    (dict(mixed=True), "--mixed apply only with -q"),
-    (dict(q_bits=8), "--q-bits apply only with -q"),
-    (dict(q_group_size=32, q_mode="affine"), "--q-group-size, --q-mode apply only"),
+    (dict(mixed=True), "--mixed needs -q/--quantize"),
+    (dict(q_bits=8), "--q-bits needs -q"),
+    (dict(q_group_size=32, q_mode="affine"), "--q-group-size, --q-mode need -q"),
+    (dict(quantize=True, q_group_size=16), "choose 32, 64 or 128[.]$"),
 ])
 def test_quantization_options_checked_before_work(tiny_dir, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):

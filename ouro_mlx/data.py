@@ -246,13 +246,15 @@ def prepare(
                     docs += 1
                     buf_t += ids + [eos]
                     buf_m += mask + [mask[-1] if mask else 1]
-                    while len(buf_t) >= n:
-                        pending_t.append(np.array(buf_t[:n], dtype))
-                        pending_m.append(np.array(buf_m[:n], np.uint8))
+                    start = 0  # cut once per document: a long one is not copied per row
+                    while len(buf_t) - start >= n:
+                        pending_t.append(np.array(buf_t[start:start + n], dtype))
+                        pending_m.append(np.array(buf_m[start:start + n], np.uint8))
                         tokens += n
                         # sequences overlap by one token: the last input is the next target
-                        buf_t, buf_m = buf_t[n - 1:], buf_m[n - 1:]
+                        start += n - 1
                         flush()
+                    buf_t, buf_m = buf_t[start:], buf_m[start:]
                 if docs == before:
                     raise DataError(f"{path}: no usable samples")
             flush(final=True)

@@ -1,19 +1,30 @@
 """Look inside the loop: each step's top prediction and the exit gate's distribution.
 
-    python examples/loop_depth.py MODEL "The capital of France is"
+    python examples/loop_depth.py [MODEL] [TEXT]
+    python examples/loop_depth.py ByteDance/Ouro-1.4B "The capital of France is"
+
+MODEL defaults to the bundled demo model, TEXT to one of its questions.
 """
 
-import sys
+import argparse
 
 import mlx.core as mx
 
 import ouro_mlx
 from ouro_mlx import exit as ex
+from ouro_mlx.demo import model_path
+from ouro_mlx.encoding import encode_text
 
 
 def main() -> None:
-    model, tokenizer = ouro_mlx.load(sys.argv[1])
-    ids = mx.array([tokenizer.encode(sys.argv[2], add_special_tokens=False)])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default=str(model_path()),
+                   help="Checkpoint directory or repo id (default: the bundled demo model).")
+    p.add_argument("text", nargs="?", default="2,23,14,31",
+                   help="Text whose next token to look at.")
+    args = p.parse_args()
+    model, tokenizer = ouro_mlx.load(args.model)
+    ids = mx.array([encode_text(tokenizer, args.text)])
     out = model.loop_outputs(ids)
     pdf = ex.exit_pdf(out.gate_logits)[0, -1]  # last position, [T]
     for t, h in enumerate(out.hidden):

@@ -1,8 +1,11 @@
 """Load time and peak memory of a checkpoint (run once per model, in a fresh process).
 
-    python examples/measure_load.py MODEL [MODEL ...]
+    python examples/measure_load.py [MODEL ...]
+
+MODEL defaults to the bundled demo model.
 """
 
+import argparse
 import resource
 import subprocess
 import sys
@@ -25,9 +28,21 @@ def measure(path: str) -> None:
           f"max RSS {rss_gb:.2f} GiB, dtype {dtype}")
 
 
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="Checkpoint directories or repo ids (default: the bundled demo model).")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
+    args = p.parse_args()
+    if args.one:
+        return measure(args.models[0])
+    if not args.models:
+        from ouro_mlx.demo import model_path
+
+        args.models = [str(model_path())]
+    for path in args.models:
+        subprocess.run([sys.executable, __file__, "--one", path], check=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--one":
-        measure(sys.argv[2])
-    else:
-        for p in sys.argv[1:]:
-            subprocess.run([sys.executable, __file__, "--one", p], check=True)
+    main()

@@ -188,6 +188,26 @@ def test_examples_run(tiny_dir):
     assert "load" in out.stdout and "MLX peak" in out.stdout
 
 
+
+def test_examples_default_to_the_bundled_model_and_print_usage():
+    """No arguments: the bundled demo model, not an IndexError; --help: usage."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = run(str(examples / "generate.py"))
+    assert out.returncode == 0 and out.stdout.strip() == "=133", out.stderr
+    out = run(str(examples / "loop_depth.py"))
+    assert out.returncode == 0 and "p(exit here)" in out.stdout, out.stderr
+    out = run(str(examples / "measure_load.py"))
+    assert out.returncode == 0 and "demo" in out.stdout, out.stderr
+    out = run(str(examples / "train_step_cost.py"), "tiny", "8")
+    assert out.returncode == 0 and "tokens/s" in out.stdout, out.stderr
+    for script in sorted(examples.glob("*.py")):
+        out = run(str(script), "--help")
+        assert out.returncode == 0 and out.stdout.startswith("usage: "), script
+    out = run(str(examples / "train_step_cost.py"), "no-such-shape")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("verb", ["generate", "chat", "bench", "demo-eval", "demo-train"])
 def test_help_describes_every_flag_with_its_default(verb):
     import importlib

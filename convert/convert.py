@@ -1,8 +1,10 @@
 """HF PyTorch-format Ouro checkpoints ↔ MLX directories.
 
-Both directions write into a temporary directory beside the destination and rename
-it into place at the end, so an interrupted run leaves nothing half-written, and
-neither ever modifies the source.
+Every option and the destination are checked before any work: a destination that is,
+holds or lies inside the source (or the working directory) is refused. Both
+directions write into a temporary directory beside the destination and rename it into
+place at the end, so an interrupted run or a full disk leaves nothing half-written and
+the previous destination intact, and neither ever modifies the source.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..loading import (
     destination,
     parse_dtype,
     read_config,
+    read_json_object,
     read_safetensors,
     resolve,
     weight_files,
@@ -138,21 +141,24 @@ def _chat_end_id(tokenizer_dir: Path) -> int | None:
     file = tokenizer_dir / "tokenizer.json"
     if not file.exists():
         return None
-    for tok in json.loads(file.read_text()).get("added_tokens", []):
-        if tok.get("content") == "<|im_end|>":
+    added = read_json_object(file).get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise CheckpointError(f"{file}: added_tokens must be a list of objects.")
+    for tok in added:
+        if tok.get("content") == "<|im_end|>" and isinstance(tok.get("id"), int):
             return tok["id"]
     return None
 
 
-def _write_generation_config(dst: Path, config: dict, tokenizer_dir: Path) -> None:
+def _write_generation_config(dst: Path, config: dict, chat_end: int | None) -> None:
     """Make chat turns stop at ``<|im_end|>`` in any tool that reads
     generation_config.json (mlx-lm does), not only at the config's eos."""
     file = dst / "generation_config.json"
     gen = json.loads(file.read_text()) if file.exists() else {}
     eos = gen.get("eos_token_id", config.get("eos_token_id", 0))
     eos = [eos] if isinstance(eos, int) else list(eos)
-    if (end := _chat_end_id(tokenizer_dir)) is not None and end not in eos:
-        eos.append(end)
+    if chat_end is not None and chat_end not in eos:
+        eos.append(chat_end)
     gen.update(eos_token_id=eos, bos_token_id=config.get("bos_token_id", 0))
     file.write_text(json.dumps(gen, indent=2) + "\n")
 
@@ -291,6 +297,7 @@ def hf_to_mlx(
     check_fits(estimate_model_bytes(args), f"The model in {meta_dir / 'config.json'}")
     if quantize:
         _check_quantizable(args, group_size)
+    chat_end = _chat_end_id(meta_dir)
 
     with atomic_directory(dst, force=force) as tmp:
         model = _source_model(src, source_config, args)
@@ -310,7 +317,7 @@ def hf_to_mlx(
             save_model(tmp, model)
             save_config(dict(config), tmp / "config.json")
             copy_support_files(meta_dir, tmp)
-            _write_generation_config(tmp, config, meta_dir)
+            _write_generation_config(tmp, config, chat_end)
         if not verify:
             return None
         lossy = " and ".join(

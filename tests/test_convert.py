@@ -462,3 +462,21 @@ def test_dequantize_a_quantized_mlx_directory(tiny_dir, tmp_path):
     assert type(dq.layers[0].mlp.up_proj) is nn.Linear
     assert mx.allclose(dq(IDS), load_model(q8)(IDS), atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dq", "q8"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{bad", "tokenizer.json is not valid JSON"),
+    ("[1, 2]", "tokenizer.json holds"),
+    ('{"added_tokens": [1, "x"]}', "added_tokens must be a list of objects"),
+    ('{"added_tokens": 5}', "added_tokens must be a list of objects"),
+])
+def test_damaged_tokenizer_json_is_one_line(tiny_dir, tmp_path, monkeypatch, text, message):
+    import ouro_mlx.convert.convert as C
+
+    monkeypatch.setattr(C, "_read_source_weights", None)  # refused before any work
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    (src / "tokenizer.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        hf_to_mlx(src, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]

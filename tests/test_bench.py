@@ -91,3 +91,14 @@ def test_speeds_are_plain_numbers():
                peak_gb=0.1, kv_bytes=2**20)
     line = cmd.table([row], None).splitlines()[-1]
     assert "12,346" in line and "2,880" in line and "e+" not in line
+
+
+def test_bad_config_is_one_line_naming_the_field(tiny_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
+    with pytest.raises(ValueError, match="config.json: hidden_size must be a positive integer"):
+        cmd.main(["--model", str(bad)])

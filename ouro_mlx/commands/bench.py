@@ -75,6 +75,7 @@ def check_sizes(args, config: dict, dtypes: list[str], quants: list[str]) -> Non
     """Refuse absurd sizes with the flag's name, and models that cannot fit in memory,
     before anything is allocated."""
     from ..limits import check_fits
+    from ..model import ModelArgs, num_parameters
     from .options import check_loop_steps
 
     if args.random == "custom":
@@ -90,15 +91,13 @@ def check_sizes(args, config: dict, dtypes: list[str], quants: list[str]) -> Non
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
     if args.ut_steps is not None:
         check_loop_steps(args.ut_steps, "--ut-steps")
-    c = config
-    H, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    hd = c.get("head_dim") or H // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", 1) * hd
+    a = ModelArgs.from_dict(config)  # a --model's config was checked when read
+    L, hd, kv = a.num_hidden_layers, a.head_dim, a.num_key_value_heads * a.head_dim
     if args.kv_bits and hd % 64:
         raise ValueError(f"--kv-bits is unavailable for this model: its head_dim ({hd}) is "
                          "not a multiple of 64, the KV quantization group used here.")
-    params = 2 * V * H + L * (2 * H * q + 2 * H * kv + 3 * H * c["intermediate_size"])
-    T = args.ut_steps or c.get("total_ut_steps", 4)
+    params = num_parameters(a)
+    T = args.ut_steps or a.total_ut_steps
     tokens = args.prompt_tokens + args.gen_tokens + args.context
     for dtype in dtypes:
         size = 4 if dtype == "float32" else 2
@@ -159,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
               "use --gen-tokens 8 or more for decode figures", file=sys.stderr)
 
     if args.model:
-        from ..loading import read_config, resolve
-        config = read_config(resolve(args.model))
+        from ..loading import model_args, read_config, resolve
+
+        path = resolve(args.model)
+        config = read_config(path)
+        model_args(path, config)  # a config from a stranger: one line naming the field
     else:
         config = shape_config(args)
     results = {"config": {k: config[k] for k in ("hidden_size", "num_hidden_layers",

@@ -21,11 +21,11 @@ from .options import (
     check_kv_args,
     check_loop_args,
     check_loop_steps,
+    cli_text,
     loop_kwargs,
     model_or_demo,
     rate,
     sampling_kwargs,
-    text,
 )
 
 RESET, DIM = "\033[0m", "\033[2m"
@@ -206,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx chat", description=__doc__,
                                 formatter_class=HelpFormatter)
     add_model_args(p, demo=True)
-    p.add_argument("--system-prompt", default=None, type=text,
+    p.add_argument("--system-prompt", default=None, type=cli_text,
                    help="A system message that opens every conversation.")
     p.add_argument("--hide-thinking", action="store_true",
                    help="Hide <think>…</think> reasoning (default: shown dimmed).")
     p.add_argument("--show-depth", action="store_true",
                    help="Colour every token by the loop steps it ran.")
-    p.add_argument("--stop", action="append", default=[], type=text,
+    p.add_argument("--stop", action="append", default=[], type=cli_text,
                    help="End the answer where this text appears (repeatable).")
     p.add_argument("--single-turn", action="store_true",
                    help="Every message starts a new conversation (the default for the "

@@ -13,11 +13,11 @@ from .options import (
     apply_compile_flag,
     check_kv_args,
     check_loop_args,
+    cli_text,
     loop_kwargs,
     model_or_demo,
     rate,
     sampling_kwargs,
-    text,
 )
 
 
@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx generate", description=__doc__,
                                 formatter_class=HelpFormatter)
     add_model_args(p, demo=True)
-    p.add_argument("--prompt", "-p", required=True, type=text,
+    p.add_argument("--prompt", "-p", required=True, type=cli_text,
                    help="The prompt; '-' reads stdin (one trailing newline dropped).")
-    p.add_argument("--system-prompt", default=None, type=text,
+    p.add_argument("--system-prompt", default=None, type=cli_text,
                    help="A system message before the prompt (chat template only).")
     p.add_argument("--no-chat-template", "--ignore-chat-template", action="store_true",
                    help="Use the prompt as raw text instead of a ChatML user turn.")

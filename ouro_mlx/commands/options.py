@@ -37,7 +37,7 @@ def seed(text: str) -> int:
     return value
 
 
-def text(value: str) -> str:
+def cli_text(value: str) -> str:
     """Text from the command line; invalid UTF-8 arrives as surrogate escapes."""
     try:
         value.encode("utf-8")

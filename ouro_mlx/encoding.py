@@ -21,14 +21,15 @@ import uuid
 
 
 def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    """The chat template's ids for ``messages``; content is always plain text."""
+    """The chat template's ids for ``messages``; their content (and role: a data
+    file's roles are text from a stranger too) is always plain text."""
     specials = _added_tokens(tokenizer)
-    if not any(_has_special(m.get("content"), specials) for m in messages):
+    if not any(_has_special(v, specials) for m in messages for v in m.values()):
         return list(tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt))
     marks = {s: f"\ue000{uuid.uuid4().hex}{i}\ue001" for i, s in enumerate(specials)}
-    hidden = [{**m, "content": _replace(m["content"], marks)}
-              if isinstance(m.get("content"), str) else m for m in messages]
+    hidden = [{k: _replace(v, marks) if isinstance(v, str) else v for k, v in m.items()}
+              for m in messages]
     text = tokenizer.apply_chat_template(
         hidden, add_generation_prompt=add_generation_prompt, tokenize=False)
     back = {v: k for k, v in marks.items()}

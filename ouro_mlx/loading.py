@@ -296,16 +296,24 @@ def write_errors(dest: Path, nbytes: int) -> Iterator[None]:
 
 
 def destination(path: str | Path, flag: str, force: bool) -> Path:
-    """The absolute destination ``path``, refused before any work when it is not empty
-    (without ``force``) or when replacing it would delete the working directory."""
+    """The absolute path of a model directory to write, checked before any work: a new
+    or empty directory, or with ``force`` a model directory (with a config.json) to
+    replace. Never a file, another directory, nor one holding the working directory."""
     dst = Path(os.path.abspath(Path(path).expanduser()))
     cwd = Path.cwd().resolve()
     if dst.resolve() == cwd or dst.resolve() in cwd.parents:
         raise ValueError(f"{flag} {path} is or contains the current directory; "
                          "name a new directory to write to.")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise FileExistsError(f"{flag} {path} exists and is not empty; "
-                              "pass --force to replace it.")
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file, not a directory; "
+                              "name a directory to write to.")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not force:
+            raise FileExistsError(f"{flag} {path} exists and is not empty; "
+                                  "pass --force to replace it.")
+        if not (dst / "config.json").is_file():
+            raise FileExistsError(f"{flag} {path} is not a model directory (no config.json) "
+                                  "and --force replaces only those; name a new directory.")
     return dst
 
 

@@ -140,7 +140,12 @@ def test_existing_destination_refused_then_forced(tiny_dir, tmp_path):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
         hf_to_mlx(tiny_dir, dst)
+    with pytest.raises(FileExistsError, match="not a model directory .* --force replaces"):
+        hf_to_mlx(tiny_dir, dst, force=True)  # --force replaces only a model directory
     assert (dst / "keep.txt").read_text() == "mine"
+    (dst / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--force"):
+        hf_to_mlx(tiny_dir, dst)
     hf_to_mlx(tiny_dir, dst, force=True)
     assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -175,6 +180,8 @@ def test_destination_holding_or_inside_the_source_is_refused(tiny_dir, tmp_path)
     src = parent / "src"
     shutil.copytree(tiny_dir, src)
     (parent / "sibling.txt").write_text("keep")
+    for d in (parent, tmp_path):  # look like model directories, which --force replaces
+        (d / "config.json").write_text("{}")
     hf_to_mlx(src, parent / "mlx")
     before = {p: digest(p) for p in (src, parent / "mlx")}
     cases = [
@@ -190,12 +197,14 @@ def test_destination_holding_or_inside_the_source_is_refused(tiny_dir, tmp_path)
             convert(a, b, force=True)
     assert {p: digest(p) for p in before} == before
     assert (parent / "sibling.txt").read_text() == "keep"
-    assert sorted(p.name for p in parent.iterdir()) == ["mlx", "sibling.txt", "src"]
+    assert sorted(p.name for p in parent.iterdir()) == ["config.json", "mlx", "sibling.txt",
+                                                         "src"]
 
 
 def test_raw_weights_file_inside_the_destination_is_refused(tiny_dir, tmp_path):
     src = tmp_path / "P"
     shutil.copytree(tiny_dir, src)
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="contains the source"):
         hf_to_mlx(src / "model.safetensors", tmp_path, config_path=src / "config.json",
                   force=True)
@@ -480,3 +489,20 @@ def test_damaged_tokenizer_json_is_one_line(tiny_dir, tmp_path, monkeypatch, tex
     with pytest.raises(CheckpointError, match=message):
         hf_to_mlx(src, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_force_never_replaces_a_file(tiny_dir, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    for dst in (file, tmp_path / "link"):
+        with pytest.raises(FileExistsError, match="is a file, not a directory"):
+            hf_to_mlx(tiny_dir, dst, force=True)
+        with pytest.raises(FileExistsError, match="is a file, not a directory"):
+            mlx_to_hf(tiny_dir, dst, force=True)
+    from ouro_mlx.random_model import make_random_checkpoint
+
+    with pytest.raises(FileExistsError, match="--out .* is a file"):
+        make_random_checkpoint(file, force=True)
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link", "notes.txt"]

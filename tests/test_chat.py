@@ -171,3 +171,15 @@ def test_stats_say_why_the_answer_ended(session):
     list(session.reply("hello"))  # no eos (cleared): ends at max_tokens
     assert session.stats.cut and "finished: --max-tokens 5 reached" in str(session.stats)
     assert "e+" not in str(session.stats)
+
+
+def test_generate_show_depth_on_a_terminal_prints_a_legend():
+    """On a terminal the tokens are coloured and the legend says what the colours
+    mean; piped, the per-token list has its own label (tests/test_cli.py)."""
+    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "generate", "-p", "2,23,14,31",
+                                           "--show-depth"],
+                          env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
+    child.expect(pexpect.EOF)
+    out = child.before
+    assert "colours by loop steps: " in out and "loop steps per token" not in out
+    assert "\x1b[3" in out and "finished: end of answer" in out

@@ -231,7 +231,8 @@ def _verify(converted: Model, written: Model, vocab_size: int, source: Model | N
     lc, lw = _logits(converted, vocab_size), _logits(written, vocab_size)
     dtype = str(converted.model.norm.weight.dtype).split(".")[-1]
     scale = max(1.0, lc.abs().max().item())
-    v = Verification((lc - lw).abs().max().item(), VERIFY_TOLERANCE[dtype] * scale, dtype)
+    tolerance = VERIFY_TOLERANCE.get(dtype, 1e-2) * scale
+    v = Verification((lc - lw).abs().max().item(), tolerance, dtype)
     if source is not None and lossy:
         ls = _logits(source, vocab_size)
         v.lossy, v.drift = lossy, (ls - lw).abs().max().item()

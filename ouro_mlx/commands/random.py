@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total_ut_steps in the config: loop steps per token (default: 4).")
     p.add_argument("--seed", type=int, default=0,
                    help="Random seed, 0 to 2**64 - 1 (default: 0).")
-    p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--force", action="store_true",
+                   help="Replace --out when it holds a model (a config.json).")
     return p
 
 

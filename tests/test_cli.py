@@ -62,7 +62,8 @@ def test_generate_is_reproducible_with_seed_and_reads_stdin(tiny_dir):
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt", ""], "prompt is empty"),
-    (["--prompt", "x", "--ut-steps", "0"], "ut_steps"),
+    (["--prompt", "x", "--ut-steps", "0"], "--ut-steps must be >= 1, got 0."),
+    (["--prompt", "x", "--exit-at-step", "-1"], "--exit-at-step must be >= 0, got -1."),
     (["--prompt", "x", "--exit-threshold", "1.5"], "exit_threshold"),
     (["--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
     (["--prompt", "x" * 3000], "positions"),

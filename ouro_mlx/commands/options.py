@@ -77,12 +77,15 @@ def rate(tps: float) -> str:
 
 
 def check_loop_args(args: argparse.Namespace) -> None:
-    """The loop flags against the cap, before the model is loaded."""
-    for name in ("ut_steps", "min_loops", "max_loops"):
-        if (n := getattr(args, name)) is not None:
-            check_loop_steps(n, "--" + name.replace("_", "-"))
-    if args.exit_at_step is not None:
-        check_loop_steps(args.exit_at_step + 1, "--exit-at-step")
+    """The loop flags against their bounds and the cap, before the model is loaded
+    (the model's own depth is checked once it is)."""
+    for name, low in (("ut_steps", 1), ("min_loops", 1), ("max_loops", 1), ("exit_at_step", 0)):
+        if (n := getattr(args, name)) is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if n < low:
+            raise ValueError(f"{flag} must be >= {low}, got {n}.")
+        check_loop_steps(n + 1 - low, flag)  # --exit-at-step k runs k + 1 steps
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True,

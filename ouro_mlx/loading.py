@@ -492,7 +492,10 @@ def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        # --force replaces an output directory, never a file, device or link (/dev/null).
+        raise FileExistsError(f"{dest} exists and is not a directory; choose another path.")
+    if dest.exists() and any(dest.iterdir()) and not force:
         raise FileExistsError(f"{dest} exists and is not empty; pass --force to replace it.")
     tmp = make_sibling_dir(dest)
     try:

@@ -373,6 +373,21 @@ def test_error_inside_leaves_the_old_copy_and_no_temporary(tmp_path):
     assert (dest / "file.txt").read_text() == "old" and siblings(dest) == []
 
 
+def test_force_never_replaces_a_file_or_link(tmp_path):
+    # `--out /dev/null --force` once made /dev/null a directory.
+    file, target = tmp_path / "file", tmp_path / "target"
+    file.write_text("keep")
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    for dest in (file, link):
+        with pytest.raises(FileExistsError, match="is not a directory"):
+            with atomic_directory(dest, force=True):
+                pass
+    assert file.read_text() == "keep" and link.is_symlink()
+    assert siblings(file) == [] and siblings(link) == []
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
 def test_output_directories_honour_the_umask(tmp_path, umask, mode):
     previous = os.umask(umask)

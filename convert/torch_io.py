@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..loading import CheckpointError, lies_inside, read_json_object
+from ..loading import CheckpointError, files_inside, index_names
 
 
 def _torch():
@@ -28,21 +28,13 @@ def torch_files(path: Path) -> list[Path]:
         return [path]
     index = path / "pytorch_model.bin.index.json"
     if index.exists():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(n, str) for n in weight_map.values()
-        ):
-            raise CheckpointError(f"{index} has no weight_map object of tensor → file name.")
-        names = sorted(set(weight_map.values()))
+        files = files_inside(path, index_names(index), named_by=index)
     else:
-        names = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext)
-                       if p.is_file())
-    if outside := [n for n in names if not lies_inside(path, n)]:
-        raise CheckpointError(f"{path / outside[0]} lies outside {path}; weight files must "
-                              "lie inside the model directory.")
-    if missing := [n for n in names if not (path / n).is_file()]:
+        files = files_inside(path, sorted(p.name for ext in ("*.bin", "*.pt", "*.pth")
+                                          for p in path.glob(ext) if p.is_file()))
+    if missing := [f.name for f in files if not f.is_file()]:
         raise CheckpointError(f"{index} names missing files: {', '.join(missing)}")
-    return [path / n for n in names]
+    return files
 
 
 def read_state_dict(file: Path) -> dict[str, mx.array]:

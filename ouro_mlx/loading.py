@@ -165,22 +165,11 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint; with an index, exactly those it names."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(n, str) for n in weight_map.values()
-        ):
-            raise CheckpointError(f"{index} has no weight_map object of tensor → file name.")
-        names = sorted(set(weight_map.values()))
-        if outside := [n for n in names if not lies_inside(path, n)]:
-            raise CheckpointError(f"{index} names {outside[0]!r}, outside {path}; shards "
-                                  "must lie inside the model directory.")
-        if missing := [n for n in names if not (path / n).exists()]:
+        files = files_inside(path, index_names(index), named_by=index)
+        if missing := [f.name for f in files if not f.exists()]:
             raise CheckpointError(f"{index} names missing files: {', '.join(missing)}")
-        return [path / n for n in names]
+        return files
     files = sorted(Path(f) for f in glob.glob(str(path / "model*.safetensors")))
-    if outside := [f for f in files if not lies_inside(path, f.name)]:
-        raise CheckpointError(f"{outside[0]} links to a file outside {path}; shards must "
-                              "lie inside the model directory.")
     if not files:
         torch_files = [f for p in TORCH_PATTERNS for f in glob.glob(str(path / p))]
         hint = (
@@ -190,7 +179,26 @@ def weight_files(path: Path) -> list[Path]:
             else ""
         )
         raise CheckpointError(f"No model*.safetensors in {path}.{hint}")
-    return files
+    return files_inside(path, [f.name for f in files])
+
+
+def index_names(index: Path) -> list[str]:
+    """The file names a shard index's ``weight_map`` points to."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(n, str) for n in weight_map.values()
+    ):
+        raise CheckpointError(f"{index} has no weight_map object of tensor → file name.")
+    return sorted(set(weight_map.values()))
+
+
+def files_inside(path: Path, names: list[str], named_by: Path | None = None) -> list[Path]:
+    """``path / name`` for each name, refusing any that resolves outside ``path``."""
+    if outside := [n for n in names if not lies_inside(path, n)]:
+        where = f"{named_by}: " if named_by else ""
+        raise CheckpointError(f"{where}{path / outside[0]} lies outside {path}; weight files "
+                              "must lie inside the model directory.")
+    return [path / n for n in names]
 
 
 def lies_inside(path: Path, name: str) -> bool:

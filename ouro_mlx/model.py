@@ -118,7 +118,20 @@ class LoopOutputs(NamedTuple):
     gate_logits: list[mx.array]
 
 
-class Attention(nn.Module):
+class LoopAware:
+    """Mixin of the blocks whose projections may be per-loop adapters
+    (``ouro_mlx.adapters.LoopLoRALinear``): those named in ``loop_keys`` are called
+    with the loop step ``t`` as well, the others with the input only. Empty (the
+    default, a class attribute) costs one truth test per call."""
+
+    loop_keys: frozenset = frozenset()
+
+    def project(self, name: str, x: mx.array, t: int) -> mx.array:
+        module = self[name]
+        return module(x, t) if name in self.loop_keys else module(x)
+
+
+class Attention(LoopAware, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, hd = args.hidden_size, args.head_dim
@@ -138,16 +151,23 @@ class Attention(nn.Module):
         cache: Any = None,
         frozen: tuple | None = None,
         last_only: bool = False,
+        t: int = 0,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         """Returns the output and this call's new (k, v). ``frozen = (active
         [B,1,1,1], k, v)``: inactive rows store the given K/V instead of their own.
-        ``last_only``: K/V for every position, the output for the last one only."""
+        ``last_only``: K/V for every position, the output for the last one only.
+        ``t``: the loop step, for per-loop adapters."""
         B, S, _ = x.shape
         xq = x[:, -1:] if last_only else x
         Sq = xq.shape[1]
-        q = self.q_proj(xq).reshape(B, Sq, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if self.loop_keys:
+            q, k, v = (self.project(n, a, t) for n, a in
+                       (("q_proj", xq), ("k_proj", x), ("v_proj", x)))
+        else:
+            q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, Sq, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset if Sq == S else offset + (S - Sq))
         k = self.rope(k, offset=offset)
@@ -158,10 +178,11 @@ class Attention(nn.Module):
         if Sq < S:  # the last query sees every key: the causal mask's last row
             mask = None if isinstance(mask, str) or mask is None else mask[..., -1:, :]
         out = scaled_dot_product_attention(q, keys, values, cache, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Sq, -1)), (k, v)
+        out = out.transpose(0, 2, 1, 3).reshape(B, Sq, -1)
+        return (self.project("o_proj", out, t) if self.loop_keys else self.o_proj(out)), (k, v)
 
 
-class MLP(nn.Module):
+class MLP(LoopAware, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, hidden = args.hidden_size, args.intermediate_size
@@ -169,7 +190,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, t: int = 0) -> mx.array:
+        if self.loop_keys:
+            h = swiglu(self.project("gate_proj", x, t), self.project("up_proj", x, t))
+            return self.project("down_proj", h, t)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -195,13 +219,15 @@ class DecoderLayer(nn.Module):
         cache: Any = None,
         frozen: tuple | None = None,
         last_only: bool = False,
+        t: int = 0,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, frozen, last_only)
+        """``t``: the loop step being run (per-loop adapters pick theirs by it)."""
+        h, kv = self.self_attn(self.input_layernorm(x), mask, cache, frozen, last_only, t)
         if last_only:
             x = x[:, -1:]
         x, h = add_norm_norm(x, h, self.input_layernorm_2.weight,
                              self.post_attention_layernorm.weight, self.eps)
-        h = self.mlp(h)
+        h = self.mlp(h, t)
         return add_norm(x, h, self.post_attention_layernorm_2.weight, self.eps), kv
 
 
@@ -253,7 +279,7 @@ class OuroModel(nn.Module):
             if shared and t > 0:
                 c.trim(x.shape[1])
             f = None if frozen is None else (frozen[0][:, None, None, None], *frozen[1][l])
-            x, kv = layer(x, mask, c, f, last_only and l == len(self.layers) - 1)
+            x, kv = layer(x, mask, c, f, last_only and l == len(self.layers) - 1, t)
             kvs.append(kv)
         x = self.norm(x)  # closes every step; the normalised state feeds step t+1
         return x, self.early_exit_gate(x).squeeze(-1), kvs

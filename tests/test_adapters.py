@@ -1,0 +1,214 @@
+"""Adapters: shared and per-loop LoRA, saving/loading, inference and fuse."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from ouro_mlx.adapters import (
+    LoopLoRALinear,
+    adapter_config,
+    apply_adapters,
+    load_adapters,
+    save_adapters,
+)
+from ouro_mlx.loading import load_model
+
+TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 64]])
+
+
+def logits(model, **kw):
+    return np.array(model(TOKENS, **kw).astype(mx.float32))
+
+
+def randomize_b(model, seed=0, per_step_same=False):
+    """Give every lora_b a random value (same for each loop step when asked)."""
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            shape = m.lora_b.shape
+            if per_step_same and isinstance(m, LoopLoRALinear):
+                one = 0.05 * mx.random.normal(shape[1:])
+                m.lora_b = mx.repeat(one[None], shape[0], axis=0)
+            else:
+                m.lora_b = 0.05 * mx.random.normal(shape)
+    mx.eval(model.parameters())
+
+
+def copy_shared_into_per_loop(shared, per_loop):
+    """Per-loop adapters holding the shared (A, B) at every loop step."""
+    T = per_loop.ut_steps
+    flat = dict(tree_flatten(shared.trainable_parameters()))
+    per_loop.load_weights(
+        [(k, mx.repeat(v[None], T, axis=0)) for k, v in flat.items()], strict=False)
+
+
+def test_zero_initialised_adapters_leave_logits_unchanged(tiny_dir):
+    base = logits(load_model(tiny_dir))
+    for per_loop in (False, True):
+        for ftype in ("lora", "dora") if not per_loop else ("lora",):
+            model = load_model(tiny_dir)
+            apply_adapters(model, fine_tune_type=ftype, per_loop=per_loop)
+            np.testing.assert_allclose(logits(model), base, atol=1e-5)
+
+
+def test_only_adapters_are_trainable(tiny_dir):
+    model = load_model(tiny_dir)
+    apply_adapters(model, num_layers=1, per_loop=True, train_gate=True)
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    last = len(model.layers) - 1
+    assert "model.early_exit_gate.weight" in names
+    assert all(k.startswith(f"model.layers.{last}.") or "early_exit_gate" in k for k in names)
+    a = dict(tree_flatten(model.trainable_parameters()))[
+        f"model.layers.{last}.self_attn.q_proj.lora_a"]
+    assert a.shape == (model.ut_steps, model.args.hidden_size, 8)
+
+
+def test_per_loop_with_identical_adapters_equals_shared(tiny_dir):
+    shared = load_model(tiny_dir)
+    apply_adapters(shared, lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0})
+    randomize_b(shared)
+    per_loop = load_model(tiny_dir)
+    apply_adapters(per_loop, lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0},
+                   per_loop=True)
+    copy_shared_into_per_loop(shared, per_loop)
+    base = logits(load_model(tiny_dir))
+    assert np.abs(logits(shared) - base).max() > 1e-3  # the adapter does something
+    np.testing.assert_allclose(logits(per_loop), logits(shared), atol=1e-5)
+    for kw in ({"exit_at_step": 1}, {"weighted_exit": True}):
+        np.testing.assert_allclose(logits(per_loop, **kw), logits(shared, **kw), atol=1e-5)
+    # A different B at each loop step changes the result.
+    randomize_b(per_loop, seed=3)
+    assert np.abs(logits(per_loop) - logits(shared)).max() > 1e-3
+
+
+def test_per_loop_step_beyond_adapters_is_refused(tiny_dir):
+    model = load_model(tiny_dir)
+    apply_adapters(model, per_loop=True, ut_steps=2)
+    model(TOKENS, ut_steps=2)
+    with pytest.raises(ValueError, match="hold 2 loop steps"):
+        model(TOKENS, ut_steps=3)
+
+
+def quantized(tiny_or_small):
+    model = load_model(tiny_or_small)
+    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: (
+        hasattr(m, "to_quantized") and model.quant_predicate(p, m)))
+    return model
+
+
+@pytest.mark.parametrize("per_loop", [False, True])
+def test_qlora_on_a_quantized_base(small_dir, per_loop):
+    model = quantized(small_dir)
+    base = logits(model)
+    apply_adapters(model, per_loop=per_loop, num_layers=1)
+    np.testing.assert_allclose(logits(model), base, atol=1e-5)
+    lin = model.layers[-1].self_attn.q_proj
+    assert isinstance(lin.linear, nn.QuantizedLinear)
+    randomize_b(model)
+    assert np.abs(logits(model) - base).max() > 1e-3
+    # Gradients reach the adapters only.
+    def loss(m):
+        return m(TOKENS).astype(mx.float32).square().mean()
+    grads = nn.value_and_grad(model, loss)(model)[1]
+    flat = dict(tree_flatten(grads))
+    assert any(k.endswith("lora_a") for k in flat) and not any("scales" in k for k in flat)
+
+
+def test_per_loop_dora_is_refused(tiny_dir):
+    with pytest.raises(ValueError, match="LoRA only"):
+        apply_adapters(load_model(tiny_dir), fine_tune_type="dora", per_loop=True)
+
+
+@pytest.mark.parametrize("per_loop,ftype,train_gate", [
+    (False, "lora", False), (True, "lora", True), (False, "dora", False),
+    (False, "full", True)])
+def test_save_then_load_gives_the_same_model(tiny_dir, tmp_path, per_loop, ftype, train_gate):
+    model = load_model(tiny_dir)
+    apply_adapters(model, fine_tune_type=ftype, num_layers=1, per_loop=per_loop,
+                   train_gate=train_gate)
+    randomize_b(model)
+    if ftype == "full" or train_gate:  # move every trainable weight a little
+        model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))
+    config = adapter_config({"fine_tune_type": ftype, "num_layers": 1, "model": tiny_dir,
+                             "per_loop_adapters": per_loop, "ut_steps": 4,
+                             "train_gate": train_gate})
+    save_adapters(tmp_path / "a", model, config)
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["per_loop_adapters"] is per_loop and saved["train_gate"] is train_gate
+    assert saved["lora_parameters"] == {"rank": 8, "dropout": 0.0, "scale": 20.0}
+    assert saved["model"] == str(tiny_dir)
+    loaded = load_model(tiny_dir)
+    config = load_adapters(loaded, tmp_path / "a")
+    assert config["fine_tune_type"] == ftype
+    np.testing.assert_allclose(logits(loaded), logits(model), atol=1e-6)
+    assert not list((tmp_path / "a").glob(".*tmp*"))  # no temporary files left
+
+
+def saved_adapters(tiny_dir, path, per_loop=False, **kw):
+    model = load_model(tiny_dir)
+    apply_adapters(model, num_layers=1, per_loop=per_loop, **kw)
+    randomize_b(model)
+    save_adapters(path, model, adapter_config({"num_layers": 1, "per_loop_adapters": per_loop}))
+    return model
+
+
+def edit_config(path, **changes):
+    file = path / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config.update(changes)
+    file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"fine_tune_type": "qlora"}, "fine_tune_type must be one of"),
+    ({"num_layers": 99}, "num_layers must be -1"),
+    ({"num_layers": "2"}, "num_layers must be -1"),
+    ({"lora_parameters": {"rank": 10**9}}, "rank must be an integer"),
+    ({"lora_parameters": {"rank": 8, "scale": "big"}}, "scale must be a finite number"),
+    ({"lora_parameters": {"rank": 8, "keys": ["__class__"]}}, "keys must be a list"),
+    ({"lora_parameters": {"rank": 4}}, "has shape"),
+    ({"per_loop_adapters": "yes"}, "per_loop_adapters must be true or false"),
+    ({"per_loop_adapters": True, "ut_steps": 10**6}, "ut_steps"),
+    ({"per_loop_adapters": True, "ut_steps": 4}, "has shape"),
+    ({"train_gate": True}, "tensor model.early_exit_gate.bias is missing"),
+])
+def test_untrusted_adapter_config_is_refused_in_one_line(tiny_dir, tmp_path, changes, message):
+    saved_adapters(tiny_dir, tmp_path / "a")
+    edit_config(tmp_path / "a", **changes)
+    with pytest.raises(ValueError, match=message) as e:
+        load_adapters(load_model(tiny_dir), tmp_path / "a")
+    assert "\n" not in str(e.value) and "adapter" in str(e.value)
+
+
+def test_untrusted_adapter_files_are_refused(tiny_dir, tmp_path):
+    saved_adapters(tiny_dir, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        load_adapters(load_model(tiny_dir), tmp_path / "a")
+    saved_adapters(tiny_dir, tmp_path / "b")
+    (tmp_path / "b" / "adapters.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="Cannot read .*adapters.safetensors"):
+        load_adapters(load_model(tiny_dir), tmp_path / "b")
+    # A link out of the directory is not followed.
+    saved_adapters(tiny_dir, tmp_path / "c")
+    saved_adapters(tiny_dir, tmp_path / "outside")
+    (tmp_path / "c" / "adapters.safetensors").unlink()
+    (tmp_path / "c" / "adapters.safetensors").symlink_to(
+        tmp_path / "outside" / "adapters.safetensors")
+    with pytest.raises(ValueError, match="links outside"):
+        load_adapters(load_model(tiny_dir), tmp_path / "c")
+    # An extra tensor is named.
+    saved_adapters(tiny_dir, tmp_path / "d")
+    w = mx.load(str(tmp_path / "d" / "adapters.safetensors"))
+    w["model.lm_head.weight"] = mx.zeros((2, 2))
+    mx.save_safetensors(str(tmp_path / "d" / "adapters.safetensors"), w)
+    with pytest.raises(ValueError, match="tensor model.lm_head.weight is not a parameter"):
+        load_adapters(load_model(tiny_dir), tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_adapters(load_model(tiny_dir), tmp_path / "nowhere")

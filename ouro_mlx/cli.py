@@ -14,9 +14,11 @@ VERBS = {
     "convert": "Convert between HF PyTorch-format and MLX checkpoints.",
     "data": "Tokenize .txt/.jsonl files into packed training shards.",
     "tokenizer": "Train a sentencepiece tokenizer (BPE or unigram) with ChatML tokens.",
+    "lora": "Finetune with LoRA/DoRA/QLoRA/full (loop-aware: Stage I loss, per-loop adapters).",
     "train": "Train a looped model (Stage I, Stage II gate, fixed depth; MLX distributed).",
     "demo-eval": "Accuracy of the bundled demo model at each loop depth and with early exit.",
     "demo-train": "Train the bundled demo model from nothing (its full recipe).",
+    "calibrate-exit": "Train only the exit gate on your data (Stage II); fewer loops.",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
 }
 

@@ -1,0 +1,346 @@
+"""Exit-gate calibration (``ouro-mlx calibrate-exit``): the paper's Stage II (spec §6.2)
+on a user's own data, with the language model frozen.
+
+Only ``model.early_exit_gate`` (hidden_size + 1 numbers) is trained, on the detached
+per-step losses of :func:`ouro_mlx.losses.stage2`: a step that still improved a token's
+loss by more than γ labels "continue", otherwise "exit". A forward pass of the frozen
+model per batch is the whole cost, so a few hundred steps take minutes.
+
+The before/after figures are teacher-forced: every loop step is run on the held-out
+sequences, each answer token takes the first step whose exit cdf reaches q, and we
+report the average loop count and the cross-entropy of that step's logits (in real
+decoding, a token that stops early also changes the keys later tokens see; for the
+bundled demo model the command also measures real adaptive generation).
+
+The result is a small gate file (:func:`save_gate`, read back by
+:func:`load_exit_gate`) or a new model directory; the original is never edited.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from . import exit as ex
+from .losses import loop_terms, stage2
+
+GATE = "model.early_exit_gate"
+GATE_KEYS = (f"{GATE}.weight", f"{GATE}.bias")
+THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+RESET_BIAS = -6.0  # λ = σ(−6) ≈ 0.0025: the cdf stays below 0.01, every token runs all loops
+
+Sample = tuple[list[int], list[int]]  # tokens, loss mask (1 = a target that counts)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_data(data: str | Path, tokenizer, *, warn: Callable[[str], None] = print,
+              valid_fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
+    """(train, valid) samples from mlx-lm's layout (a directory with ``train.jsonl`` and
+    optionally ``valid.jsonl``) or one ``.jsonl``/``.txt`` file. Without a validation
+    file the last ``valid_fraction`` of the samples (at least one) is held out. Chat and
+    completion samples count their answer tokens only; content is plain text. Bad lines
+    are reported through ``warn`` as ``file:line`` and skipped."""
+    from .data import DataError
+
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.jsonl").is_file():
+            raise DataError(f"{path}: no train.jsonl in this directory (mlx-lm's layout: "
+                            "train.jsonl and valid.jsonl)")
+        train = _read(path / "train.jsonl", tokenizer, warn)
+        valid_file = path / "valid.jsonl"
+        valid = _read(valid_file, tokenizer, warn) if valid_file.is_file() else None
+    else:
+        train, valid = _read(path, tokenizer, warn), None
+    if valid is None:
+        if len(train) < 2:
+            raise DataError(f"{path}: at least 2 usable samples are needed (train and a "
+                            "held-out one), or a valid.jsonl")
+        n = max(1, round(len(train) * valid_fraction))
+        train, valid = train[:-n], train[-n:]
+    return train, valid
+
+
+def _read(path: Path, tokenizer, warn) -> list[Sample]:
+    from .data import DataError, read_samples
+
+    samples = [s for s in read_samples(path, tokenizer, warn=warn)
+               if len(s[0]) >= 2 and any(s[1][1:])]
+    if not samples:
+        raise DataError(f"{path}: no usable samples (each needs at least one answer token "
+                        "after the first token)")
+    return samples
+
+
+def demo_data(tokenizer, n_train: int = 2000, n_valid: int = 200,
+              seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Shell games for the bundled demo model, answer tokens counted (seeds below the
+    evaluation set's, which :func:`demo_accuracy` uses)."""
+    from .demo.task import problems
+    from .encoding import encode_chat
+
+    def encode(probs) -> list[Sample]:
+        out = []
+        for p in probs:
+            msgs = p.messages()
+            prompt = encode_chat(tokenizer, msgs[:1], add_generation_prompt=True)
+            full = encode_chat(tokenizer, msgs, add_generation_prompt=False)
+            out.append((full, [0] * len(prompt) + [1] * (len(full) - len(prompt))))
+        return out
+
+    return encode(problems(n_train, 2 * seed + 1)), encode(problems(n_valid, 2 * seed + 2))
+
+
+def pad_batch(samples: list[Sample], max_seq_length: int) -> tuple[mx.array, mx.array]:
+    """Tokens [B, N] (padded with 0) and the target mask [B, N−1] for ``batch[:, 1:]``."""
+    rows = [(t[:max_seq_length], m[:max_seq_length]) for t, m in samples]
+    N = max(len(t) for t, _ in rows)
+    tokens = np.zeros((len(rows), N), np.int32)
+    mask = np.zeros((len(rows), N), np.bool_)
+    for i, (t, m) in enumerate(rows):
+        tokens[i, :len(t)] = t
+        mask[i, :len(m)] = m
+    return mx.array(tokens), mx.array(mask[:, 1:])
+
+
+def batches(samples: list[Sample], batch_size: int, max_seq_length: int,
+            seed: int) -> Iterator[tuple[mx.array, mx.array]]:
+    """Endless random batches (a new permutation per pass, from ``seed``)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(samples))
+        for i in range(0, len(order), batch_size):
+            yield pad_batch([samples[j] for j in order[i:i + batch_size]], max_seq_length)
+
+
+# ------------------------------------------------------------------------ training
+
+
+def reset_gate(model, bias: float = RESET_BIAS) -> None:
+    """Re-initialise the gate so it almost never fires (weight 0, bias ``bias``): the
+    released checkpoints' behaviour, a starting point for measuring calibration."""
+    gate = model.model.early_exit_gate
+    gate.weight = mx.zeros_like(gate.weight)
+    gate.bias = mx.full(gate.bias.shape, bias, dtype=gate.bias.dtype)
+    mx.eval(gate.parameters())
+
+
+def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int = 4,
+               learning_rate: float = 1e-3, max_seq_length: int = 2048, seed: int = 0,
+               k: float = 50.0, gamma: float = 0.005, progress: bool = True) -> list[float]:
+    """Train the exit gate alone with the Stage II loss (Adam); every other parameter
+    stays frozen and bitwise unchanged. Returns the loss of each step."""
+    from tqdm import tqdm
+
+    model.freeze()
+    model.model.early_exit_gate.unfreeze()
+    # The gate is tiny: keep it (and its update) in float32 whatever the model dtype.
+    gate = model.model.early_exit_gate
+    dtype = gate.weight.dtype
+    gate.update({k_: v.astype(mx.float32) for k_, v in gate.parameters().items()})
+    opt = optim.Adam(learning_rate=learning_rate)
+    value_and_grad = nn.value_and_grad(
+        model, lambda m, b, mask: stage2(m, b, mask, k=k, gamma=gamma))
+    stream = batches(train, batch_size, max_seq_length, seed)
+    losses = []
+    bar = tqdm(total=iters, desc="calibrating the exit gate", unit="step",
+               disable=not progress)
+    for _ in range(iters):
+        batch, mask = next(stream)
+        (loss, _), grads = value_and_grad(model, batch, mask)
+        opt.update(model, grads)
+        mx.eval(gate.parameters(), opt.state, loss)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update()
+    bar.close()
+    gate.update({k_: v.astype(dtype) for k_, v in gate.parameters().items()})
+    mx.eval(gate.parameters())
+    return losses
+
+
+# --------------------------------------------------------------------- measuring
+
+
+def measure(model, samples: list[Sample], thresholds=THRESHOLDS, *, batch_size: int = 8,
+            max_seq_length: int = 2048) -> dict:
+    """Teacher-forced Q-exit over the counted tokens of ``samples``: for each q the
+    average loop count and the cross-entropy of the chosen step's logits, and the
+    same at full depth. ``{"full": {"loops", "loss"}, "0.5": {...}, ..., "tokens"}``."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i][0]))
+    sums = {key: [0.0, 0.0] for key in ["full", *map(_key, thresholds)]}
+    ntoks = 0
+    T = model.ut_steps
+    for i in range(0, len(order), batch_size):
+        batch, mask = pad_batch([samples[j] for j in order[i:i + batch_size]], max_seq_length)
+        terms = loop_terms(model, batch, mask)
+        m = terms.mask.astype(mx.float32)
+        cdf = ex.exit_cdf(terms.pdf)
+        picks = {"full": mx.full(m.shape, T - 1, dtype=mx.int32)}
+        picks.update({_key(q): ex.select_exit_step(cdf, q) for q in thresholds})
+        for key, step in picks.items():
+            ce = mx.take_along_axis(terms.ce, step[..., None], axis=-1).squeeze(-1)
+            loops, loss = ((step + 1) * m).sum(), (ce * m).sum()
+            mx.eval(loops, loss)
+            sums[key][0] += loops.item()
+            sums[key][1] += loss.item()
+        ntoks += int(m.sum().item())
+    n = max(ntoks, 1)
+    out = {key: {"loops": round(a / n, 4), "loss": round(b / n, 5)} for key, (a, b) in sums.items()}
+    out["tokens"] = ntoks
+    return out
+
+
+def demo_accuracy(model, tokenizer, thresholds=THRESHOLDS, n: int = 500) -> dict:
+    """Real adaptive generation on the demo task's held-out games: accuracy and average
+    loops per decoded token for each q, and accuracy at full depth."""
+    from .demo.evaluate import evaluate
+
+    T = model.ut_steps
+    out = {}
+    for i, q in enumerate(thresholds):
+        r = evaluate(model, tokenizer, n, exit_threshold=q, depths=(T,) if i == 0 else ())
+        if i == 0:
+            out["full"] = {"loops": float(T), "accuracy": r["accuracy"][str(T)]}
+        out[_key(q)] = {"loops": r["avg_loops_adaptive"], "accuracy": r["accuracy"]["adaptive"]}
+    out["problems"] = n
+    return out
+
+
+def choose_threshold(rows: dict, thresholds, tolerance: float,
+                     metric: str = "loss") -> float | None:
+    """The threshold with the fewest loops whose ``metric`` is within ``tolerance`` of
+    full depth: for "loss" at most (1 + tolerance) × the full-depth loss, for
+    "accuracy" at most ``tolerance`` below it (0.01 = one point). None if none is."""
+    full = rows["full"][metric]
+    ok = []
+    for q in thresholds:
+        r = rows[_key(q)]
+        if metric == "loss":
+            good = r["loss"] <= full * (1 + tolerance) + 1e-12
+        else:
+            good = r["accuracy"] >= full - tolerance - 1e-12
+        if good:
+            ok.append((r["loops"], -q, q))  # fewest loops; on a tie, the larger q
+    return min(ok)[2] if ok else None
+
+
+def _key(q: float) -> str:
+    return f"{q:g}"
+
+
+# ------------------------------------------------------------------------ output
+
+
+def gate_tensors(model) -> dict[str, mx.array]:
+    gate = model.model.early_exit_gate
+    return {GATE_KEYS[0]: gate.weight, GATE_KEYS[1]: gate.bias}
+
+
+def save_gate(path: str | Path, model, threshold: float | None) -> Path:
+    """Write the gate as a small safetensors file (written beside ``path``, then renamed
+    over it) with metadata ``threshold`` (the chosen Q-exit threshold, or "none") and
+    ``ut_steps``."""
+    from .loading import write_errors
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
+    meta = {"threshold": "none" if threshold is None else repr(float(threshold)),
+            "ut_steps": str(model.ut_steps), "format": "ouro-mlx exit gate"}
+    try:
+        with write_errors(path, 1 << 20):
+            mx.save_safetensors(str(tmp), gate_tensors(model), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_exit_gate(model, path: str | Path) -> float | None:
+    """Set ``model``'s exit gate from a gate file written by ``calibrate-exit
+    --gate-out`` and return the threshold stored with it (None if none was chosen).
+    The file is checked first (a regular safetensors file holding exactly the gate's
+    two tensors, of the model's shapes, floating and finite); every refusal is one
+    ValueError naming the file. The model's ``exit_threshold`` is left to the caller."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such gate file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a gate file (a directory or special file); give the "
+                         "file that calibrate-exit --gate-out wrote")
+    try:
+        tensors, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # MLX reports a bad file as RuntimeError/ValueError
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: cannot read the gate file (truncated or not "
+                         f"safetensors): {first}") from None
+    if missing := [k for k in GATE_KEYS if k not in tensors]:
+        raise ValueError(f"{path}: not a gate file, missing {', '.join(missing)}")
+    if extra := sorted(set(tensors) - set(GATE_KEYS)):
+        raise ValueError(f"{path}: not a gate file, unexpected tensors "
+                         f"{', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+    current = gate_tensors(model)
+    for k in GATE_KEYS:
+        x, want = tensors[k], current[k]
+        if x.shape != want.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(x.shape)}, the model's gate "
+                             f"{tuple(want.shape)} (a gate for another model size?)")
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(f"{path}: {k} is {x.dtype}, expected a floating type")
+        if not mx.all(mx.isfinite(x)).item():
+            raise ValueError(f"{path}: {k} holds non-finite values")
+    threshold = _threshold(meta.get("threshold", "none"), path)
+    ut = meta.get("ut_steps")
+    if ut is not None and not (ut.isdigit() and int(ut) >= 1):
+        raise ValueError(f"{path}: metadata ut_steps must be a positive integer, got {ut!r}")
+    gate = model.model.early_exit_gate
+    gate.update({"weight": tensors[GATE_KEYS[0]].astype(current[GATE_KEYS[0]].dtype),
+                 "bias": tensors[GATE_KEYS[1]].astype(current[GATE_KEYS[1]].dtype)})
+    mx.eval(gate.parameters())
+    return threshold
+
+
+def _threshold(text: str, path: Path) -> float | None:
+    if text == "none":
+        return None
+    try:
+        q = float(text)
+    except ValueError:
+        q = math.nan
+    if not 0 <= q <= 1:
+        raise ValueError(f"{path}: metadata threshold must be a number in [0, 1] or none, "
+                         f"got {text[:40]!r}")
+    return q
+
+
+def save_model_dir(out: str | Path, source: Path, model, threshold: float | None,
+                   force: bool = False) -> Path:
+    """A new model directory: ``source``'s config with ``early_exit_threshold`` set to
+    ``threshold`` (unchanged if None), its tokenizer files, and the model's weights with
+    the calibrated gate; written to a temporary directory and renamed into place."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import save_model
+
+    from .loading import atomic_directory, copy_support_files, read_config, write_errors
+
+    config = read_config(source)
+    if threshold is not None:
+        config["early_exit_threshold"] = threshold
+    out = Path(out)
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    with atomic_directory(out, force=force) as tmp, write_errors(out, nbytes):
+        save_model(tmp, model)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_support_files(source, tmp)
+    return out
+

@@ -1,0 +1,233 @@
+"""ouro-mlx calibrate-exit: teach the exit gate your workload (Stage II, spec §6.2).
+
+Trains only the exit gate, the language model frozen, on your own data (mlx-lm's
+layout: a directory with train.jsonl and optionally valid.jsonl, or one .jsonl/.txt
+file; chat, completions or text lines). Prints, before and after, the average loops
+per answer token with Q-exit at each threshold and the loss at that depth (teacher
+forced, on held-out samples), then the threshold with the fewest loops whose loss is
+within --tolerance of full depth. The original model is never edited:
+
+  ouro-mlx calibrate-exit --model DIR --data data/ --gate-out gate.safetensors
+  ouro-mlx generate --model DIR --exit-gate gate.safetensors --prompt "..."
+  ouro-mlx calibrate-exit --model DIR --data data/ --out DIR-calibrated
+
+Without --model it calibrates the bundled demo model on generated shell games and
+also measures its accuracy with real adaptive generation; --reset-gate first makes
+its gate (almost) never fire, like the released checkpoints':
+
+  ouro-mlx calibrate-exit --reset-gate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .options import HelpFormatter, number, seed
+
+    p = argparse.ArgumentParser(prog="ouro-mlx calibrate-exit", description=__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="Local directory or Hugging Face repo id (default: the bundled "
+                        "demo model).")
+    p.add_argument("--data", default=None, metavar="DIR_OR_FILE",
+                   help="train.jsonl (+ valid.jsonl) directory or one .jsonl/.txt file; "
+                        "without a valid.jsonl the last 10%% is held out (default for the "
+                        "demo model: generated shell games).")
+    p.add_argument("--iters", type=int, default=200, help="Training steps.")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per step.")
+    p.add_argument("--learning-rate", type=number, default=1e-2,
+                   help="Adam learning rate of the gate.")
+    p.add_argument("--max-seq-length", type=int, default=2048,
+                   help="Longer sequences are cut to this many tokens.")
+    p.add_argument("--val-samples", type=int, default=200,
+                   help="Held-out samples the table is measured on (at most).")
+    p.add_argument("--thresholds", default="0.3,0.5,0.7,0.9",
+                   help="Q-exit thresholds to measure, comma-separated, each in (0, 1).")
+    p.add_argument("--tolerance", type=number, default=0.01,
+                   help="Chosen threshold: the fewest loops whose loss is at most "
+                        "(1 + TOL) x the full-depth loss (0.01: 1%% more), or, for the demo "
+                        "model, whose accuracy is at most TOL below full depth (0.01: one "
+                        "point).")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", default=None, metavar="DIR",
+                     help="Write a new model directory: the weights with the new gate, "
+                          "config.json with the chosen early_exit_threshold.")
+    out.add_argument("--gate-out", default=None, metavar="FILE",
+                     help="Write only the gate (a small safetensors file with the chosen "
+                          "threshold) for --exit-gate on generate and chat.")
+    p.add_argument("--force", action="store_true",
+                   help="Replace an existing --out model directory or --gate-out file.")
+    p.add_argument("--reset-gate", action="store_true",
+                   help="First re-initialise the gate to (almost) never fire: weight 0, "
+                        "bias -6, so every token runs all loops (an experiment's start).")
+    p.add_argument("--demo-problems", type=int, default=500,
+                   help="Demo model only: held-out games for the generation accuracy.")
+    p.add_argument("--seed", type=seed, default=0, help="Data order (and demo data) seed.")
+    p.add_argument("--json", action="store_true", help="Print only the JSON figures.")
+    return p
+
+
+def parse_thresholds(text: str) -> list[float]:
+    try:
+        qs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds must be comma-separated numbers, got {text!r}.") \
+            from None
+    if not qs or not all(0 < q < 1 for q in qs):
+        raise ValueError(f"--thresholds must be numbers in (0, 1), got {text!r}.")
+    return sorted(set(qs))
+
+
+def check_args(args: argparse.Namespace) -> list[float]:
+    for flag, value, low in (("--iters", args.iters, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-seq-length", args.max_seq_length, 2),
+                             ("--val-samples", args.val_samples, 1),
+                             ("--demo-problems", args.demo_problems, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}.")
+    if not args.tolerance >= 0:
+        raise ValueError(f"--tolerance must be >= 0, got {args.tolerance}.")
+    return parse_thresholds(args.thresholds)
+
+
+def check_outputs(args: argparse.Namespace, source: Path | None) -> None:
+    """Before any work: the outputs are writable and never the original model."""
+    from ..loading import destination
+
+    if args.out:
+        dst = destination(args.out, "--out", args.force)
+        if source is not None and dst.resolve() == source.resolve():
+            raise ValueError(f"--out {args.out} is the model being calibrated; "
+                             "name a new directory (the original is never edited).")
+    if args.gate_out:
+        gate = Path(args.gate_out)
+        if gate.is_dir():
+            raise IsADirectoryError(f"--gate-out {gate} is a directory; name a file.")
+        if os.path.lexists(gate):
+            if not args.force:
+                raise FileExistsError(f"--gate-out {gate} exists; pass --force to replace it.")
+            if not gate.is_file() or gate.is_symlink():
+                raise FileExistsError(f"--gate-out {gate} is not a regular file; "
+                                      "name another path.")
+            if source is not None and gate.resolve().parent == source.resolve():
+                raise ValueError(f"--gate-out {gate} lies in the model directory being "
+                                 "calibrated; the original is never edited.")
+        if not gate.parent.resolve().is_dir():
+            raise FileNotFoundError(f"--gate-out {gate}: no directory {gate.parent}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    thresholds = check_args(args)
+    demo = args.model is None
+    if demo and not args.json:
+        from ..demo import NOTE
+
+        print(NOTE, file=sys.stderr)
+    if demo:
+        from ..demo import model_path
+
+        source = model_path()
+    else:
+        source = Path(args.model) if Path(args.model).is_dir() else None
+    check_outputs(args, source)
+    if args.data is None and not demo:
+        raise ValueError("--data is required with --model (a directory with train.jsonl, "
+                         "or a .jsonl file).")
+
+    from .. import calibrate as cal
+    from ..loading import load, resolve
+
+    path = resolve(str(source) if demo else args.model)
+    model, tokenizer = load(path)
+    warn = lambda msg: print(f"ouro-mlx calibrate-exit: {msg}", file=sys.stderr)  # noqa: E731
+    if args.data is None:
+        train, valid = cal.demo_data(tokenizer, seed=args.seed)
+    else:
+        train, valid = cal.load_data(args.data, tokenizer, warn=warn)
+    valid = valid[:args.val_samples]
+    if args.reset_gate:
+        cal.reset_gate(model)
+
+    metric = "accuracy" if demo else "loss"
+    before = cal.measure(model, valid, thresholds, max_seq_length=args.max_seq_length)
+    demo_before = cal.demo_accuracy(model, tokenizer, thresholds, args.demo_problems) \
+        if demo else None
+    losses = cal.train_gate(model, train, iters=args.iters, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate,
+                            max_seq_length=args.max_seq_length, seed=args.seed,
+                            progress=not args.json)
+    after = cal.measure(model, valid, thresholds, max_seq_length=args.max_seq_length)
+    demo_after = cal.demo_accuracy(model, tokenizer, thresholds, args.demo_problems) \
+        if demo else None
+    chosen = cal.choose_threshold(demo_after if demo else after, thresholds, args.tolerance,
+                                  metric)
+
+    written = None
+    if args.gate_out:
+        written = cal.save_gate(args.gate_out, model, chosen)
+    elif args.out:
+        written = cal.save_model_dir(args.out, path, model, chosen, force=args.force)
+
+    result = {"before": before, "after": after, "threshold": chosen, "metric": metric,
+              "tolerance": args.tolerance, "train_samples": len(train),
+              "valid_samples": len(valid), "iters": args.iters,
+              "stage2_loss": {"first": losses[0], "last": losses[-1]},
+              "written": str(written) if written else None}
+    if demo:
+        result.update(demo_before=demo_before, demo_after=demo_after)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print_report(result, thresholds, model.ut_steps)
+    return 0
+
+
+def print_report(r: dict, thresholds: list[float], T: int) -> None:
+    from ..calibrate import _key
+
+    print(f"{r['iters']} steps on {r['train_samples']:,} samples (Stage II loss "
+          f"{r['stage2_loss']['first']:.4f} -> {r['stage2_loss']['last']:.4f}); table on "
+          f"{r['valid_samples']:,} held-out samples, {r['before']['tokens']:,} answer tokens, "
+          "teacher forced")
+    rows = [("full", f"full (T={T})")] + [(_key(q), f"q = {q:g}") for q in thresholds]
+    head = f"{'exit':<12} {'loops':>6} {'loss':>8}   ->  {'loops':>6} {'loss':>8}"
+    demo = r.get("demo_after") is not None
+    if demo:
+        head += f"   | generation: {'loops':>6} {'acc':>6}   ->  {'loops':>6} {'acc':>6}"
+    print(head)
+    for key, label in rows:
+        b, a = r["before"][key], r["after"][key]
+        line = (f"{label:<12} {b['loops']:>6.2f} {_loss(b['loss']):>8}   ->  "
+                f"{a['loops']:>6.2f} {_loss(a['loss']):>8}")
+        if demo:
+            db, da = r["demo_before"][key], r["demo_after"][key]
+            line += (f"   | {'':<11} {db['loops']:>6.2f} {db['accuracy']:>6.3f}   ->  "
+                     f"{da['loops']:>6.2f} {da['accuracy']:>6.3f}")
+        print(line)
+    q = r["threshold"]
+    tol = (f"accuracy at most {r['tolerance'] * 100:g} point(s) below full depth"
+           if r["metric"] == "accuracy" else
+           f"loss at most {r['tolerance'] * 100:g}% above full depth")
+    if q is None:
+        print(f"no threshold keeps the {tol}; the gate is kept with no threshold chosen "
+              "(use the full depth, or retry with more --iters or a larger --tolerance)")
+    else:
+        rows_after = r["demo_after"] if demo else r["after"]
+        print(f"chosen threshold: {q:g} ({rows_after[_key(q)]['loops']:.2f} loops, {tol})")
+    if r["written"]:
+        print(f"wrote {r['written']}")
+    else:
+        print("nothing written (pass --gate-out FILE or --out DIR to keep the gate)")
+
+
+def _loss(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 or x == 0 else f"{x:.1e}"

@@ -1,0 +1,211 @@
+"""Exit-gate calibration (ouro-mlx calibrate-exit): only the gate changes, the gate file
+round-trips and bad ones are refused in one line, a short run teaches a gate that never
+fires to stop early, and the outputs never touch the original model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from ouro_mlx import calibrate as cal
+from ouro_mlx import load
+from ouro_mlx.cli import main
+from ouro_mlx.demo import model_path
+
+
+def chats(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+    return [{"messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, 4))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, 6))}]}
+        for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list, extra_lines: tuple[str, ...] = ()) -> Path:
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def params(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_calibration_changes_only_the_gate(tiny_dir):
+    model, tok = load(tiny_dir)
+    samples = [cal._read(write_jsonl(Path(tiny_dir).parent / "c.jsonl", chats(8)), tok, print)]
+    before = params(model)
+    losses = cal.train_gate(model, samples[0], iters=3, batch_size=4, learning_rate=1e-2,
+                            progress=False)
+    after = params(model)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert before.keys() == after.keys()
+    for k in before:
+        if k.startswith(cal.GATE):
+            assert not np.array_equal(before[k], after[k]), k
+        else:
+            assert before[k].dtype == after[k].dtype
+            assert np.array_equal(before[k], after[k]), k  # bitwise
+
+
+def test_gate_file_round_trips(tiny_dir, tmp_path):
+    model, _ = load(tiny_dir)
+    cal.reset_gate(model, bias=-3.0)
+    model.model.early_exit_gate.weight = mx.arange(64, dtype=mx.float32).reshape(1, 64) / 7
+    f = cal.save_gate(tmp_path / "gate.safetensors", model, 0.55)
+    assert [p.name for p in tmp_path.iterdir()] == ["gate.safetensors"]  # no temp left
+    fresh, _ = load(tiny_dir)
+    assert cal.load_exit_gate(fresh, f) == 0.55
+    for k in cal.GATE_KEYS:
+        assert np.array_equal(np.array(cal.gate_tensors(fresh)[k]),
+                              np.array(cal.gate_tensors(model)[k]))
+    cal.save_gate(f, model, None)  # replaces it; no threshold chosen
+    assert cal.load_exit_gate(fresh, f) is None
+    # a bfloat16 model takes the gate in its own dtype
+    half, _ = load(tiny_dir, dtype="bfloat16")
+    cal.load_exit_gate(half, f)
+    assert half.model.early_exit_gate.weight.dtype == mx.bfloat16
+
+
+def bad_gate_files(tmp_path: Path, model) -> dict[str, Path]:
+    w, b = cal.gate_tensors(model).values()
+    good = cal.save_gate(tmp_path / "good.safetensors", model, 0.5)
+    files = {}
+
+    def write(name, tensors, meta=None):
+        p = tmp_path / name
+        mx.save_safetensors(str(p), tensors, metadata=meta or {})
+        files[name] = p
+
+    write("shape.safetensors", {cal.GATE_KEYS[0]: mx.zeros((1, 65)), cal.GATE_KEYS[1]: b})
+    write("nan.safetensors", {cal.GATE_KEYS[0]: w, cal.GATE_KEYS[1]: mx.array([float("nan")])})
+    write("missing.safetensors", {cal.GATE_KEYS[0]: w})
+    write("extra.safetensors", {cal.GATE_KEYS[0]: w, cal.GATE_KEYS[1]: b,
+                                "lm_head.weight": mx.zeros((2, 2))})
+    write("int.safetensors", {cal.GATE_KEYS[0]: w.astype(mx.int32), cal.GATE_KEYS[1]: b})
+    write("threshold.safetensors", {cal.GATE_KEYS[0]: w, cal.GATE_KEYS[1]: b},
+          {"threshold": "1.5"})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:100])
+    files["truncated.safetensors"] = truncated
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 3)
+    files["junk.bin"] = junk
+    (tmp_path / "adir").mkdir()
+    files["adir"] = tmp_path / "adir"
+    return files
+
+
+def test_bad_gate_files_are_refused_in_one_line(tiny_dir, tmp_path):
+    model, _ = load(tiny_dir)
+    gate_before = params(model)
+    for name, path in bad_gate_files(tmp_path, model).items():
+        with pytest.raises(ValueError) as e:
+            cal.load_exit_gate(model, path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg, (name, msg)
+    with pytest.raises(FileNotFoundError, match="no such gate file"):
+        cal.load_exit_gate(model, tmp_path / "absent.safetensors")
+    after = params(model)
+    assert all(np.array_equal(gate_before[k], after[k]) for k in after)  # nothing applied
+
+
+def test_short_run_teaches_a_silent_gate_to_exit(tmp_path):
+    """The bundled model with its gate reset to (almost) never fire, like the released
+    checkpoints': all 4 loops at q = 0.5 before; a few steps of Stage II cut that."""
+    model, tok = load(model_path())
+    train, valid = cal.demo_data(tok, n_train=64, n_valid=32)
+    cal.reset_gate(model)
+    before = cal.measure(model, valid, (0.5,))
+    assert before["0.5"]["loops"] == 4.0
+    cal.train_gate(model, train, iters=30, batch_size=8, learning_rate=3e-2, progress=False)
+    after = cal.measure(model, valid, (0.5,))
+    assert after["0.5"]["loops"] < 3.5
+    assert after["full"] == before["full"]  # the LM itself is untouched
+
+
+def test_choose_threshold():
+    rows = {"full": {"loops": 4, "loss": 1.0, "accuracy": 0.9},
+            "0.3": {"loops": 1.5, "loss": 1.2, "accuracy": 0.7},
+            "0.5": {"loops": 2.0, "loss": 1.005, "accuracy": 0.895},
+            "0.9": {"loops": 3.0, "loss": 1.0, "accuracy": 0.9}}
+    qs = (0.3, 0.5, 0.9)
+    assert cal.choose_threshold(rows, qs, 0.01) == 0.5
+    assert cal.choose_threshold(rows, qs, 0.0) == 0.9
+    assert cal.choose_threshold(rows, qs, 0.5) == 0.3
+    assert cal.choose_threshold(rows, qs, 0.01, "accuracy") == 0.5
+    rows["0.9"]["loss"] = 2.0
+    assert cal.choose_threshold(rows, (0.9,), 0.01) is None
+
+
+def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", chats(12), ("{not json",))
+    write_jsonl(data / "valid.jsonl", chats(4, seed=1))
+    original = digest(tiny_dir)
+    gate = tmp_path / "gate.safetensors"
+    assert main(["calibrate-exit", "--model", str(tiny_dir), "--data", str(data), "--iters",
+                 "2", "--gate-out", str(gate), "--json"]) == 0
+    out, err = capsys.readouterr()
+    r = json.loads(out)
+    assert f"{data / 'train.jsonl'}:13: skipped, not valid JSON" in err
+    assert r["train_samples"] == 12 and r["valid_samples"] == 4
+    assert set(r["before"]) == {"full", "0.3", "0.5", "0.7", "0.9", "tokens"}
+    assert r["before"]["full"] == r["after"]["full"]
+    model, _ = load(tiny_dir)
+    q = cal.load_exit_gate(model, gate)
+    assert q == r["threshold"]
+
+    # a new model directory: the same gate, the chosen threshold, loadable; original intact
+    dest = tmp_path / "calibrated"
+    assert main(["calibrate-exit", "--model", str(tiny_dir), "--data", str(data), "--iters",
+                 "2", "--tolerance", "10", "--out", str(dest)]) == 0
+    text = capsys.readouterr().out
+    assert "chosen threshold: 0.3" in text and f"wrote {dest}" in text
+    new, _ = load(dest)
+    assert new.exit_threshold == 0.3
+    old, _ = load(tiny_dir)
+    a, b = params(new), params(old)
+    assert all(np.array_equal(a[k], b[k]) for k in a if not k.startswith(cal.GATE))
+    assert not np.array_equal(a[cal.GATE_KEYS[1]], b[cal.GATE_KEYS[1]])
+    assert digest(tiny_dir) == original
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "{model}", "--force"], "is the model being calibrated"),
+    (["--gate-out", "{model}/model.safetensors", "--force"], "lies in the model directory"),
+    (["--gate-out", "{model}/model.safetensors"], "exists; pass --force"),
+    (["--gate-out", "{tmp}"], "is a directory"),
+    (["--thresholds", "0.5,1"], "--thresholds must be numbers in (0, 1)"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    ([], "--data is required with --model"),
+])
+def test_cli_refusals(tiny_dir, tmp_path, capsys, flags, message):
+    flags = [f.format(model=tiny_dir, tmp=tmp_path) for f in flags]
+    original = digest(tiny_dir)
+    assert main(["calibrate-exit", "--model", str(tiny_dir), *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert digest(tiny_dir) == original
+
+
+def test_data_without_valid_file_holds_out_the_end(tiny_dir, tmp_path):
+    _, tok = load(tiny_dir)
+    f = write_jsonl(tmp_path / "all.jsonl", chats(20))
+    train, valid = cal.load_data(f, tok)
+    assert (len(train), len(valid)) == (18, 2)
+    with pytest.raises(ValueError, match="no train.jsonl"):
+        cal.load_data(tmp_path, tok)

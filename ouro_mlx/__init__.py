@@ -2,7 +2,8 @@
 
 Public API: ``load``, ``load_model``, ``stream_generate``, ``generate``,
 ``batch_generate``, ``Model``, ``ModelArgs``, ``LoopOutputs``, ``GenerationResponse``,
-``ExitRule``, ``CheckpointError`` and the ``exit`` module. Attributes are imported lazily: this
+``ExitRule``, ``CheckpointError``, ``apply_adapters``/``load_adapters``/``save_adapters``
+and the ``exit`` module. Attributes are imported lazily: this
 package is imported at interpreter start-up by the mlx-lm hook (see
 ``_mlx_lm_hook``), which must not pull in mlx.
 """
@@ -30,6 +31,9 @@ _EXPORTS = {
     "batch_generate": "generation",
     "GenerationResponse": "generation",
     "ExitRule": "exit",
+    "apply_adapters": "adapters",
+    "load_adapters": "adapters",
+    "save_adapters": "adapters",
 }
 __all__ = [*_EXPORTS, "exit", "__version__"]
 

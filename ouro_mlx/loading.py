@@ -375,6 +375,7 @@ def load_model(
     ut_steps: int | None = None,
     exit_threshold: float | None = None,
     revision: str | None = None,
+    adapter_path: str | Path | None = None,
 ) -> Model:
     """Load an Ouro model (HF safetensors or an mlx-lm/ouro-mlx MLX directory).
 
@@ -385,11 +386,23 @@ def load_model(
         ut_steps: default loop steps, overriding the config's ``total_ut_steps``.
         exit_threshold: default Q-exit threshold, overriding ``early_exit_threshold``.
         revision: hub revision (branch, tag or commit).
+        adapter_path: a directory of adapters (``ouro-mlx lora``'s or mlx-lm's:
+            adapter_config.json + adapters.safetensors) to apply, unfused.
     """
     path = resolve(path_or_repo, revision)
     model = build_model(path, read_config(path), dtype=dtype, lazy=lazy)
+    apply_adapter_dir(model, adapter_path)
     set_runtime_defaults(model, ut_steps, exit_threshold)
     return model
+
+
+def apply_adapter_dir(model: Model, adapter_path: str | Path | None) -> None:
+    if adapter_path is None:
+        return
+    from .adapters import load_adapters
+
+    load_adapters(model, adapter_path)
+    model.eval()
 
 
 def set_runtime_defaults(
@@ -479,11 +492,13 @@ def load(
     ut_steps: int | None = None,
     exit_threshold: float | None = None,
     revision: str | None = None,
+    adapter_path: str | Path | None = None,
 ):
     """Load ``(model, tokenizer)``; options as in :func:`load_model`."""
     path = resolve(path_or_repo, revision)
     config = read_config(path)
     model = build_model(path, config, dtype=dtype, lazy=lazy)
+    apply_adapter_dir(model, adapter_path)
     set_runtime_defaults(model, ut_steps, exit_threshold)
     return model, load_tokenizer(path, config)
 

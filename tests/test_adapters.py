@@ -212,3 +212,130 @@ def test_untrusted_adapter_files_are_refused(tiny_dir, tmp_path):
         load_adapters(load_model(tiny_dir), tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_adapters(load_model(tiny_dir), tmp_path / "nowhere")
+
+
+# --- adapters at inference ------------------------------------------------------------
+
+
+def per_loop_and_shared(tiny_dir, tmp_path):
+    """Saved adapters: shared random B, per-loop holding it at every step, and per-loop
+    with a different B per step."""
+    lp = {"rank": 4, "scale": 2.0, "dropout": 0.0}
+    shared = load_model(tiny_dir)
+    apply_adapters(shared, lora_parameters=lp)
+    randomize_b(shared)
+    save_adapters(tmp_path / "shared", shared, adapter_config({"lora_parameters": lp}))
+    per_loop = load_model(tiny_dir)
+    apply_adapters(per_loop, lora_parameters=lp, per_loop=True)
+    copy_shared_into_per_loop(shared, per_loop)
+    config = adapter_config({"lora_parameters": lp, "per_loop_adapters": True})
+    save_adapters(tmp_path / "same", per_loop, config)
+    randomize_b(per_loop, seed=5)
+    save_adapters(tmp_path / "distinct", per_loop, config)
+    return tmp_path / "shared", tmp_path / "same", tmp_path / "distinct"
+
+
+RULES = [{}, {"exit_threshold": 0.5}, {"exit_at_step": 1}, {"hidden_eps": 0.05}]
+
+
+def test_generation_with_adapters_every_rule_and_kv_mode(tiny_dir, tmp_path):
+    from ouro_mlx import load
+    from ouro_mlx.generation import stream_generate
+
+    shared, same, distinct = per_loop_and_shared(tiny_dir, tmp_path)
+    prompt = [5, 17, 42, 99, 3]
+
+    def run(adapter, **kw):
+        model, tok = load(tiny_dir, adapter_path=adapter)
+        out = list(stream_generate(model, tok, prompt, max_tokens=6, **kw))
+        return [r.token for r in out], [r.loops for r in out]
+
+    base = run(None)
+    for kv_mode in ("full", "last"):
+        for rule in RULES:
+            with_shared = run(shared, kv_mode=kv_mode, **rule)
+            assert run(same, kv_mode=kv_mode, **rule) == with_shared, (kv_mode, rule)
+    assert run(shared) != base  # the adapter changes the completion
+    assert run(distinct) != run(same)
+
+    # Full depth with a KV cache per step equals recomputing the whole sequence.
+    model, tok = load(tiny_dir, adapter_path=distinct)
+    ids = list(prompt)
+    for _ in range(6):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1])))
+    assert run(distinct)[0] == ids[len(prompt):]
+
+
+def test_decode_loop_gives_per_loop_adapters_their_step(tiny_dir, tmp_path, monkeypatch):
+    """Adaptive exit through the real decode loop: loop step t of every token runs
+    adapter t (layer 0's q_proj sees t = 0, 1, ..., loops - 1 per token)."""
+    from ouro_mlx import load
+    from ouro_mlx.generation import stream_generate
+
+    _, _, distinct = per_loop_and_shared(tiny_dir, tmp_path)
+    model, tok = load(tiny_dir, adapter_path=distinct)
+    model.model.early_exit_gate.bias = mx.array([0.5])  # exits at varied depths
+    seen = []
+    q = model.layers[0].self_attn.q_proj
+    original = LoopLoRALinear.__call__
+
+    def spy(self, x, t):
+        if self is q:
+            seen.append(t)
+        return original(self, x, t)
+
+    monkeypatch.setattr(LoopLoRALinear, "__call__", spy)
+    for kv_mode in ("full", "last"):
+        seen.clear()
+        out = list(stream_generate(model, tok, [5, 17, 42], max_tokens=8, kv_mode=kv_mode,
+                                   exit_threshold=0.5))
+        runs = []
+        for t in seen:
+            runs.append(1) if t == 0 else runs.__setitem__(-1, runs[-1] + 1)
+        assert runs[0] == model.ut_steps  # the prompt runs at full depth
+        assert runs[1:] == [r.loops for r in out[1:]]
+    assert len(set(runs)) > 2  # depth really varies
+
+
+def test_cli_generate_with_adapter(tiny_dir, tmp_path, capsys):
+    from ouro_mlx.cli import main
+
+    shared, _, distinct = per_loop_and_shared(tiny_dir, tmp_path)
+    outs = []
+    for adapter in (None, shared, distinct):
+        extra = [] if adapter is None else ["--adapter-path", str(adapter)]
+        assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "-m", "4",
+                     "--no-chat-template", "--kv-mode", "last", "--exit-threshold", "0.6",
+                     *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] != outs[1] and outs[1] != outs[2]
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "-m", "2",
+                 "--adapter-path", str(distinct), "--ut-steps", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "hold 4 loop steps" in err and err.count("\n") == 1
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi",
+                 "--adapter-path", str(tmp_path / "nope")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_cli_chat_and_bench_with_adapters(tiny_dir, tmp_path, capsys, monkeypatch):
+    from ouro_mlx.cli import main
+    from ouro_mlx.commands import chat
+
+    shared, _, distinct = per_loop_and_shared(tiny_dir, tmp_path)
+    replies = []
+    for adapter in (None, shared, distinct):
+        lines = iter(["hello there", None])
+        monkeypatch.setattr(chat, "read_line", lambda prompt: next(lines))
+        extra = [] if adapter is None else ["--adapter-path", str(adapter)]
+        assert main(["chat", "--model", str(tiny_dir), "-m", "4", "--kv-mode", "last",
+                     *extra]) == 0
+        replies.append(capsys.readouterr().out.split("\n", 1)[1])
+    assert len(set(replies)) == 3
+    assert main(["bench", "--model", str(tiny_dir), "--adapter-path", str(distinct),
+                 "--dtype", "float32", "--prompt-tokens", "4", "--gen-tokens", "2",
+                 "--repeats", "0", "--no-fixed", "--exits", "q0.5"]) == 0
+    out = capsys.readouterr()
+    assert "no unrolled peer with per-loop adapters" in out.err and "ouro T=4" in out.out
+    assert main(["bench", "--random", "tiny", "--adapter-path", str(shared)]) == 1
+    assert "need --model" in capsys.readouterr().err

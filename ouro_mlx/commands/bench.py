@@ -19,7 +19,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from ..random_model import SHAPES
-    from .options import HelpFormatter, seed
+    from .options import HelpFormatter, add_adapter_args, seed
 
     p = argparse.ArgumentParser(prog="ouro-mlx bench", description=__doc__,
                                 formatter_class=HelpFormatter)
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", action="store_true",
                    help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
+    add_adapter_args(p)
     p.add_argument("--seed", type=seed, default=0, help="Seed of the random weights.")
     return p
 
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: decode tok/s here times {args.gen_tokens - 1} token(s) after the first; "
               "use --gen-tokens 8 or more for decode figures", file=sys.stderr)
 
+    if (args.adapter_path or args.exit_gate) and not args.model:
+        raise ValueError("--adapter-path and --exit-gate need --model.")
     if args.model:
         from ..loading import model_args, read_config, resolve
 
@@ -174,7 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes:
         if args.model:
             from ..loading import load_model
-            base = load_model(args.model, dtype=dtype)
+            from ..adapters import has_per_loop_adapters
+            from .options import apply_exit_gate
+
+            base = load_model(args.model, dtype=dtype, adapter_path=args.adapter_path)
+            apply_exit_gate(base, args)
+            if has_per_loop_adapters(base) and not args.no_peer:
+                print("note: no unrolled peer with per-loop adapters (it has one adapter "
+                      "per layer)", file=sys.stderr)
+                args.no_peer = True
         else:
             print(f"building a random {args.random} model in {dtype} ...", file=sys.stderr)
             base = B.random_model(config, dtype, args.seed)

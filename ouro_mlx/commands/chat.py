@@ -18,6 +18,7 @@ from .options import (
     add_model_args,
     add_sampling_args,
     apply_compile_flag,
+    apply_exit_gate,
     check_kv_args,
     check_loop_args,
     check_loop_steps,
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     single_turn = args.single_turn or args.model is None
     args.model = model_or_demo(args)
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
+    apply_exit_gate(model, args)
     check_kv_args(args, model)
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           kv_mode=args.kv_mode, kv_bits=args.kv_bits,

@@ -11,6 +11,7 @@ from .options import (
     add_model_args,
     add_sampling_args,
     apply_compile_flag,
+    apply_exit_gate,
     check_kv_args,
     check_loop_args,
     cli_text,
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..generation import make_rule, stream_generate
     from ..loading import load
 
-    model, tokenizer = load(model_or_demo(args), dtype=args.dtype)
+    model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
+                            adapter_path=args.adapter_path)
+    apply_exit_gate(model, args)
     make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
     check_kv_args(args, model)
     ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template,

@@ -97,6 +97,32 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True,
                    help="Compute in this dtype (default: the checkpoint's).")
     p.add_argument("--no-compile", action="store_true",
                    help="Disable mx.compile (for debugging).")
+    add_adapter_args(p)
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter-path", default=None,
+                   help="A directory of adapters to apply unfused (adapter_config.json + "
+                        "adapters.safetensors from ouro-mlx lora or mlx_lm.lora; shared "
+                        "or per-loop).")
+    p.add_argument("--exit-gate", default=None, metavar="PATH",
+                   help="An exit gate from ouro-mlx calibrate-exit to use instead of the "
+                        "model's own.")
+
+
+def apply_exit_gate(model, args: argparse.Namespace) -> None:
+    """--exit-gate: replace the model's exit gate with the calibrated one in PATH; the
+    threshold chosen with it becomes the default unless --exit-threshold is given."""
+    if getattr(args, "exit_gate", None) is None:
+        return
+    try:
+        from ..calibrate import load_exit_gate
+    except ImportError:
+        raise ImportError("--exit-gate needs ouro_mlx.calibrate, which this install "
+                          "lacks.") from None
+    threshold = load_exit_gate(model, args.exit_gate)
+    if threshold is not None and getattr(args, "exit_threshold", None) is None:
+        model.exit_threshold = threshold
 
 
 def model_or_demo(args: argparse.Namespace) -> str:

@@ -222,6 +222,7 @@ def per_loop_and_shared(tiny_dir, tmp_path):
     with a different B per step."""
     lp = {"rank": 4, "scale": 2.0, "dropout": 0.0}
     shared = load_model(tiny_dir)
+    mx.random.seed(1)  # lora_a's draw
     apply_adapters(shared, lora_parameters=lp)
     randomize_b(shared)
     save_adapters(tmp_path / "shared", shared, adapter_config({"lora_parameters": lp}))
@@ -304,7 +305,7 @@ def test_cli_generate_with_adapter(tiny_dir, tmp_path, capsys):
     outs = []
     for adapter in (None, shared, distinct):
         extra = [] if adapter is None else ["--adapter-path", str(adapter)]
-        assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "-m", "4",
+        assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "-m", "8",
                      "--no-chat-template", "--kv-mode", "last", "--exit-threshold", "0.6",
                      *extra]) == 0
         outs.append(capsys.readouterr().out)
@@ -339,3 +340,116 @@ def test_cli_chat_and_bench_with_adapters(tiny_dir, tmp_path, capsys, monkeypatc
     assert "no unrolled peer with per-loop adapters" in out.err and "ouro T=4" in out.out
     assert main(["bench", "--random", "tiny", "--adapter-path", str(shared)]) == 1
     assert "need --model" in capsys.readouterr().err
+
+
+# --- fuse and mlx-lm -------------------------------------------------------------------
+
+
+def trained(model_dir, path, ftype="lora", train_gate=False, per_loop=False, num_layers=-1):
+    model = load_model(model_dir)
+    mx.random.seed(1)  # lora_a's draw
+    apply_adapters(model, fine_tune_type=ftype, num_layers=num_layers, per_loop=per_loop,
+                   train_gate=train_gate)
+    randomize_b(model)
+    if ftype != "lora" or train_gate:
+        model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))
+    save_adapters(path, model, adapter_config({"fine_tune_type": ftype,
+                                               "num_layers": num_layers}))
+    return path
+
+
+@pytest.mark.parametrize("ftype,train_gate", [("lora", False), ("dora", True), ("full", False)])
+def test_fused_equals_unfused(tiny_dir, tmp_path, ftype, train_gate):
+    from ouro_mlx.cli import main
+
+    adapters = trained(tiny_dir, tmp_path / "a", ftype, train_gate, num_layers=1)
+    assert main(["fuse", "--model", str(tiny_dir), "--adapter-path", str(adapters),
+                 "--save-path", str(tmp_path / "fused")]) == 0
+    unfused = load_model(tiny_dir, adapter_path=adapters)
+    fused = load_model(tmp_path / "fused")
+    assert not any("lora" in k for k, _ in tree_flatten(fused.parameters()))
+    for kw in ({}, {"exit_threshold": 0.5}, {"weighted_exit": True}):
+        np.testing.assert_allclose(logits(fused, **kw), logits(unfused, **kw), atol=1e-4)
+    assert (tmp_path / "fused" / "tokenizer.json").exists()
+
+
+def test_fuse_a_quantized_base(small_dir, tmp_path):
+    from ouro_mlx.cli import main
+    from ouro_mlx.convert import hf_to_mlx
+
+    hf_to_mlx(small_dir, tmp_path / "q", quantize=True, q_bits=4, q_group_size=64)
+    adapters = trained(tmp_path / "q", tmp_path / "a", num_layers=1)
+    unfused = load_model(tmp_path / "q", adapter_path=adapters)
+    assert main(["fuse", "--model", str(tmp_path / "q"), "--adapter-path", str(adapters),
+                 "--save-path", str(tmp_path / "fq")]) == 0
+    still = load_model(tmp_path / "fq")  # stays quantized: re-quantized, so close only
+    assert isinstance(still.layers[-1].self_attn.q_proj, nn.QuantizedLinear)
+    assert json.loads((tmp_path / "fq" / "config.json").read_text())["quantization"]
+    assert main(["fuse", "--model", str(tmp_path / "q"), "--adapter-path", str(adapters),
+                 "--save-path", str(tmp_path / "fd"), "--dequantize"]) == 0
+    deq = load_model(tmp_path / "fd")
+    assert isinstance(deq.layers[-1].self_attn.q_proj, nn.Linear)
+    assert "quantization" not in json.loads((tmp_path / "fd" / "config.json").read_text())
+    np.testing.assert_allclose(logits(deq), logits(unfused), atol=1e-4)
+
+
+def test_fused_export_hf_reimports_identically(tiny_dir, tmp_path):
+    from ouro_mlx.cli import main
+    from ouro_mlx.convert import hf_to_mlx
+
+    adapters = trained(tiny_dir, tmp_path / "a")
+    assert main(["fuse", "--model", str(tiny_dir), "--adapter-path", str(adapters),
+                 "--save-path", str(tmp_path / "fused"), "--export-hf",
+                 str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["OuroForCausalLM"]
+    fused = logits(load_model(tmp_path / "fused"))
+    np.testing.assert_array_equal(logits(load_model(tmp_path / "hf")), fused)
+    hf_to_mlx(tmp_path / "hf", tmp_path / "back")
+    np.testing.assert_array_equal(logits(load_model(tmp_path / "back")), fused)
+    np.testing.assert_allclose(fused, logits(load_model(tiny_dir, adapter_path=adapters)),
+                               atol=1e-4)
+
+
+def test_fuse_refusals_are_one_line(tiny_dir, tmp_path, capsys):
+    from ouro_mlx.cli import main
+
+    per_loop = trained(tiny_dir, tmp_path / "p", per_loop=True)
+    shared = trained(tiny_dir, tmp_path / "s")
+    cases = [
+        (["--adapter-path", str(per_loop)], "cannot be fused into shared weights"),
+        (["--adapter-path", str(tmp_path / "none")], "no such directory"),
+        (["--adapter-path", str(shared), "--save-path", str(tiny_dir), "--force"],
+         "contains the source --model"),
+        (["--adapter-path", str(shared), "--save-path", str(shared / "x")],
+         "lies inside the source --adapter-path"),
+    ]
+    for flags, message in cases:
+        argv = ["fuse", "--model", str(tiny_dir), "--save-path", str(tmp_path / "out"), *flags]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    assert (tiny_dir / "config.json").exists()
+
+
+def test_stock_mlx_lm_generate_loads_our_shared_adapter(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from ouro_mlx import load
+    from ouro_mlx.generation import stream_generate
+
+    adapters = trained(tiny_dir, tmp_path / "a", num_layers=1)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "generate", "--model", str(tiny_dir),
+         "--adapter-path", str(adapters), "--prompt", "hi", "--max-tokens", "3",
+         "--temp", "0", "--ignore-chat-template"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    theirs = out.stdout.split("==========\n")[1].removesuffix("\n")
+    model, tok = load(tiny_dir, adapter_path=adapters)
+    ours = "".join(r.text for r in stream_generate(model, tok, tok.encode("hi"), max_tokens=3))
+    base, _ = load(tiny_dir)
+    plain = "".join(r.text for r in stream_generate(base, tok, tok.encode("hi"), max_tokens=3))
+    assert theirs == ours and ours != plain

@@ -453,3 +453,48 @@ def test_stock_mlx_lm_generate_loads_our_shared_adapter(tiny_dir, tmp_path):
     base, _ = load(tiny_dir)
     plain = "".join(r.text for r in stream_generate(base, tok, tok.encode("hi"), max_tokens=3))
     assert theirs == ours and ours != plain
+
+
+# --- --exit-gate ------------------------------------------------------------------------
+
+
+def test_exit_gate_flag_on_generate_chat_and_bench(tiny_dir, tmp_path, capsys, monkeypatch):
+    from ouro_mlx.calibrate import save_gate
+    from ouro_mlx.cli import main
+    from ouro_mlx.commands import chat
+
+    model = load_model(tiny_dir)
+    model.model.early_exit_gate.bias = mx.array([30.0])  # always exits at step 1
+    gate = save_gate(tmp_path / "gate.safetensors", model, threshold=0.5)
+    shared = trained(tiny_dir, tmp_path / "a", num_layers=1)
+
+    def depths(*flags):
+        assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "-m", "6",
+                     "--show-depth", "--no-chat-template", *flags]) == 0
+        err = capsys.readouterr().err
+        return err.split("loop steps per token: ")[1].split("\n")[0].split()
+
+    assert depths() == ["4"] * 6  # the config's threshold 1.0: full depth
+    # The gate file's threshold (0.5) applies: every token stops at step 1.
+    assert depths("--exit-gate", str(gate)) == ["1"] * 6
+    assert depths("--exit-gate", str(gate), "--adapter-path", str(shared)) == ["1"] * 6
+    # An explicit --exit-threshold wins over the file's.
+    assert depths("--exit-gate", str(gate), "--exit-threshold", "1.0") == ["4"] * 6
+
+    lines = iter(["/stats", None])
+    monkeypatch.setattr(chat, "read_line", lambda prompt: next(lines))
+    assert main(["chat", "--model", str(tiny_dir), "--exit-gate", str(gate)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tiny_dir), "--exit-gate", str(gate), "--dtype",
+                 "float32", "--prompt-tokens", "4", "--gen-tokens", "2", "--repeats", "0",
+                 "--no-fixed", "--no-peer", "--exits", "q0.5",
+                 "--json-out", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["runs"]["float32"]["ouro"]
+    assert [r["avg_loops"] for r in rows if r["name"] == "ouro adaptive q0.5"] == [1.0]
+    capsys.readouterr()
+
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi",
+                 "--exit-gate", str(tmp_path / "bad.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.safetensors: cannot read the gate file" in err and err.count("\n") == 1

@@ -343,6 +343,8 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> dict:
                              f"{tuple(expected[name].shape)}.")
         if not mx.issubdtype(w.dtype, mx.floating):
             raise ValueError(f"{file}: tensor {name} is {w.dtype}, expected floating point.")
+        if not mx.all(mx.isfinite(w)).item():
+            raise ValueError(f"{file}: tensor {name} holds non-finite values (inf or nan).")
     if missing := sorted(set(expected) - set(weights)):
         raise ValueError(f"{file}: tensor {missing[0]} is missing "
                          f"({len(missing)} of {len(expected)} missing).")

@@ -210,6 +210,14 @@ def test_untrusted_adapter_files_are_refused(tiny_dir, tmp_path):
     mx.save_safetensors(str(tmp_path / "d" / "adapters.safetensors"), w)
     with pytest.raises(ValueError, match="tensor model.lm_head.weight is not a parameter"):
         load_adapters(load_model(tiny_dir), tmp_path / "d")
+    # A non-finite or integer tensor is named.
+    saved_adapters(tiny_dir, tmp_path / "e")
+    w = mx.load(str(tmp_path / "e" / "adapters.safetensors"))
+    name = sorted(w)[0]
+    for bad, message in ((w[name] * mx.nan, "non-finite"), (w[name].astype(mx.int32), "int32")):
+        mx.save_safetensors(str(tmp_path / "e" / "adapters.safetensors"), {**w, name: bad})
+        with pytest.raises(ValueError, match=f"tensor {name} .*{message}"):
+            load_adapters(load_model(tiny_dir), tmp_path / "e")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_adapters(load_model(tiny_dir), tmp_path / "nowhere")
 

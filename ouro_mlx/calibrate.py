@@ -135,12 +135,17 @@ def reset_gate(model, bias: float = RESET_BIAS) -> None:
     mx.eval(gate.parameters())
 
 
-def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int = 4,
-               learning_rate: float = 1e-3, max_seq_length: int = 2048, seed: int = 0,
+def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int = 8,
+               learning_rate: float | None = None, max_seq_length: int = 2048, seed: int = 0,
                k: float = 50.0, gamma: float = 0.005, progress: bool = True) -> list[float]:
     """Train the exit gate alone with the Stage II loss (Adam); every other parameter
-    stays frozen and bitwise unchanged. Returns the loss of each step."""
+    stays frozen and bitwise unchanged. Returns the loss of each step.
+    ``learning_rate`` defaults to 2 / hidden_size: Adam moves every weight by about the
+    rate, so a step moves the gate's logit by about rate × hidden_size."""
     from tqdm import tqdm
+
+    if learning_rate is None:
+        learning_rate = default_learning_rate(model)
 
     model.freeze()
     model.model.early_exit_gate.unfreeze()
@@ -167,6 +172,10 @@ def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int 
     gate.update({k_: v.astype(dtype) for k_, v in gate.parameters().items()})
     mx.eval(gate.parameters())
     return losses
+
+
+def default_learning_rate(model) -> float:
+    return 2.0 / model.args.hidden_size
 
 
 # --------------------------------------------------------------------- measuring
@@ -206,13 +215,11 @@ def demo_accuracy(model, tokenizer, thresholds=THRESHOLDS, n: int = 500) -> dict
     loops per decoded token for each q, and accuracy at full depth."""
     from .demo.evaluate import evaluate
 
-    T = model.ut_steps
     out = {}
-    for i, q in enumerate(thresholds):
-        r = evaluate(model, tokenizer, n, exit_threshold=q, depths=(T,) if i == 0 else ())
-        if i == 0:
-            out["full"] = {"loops": float(T), "accuracy": r["accuracy"][str(T)]}
-        out[_key(q)] = {"loops": r["avg_loops_adaptive"], "accuracy": r["accuracy"]["adaptive"]}
+    # q = 1.0 is full depth (evaluate's fixed-depth rows apply the model's own threshold)
+    for key, q in [("full", 1.0), *((_key(q), q) for q in thresholds)]:
+        r = evaluate(model, tokenizer, n, exit_threshold=q, depths=())
+        out[key] = {"loops": r["avg_loops_adaptive"], "accuracy": r["accuracy"]["adaptive"]}
     out["problems"] = n
     return out
 

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "without a valid.jsonl the last 10%% is held out (default for the "
                         "demo model: generated shell games).")
     p.add_argument("--iters", type=int, default=200, help="Training steps.")
-    p.add_argument("--batch-size", type=int, default=4, help="Sequences per step.")
-    p.add_argument("--learning-rate", type=number, default=1e-2,
-                   help="Adam learning rate of the gate.")
+    p.add_argument("--batch-size", type=int, default=8, help="Sequences per step.")
+    p.add_argument("--learning-rate", type=number, default=None,
+                   help="Adam learning rate of the gate (default: 2 / hidden_size, e.g. "
+                        "0.001 for Ouro-1.4B, 0.03 for the demo model).")
     p.add_argument("--max-seq-length", type=int, default=2048,
                    help="Longer sequences are cut to this many tokens.")
     p.add_argument("--val-samples", type=int, default=200,
@@ -91,7 +92,7 @@ def check_args(args: argparse.Namespace) -> list[float]:
                              ("--demo-problems", args.demo_problems, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}.")
-    if not args.learning_rate > 0:
+    if args.learning_rate is not None and not args.learning_rate > 0:
         raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}.")
     if not args.tolerance >= 0:
         raise ValueError(f"--tolerance must be >= 0, got {args.tolerance}.")

@@ -506,3 +506,15 @@ def test_exit_gate_flag_on_generate_chat_and_bench(tiny_dir, tmp_path, capsys, m
                  "--exit-gate", str(tmp_path / "bad.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "bad.safetensors: cannot read the gate file" in err and err.count("\n") == 1
+
+
+def test_fuse_help_describes_every_flag_with_mlx_lm_defaults(capsys):
+    from ouro_mlx.commands import fuse
+
+    parser = fuse.build_parser()
+    assert all(a.help for a in parser._actions)
+    defaults = {a.dest: a.default for a in parser._actions}
+    assert defaults["save_path"] == "fused_model" and defaults["adapter_path"] == "adapters"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "Per-loop adapters" in capsys.readouterr().out

@@ -373,7 +373,9 @@ class Model(nn.Module):
                 raise ValueError(f"exit_at_step must be in [0, {T}), got {exit_at_step}.")
             h = out.hidden[exit_at_step]
         elif exit_threshold is not None and ex.check_threshold(exit_threshold) < 1.0:
-            cdf = ex.exit_cdf(ex.exit_pdf(out.gate_logits))
+            # The chosen step is discrete: no gradient through it (a training step,
+            # e.g. mlx_lm.lora on a model whose config sets a threshold, needs this).
+            cdf = mx.stop_gradient(ex.exit_cdf(ex.exit_pdf(out.gate_logits)))
             h = ex.gather_steps(out.hidden, ex.select_exit_step(cdf, exit_threshold))
         else:
             h = out.hidden[-1]

@@ -518,3 +518,20 @@ def test_fuse_help_describes_every_flag_with_mlx_lm_defaults(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     assert "Per-loop adapters" in capsys.readouterr().out
+
+
+def test_gradients_reach_adapters_through_q_exit_logits(tiny_dir):
+    """model(x) with a threshold < 1 (the bundled demo's config: 0.6) picks each
+    token's step discretely; training through it (e.g. stock mlx_lm.lora) must work."""
+    model = load_model(tiny_dir, exit_threshold=0.5)
+    apply_adapters(model, per_loop=True, train_gate=True)
+    randomize_b(model)
+
+    def loss(m):
+        return m(TOKENS).astype(mx.float32).square().mean()
+
+    value, grads = nn.value_and_grad(model, loss)(model)
+    flat = dict(tree_flatten(grads))
+    assert np.isfinite(value.item())
+    assert all(np.isfinite(np.array(g)).all() for g in flat.values())
+    assert any(np.abs(np.array(g)).max() > 0 for k, g in flat.items() if k.endswith("lora_a"))

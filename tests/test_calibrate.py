@@ -191,6 +191,7 @@ def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
     (["--gate-out", "{tmp}"], "is a directory"),
     (["--thresholds", "0.5,1"], "--thresholds must be numbers in (0, 1)"),
     (["--iters", "0"], "--iters must be >= 1"),
+    (["--adapter-path", "{tmp}", "--out", "{tmp}/o"], "--out writes the model without"),
     ([], "--data is required with --model"),
 ])
 def test_cli_refusals(tiny_dir, tmp_path, capsys, flags, message):
@@ -209,3 +210,24 @@ def test_data_without_valid_file_holds_out_the_end(tiny_dir, tmp_path):
     assert (len(train), len(valid)) == (18, 2)
     with pytest.raises(ValueError, match="no train.jsonl"):
         cal.load_data(tmp_path, tok)
+
+
+def test_cli_with_adapters_trains_only_the_gate(tiny_dir, tmp_path, capsys):
+    """--adapter-path: the gate is calibrated for the adapted model; the adapters stay."""
+    from ouro_mlx.adapters import adapter_config, apply_adapters, save_adapters
+
+    model, _ = load(tiny_dir)
+    apply_adapters(model, num_layers=1)
+    save_adapters(tmp_path / "adapters", model, adapter_config({"num_layers": 1}))
+    saved = (tmp_path / "adapters" / "adapters.safetensors").read_bytes()
+    data = write_jsonl(tmp_path / "d.jsonl", chats(10))
+    gate = tmp_path / "gate.safetensors"
+    assert main(["calibrate-exit", "--model", str(tiny_dir), "--adapter-path",
+                 str(tmp_path / "adapters"), "--data", str(data), "--iters", "2",
+                 "--gate-out", str(gate), "--json"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "adapters" / "adapters.safetensors").read_bytes() == saved
+    adapted, _ = load(tiny_dir, adapter_path=tmp_path / "adapters")
+    before = cal.gate_tensors(adapted)[cal.GATE_KEYS[1]].tolist()
+    cal.load_exit_gate(adapted, gate)
+    assert cal.gate_tensors(adapted)[cal.GATE_KEYS[1]].tolist() != before

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="Local directory or Hugging Face repo id (default: the bundled "
                         "demo model).")
+    p.add_argument("--adapter-path", default=None,
+                   help="Calibrate the gate for the model with these adapters (ouro-mlx lora "
+                        "or mlx_lm.lora), applied unfused; use the result with --gate-out.")
     p.add_argument("--data", default=None, metavar="DIR_OR_FILE",
                    help="train.jsonl (+ valid.jsonl) directory or one .jsonl/.txt file; "
                         "without a valid.jsonl the last 10%% is held out (default for the "
@@ -108,6 +111,9 @@ def check_outputs(args: argparse.Namespace, source: Path | None) -> None:
         if source is not None and dst.resolve() == source.resolve():
             raise ValueError(f"--out {args.out} is the model being calibrated; "
                              "name a new directory (the original is never edited).")
+    if args.out and args.adapter_path:
+        raise ValueError("--out writes the model without its adapters; with --adapter-path "
+                         "use --gate-out (or fuse the adapters first with ouro-mlx fuse).")
     if args.gate_out:
         gate = Path(args.gate_out)
         if gate.is_dir():
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..loading import load, resolve
 
     path = resolve(str(source) if demo else args.model)
-    model, tokenizer = load(path)
+    model, tokenizer = load(path, adapter_path=args.adapter_path)
     warn = lambda msg: print(f"ouro-mlx calibrate-exit: {msg}", file=sys.stderr)  # noqa: E731
     if args.data is None:
         train, valid = cal.demo_data(tokenizer, seed=args.seed)

@@ -30,7 +30,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from . import exit as ex
-from .losses import loop_terms, stage2
+from .losses import adaptive_gate_loss
 
 GATE = "model.early_exit_gate"
 GATE_KEYS = (f"{GATE}.weight", f"{GATE}.bias")
@@ -155,14 +155,15 @@ def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int 
     gate.update({k_: v.astype(mx.float32) for k_, v in gate.parameters().items()})
     opt = optim.Adam(learning_rate=learning_rate)
     value_and_grad = nn.value_and_grad(
-        model, lambda m, b, mask: stage2(m, b, mask, k=k, gamma=gamma))
+        model, lambda m, h, ce, mask: adaptive_gate_loss(ce, gate_logits(m, h), mask, k, gamma))
     stream = batches(train, batch_size, max_seq_length, seed)
     losses = []
     bar = tqdm(total=iters, desc="calibrating the exit gate", unit="step",
                disable=not progress)
     for _ in range(iters):
         batch, mask = next(stream)
-        (loss, _), grads = value_and_grad(model, batch, mask)
+        hidden, ce = step_losses(model, batch)
+        (loss, _), grads = value_and_grad(model, hidden, ce, mask)
         opt.update(model, grads)
         mx.eval(gate.parameters(), opt.state, loss)
         losses.append(loss.item())
@@ -176,6 +177,32 @@ def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int 
 
 def default_learning_rate(model) -> float:
     return 2.0 / model.args.hidden_size
+
+
+def step_losses(model, batch: mx.array) -> tuple[list[mx.array], mx.array]:
+    """The frozen model's state after every loop step (T arrays [B, S, H]) and every
+    step's per-token cross-entropy [B, S, T] (float32) on ``batch[:, 1:]``, computed
+    outside any gradient, one row and one step at a time: only one row's logits [S, V]
+    exist at once (with a 49k vocabulary, a batch's logits for all T steps would
+    outweigh the model)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    hidden = [mx.stop_gradient(h) for h in model.loop_outputs(inputs).hidden]
+    mx.eval(hidden)
+    steps = []
+    for h in hidden:
+        rows = []
+        for i in range(h.shape[0]):
+            ce = nn.losses.cross_entropy(model.lm_head(h[i:i + 1]), targets[i:i + 1])
+            rows.append(ce.astype(mx.float32))
+            mx.eval(rows[-1])
+        steps.append(mx.concatenate(rows, axis=0))
+    return hidden, mx.stack(steps, axis=-1)
+
+
+def gate_logits(model, hidden: list[mx.array]) -> mx.array:
+    """The exit gate on each step's state, [B, S, T] float32."""
+    gate = model.model.early_exit_gate
+    return mx.stack([gate(h).squeeze(-1) for h in hidden], axis=-1).astype(mx.float32)
 
 
 # --------------------------------------------------------------------- measuring
@@ -192,13 +219,13 @@ def measure(model, samples: list[Sample], thresholds=THRESHOLDS, *, batch_size: 
     T = model.ut_steps
     for i in range(0, len(order), batch_size):
         batch, mask = pad_batch([samples[j] for j in order[i:i + batch_size]], max_seq_length)
-        terms = loop_terms(model, batch, mask)
-        m = terms.mask.astype(mx.float32)
-        cdf = ex.exit_cdf(terms.pdf)
+        hidden, step_ce = step_losses(model, batch)
+        m = mask.astype(mx.float32)
+        cdf = ex.exit_cdf(ex.exit_pdf(gate_logits(model, hidden)))
         picks = {"full": mx.full(m.shape, T - 1, dtype=mx.int32)}
         picks.update({_key(q): ex.select_exit_step(cdf, q) for q in thresholds})
         for key, step in picks.items():
-            ce = mx.take_along_axis(terms.ce, step[..., None], axis=-1).squeeze(-1)
+            ce = mx.take_along_axis(step_ce, step[..., None], axis=-1).squeeze(-1)
             loops, loss = ((step + 1) * m).sum(), (ce * m).sum()
             mx.eval(loops, loss)
             sums[key][0] += loops.item()

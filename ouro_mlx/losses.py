@@ -72,17 +72,25 @@ def stage2(model, batch, mask, k: float = 50.0, gamma: float = 0.005,
     L = (1/T) Σ_{t=2..T} mean_i BCE(1 − λ_t, w_t), with the LM losses detached.
     Train it with everything but ``model.early_exit_gate`` frozen."""
     terms = loop_terms(model, batch, mask, ut_steps)
-    T = terms.ce.shape[-1]
+    return adaptive_gate_loss(terms.ce, terms.gate_logits, terms.mask, k, gamma)
+
+
+def adaptive_gate_loss(ce: mx.array, gate_logits: mx.array, mask: mx.array,
+                       k: float = 50.0, gamma: float = 0.005):
+    """Stage II from per-step losses ``ce`` [B, S, T] (detached here) and gate logits
+    [B, S, T]: what :func:`stage2` computes, for callers that already hold the losses
+    (``ouro_mlx.calibrate`` computes them once, outside the gradient)."""
+    T = ce.shape[-1]
     if T < 2:
         raise ValueError("stage2_loss needs at least 2 loop steps.")
-    ce = mx.stop_gradient(terms.ce)
+    ce = mx.stop_gradient(ce)
     improvement = mx.maximum(ce[..., :-1] - ce[..., 1:], 0.0)  # [B, S, T-1]
     w = mx.sigmoid(k * (improvement - gamma))
-    g = terms.gate_logits[..., 1:]
+    g = gate_logits[..., 1:]
     # log(1 − λ) = log σ(−g), log λ = log σ(g), stable for large |g|
     bce = -(w * nn.log_sigmoid(-g) + (1 - w) * nn.log_sigmoid(g))
     per_token = bce.sum(-1) / T
-    return _masked_mean(per_token, terms.mask)
+    return _masked_mean(per_token, mask)
 
 
 def fixed_depth(model, batch, mask, ut_steps: int | None = None,

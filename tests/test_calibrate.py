@@ -60,6 +60,21 @@ def test_calibration_changes_only_the_gate(tiny_dir):
             assert np.array_equal(before[k], after[k]), k  # bitwise
 
 
+def test_gate_loss_equals_stage2(tiny_dir, tmp_path):
+    """Calibration computes the per-step losses once, outside the gradient, row by row;
+    the loss is still the trainer's Stage II loss on the same batch."""
+    from ouro_mlx.losses import adaptive_gate_loss, stage2
+
+    model, tok = load(tiny_dir)
+    samples = cal._read(write_jsonl(tmp_path / "c.jsonl", chats(3)), tok, print)
+    batch, mask = cal.pad_batch(samples, 2048)
+    hidden, ce = cal.step_losses(model, batch)
+    ours, n = adaptive_gate_loss(ce, cal.gate_logits(model, hidden), mask)
+    ref, n_ref = stage2(model, batch, mask)
+    assert n.item() == n_ref.item() > 0
+    assert abs(ours.item() - ref.item()) < 1e-5
+
+
 def test_gate_file_round_trips(tiny_dir, tmp_path):
     model, _ = load(tiny_dir)
     cal.reset_gate(model, bias=-3.0)

@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train, valid = cal.load_data(args.data, tokenizer, warn=warn)
     valid = valid[:args.val_samples]
+    if long := sum(len(t) > args.max_seq_length for t, _ in train + valid):
+        warn(f"{long:,} samples are longer than --max-seq-length {args.max_seq_length} "
+             "tokens and are cut to it")
     if args.reset_gate:
         cal.reset_gate(model)
 

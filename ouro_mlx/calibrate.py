@@ -35,6 +35,7 @@ from .losses import adaptive_gate_loss
 GATE = "model.early_exit_gate"
 GATE_KEYS = (f"{GATE}.weight", f"{GATE}.bias")
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+MAX_GATE_BYTES = 1 << 22  # a gate is hidden_size + 1 numbers: 8 KB for Ouro-1.4B in bf16
 RESET_BIAS = -6.0  # λ = σ(−6) ≈ 0.0025: the cdf stays below 0.01, every token runs all loops
 
 Sample = tuple[list[int], list[int]]  # tokens, loss mask (1 = a target that counts)
@@ -170,6 +171,9 @@ def train_gate(model, train: list[Sample], *, iters: int = 200, batch_size: int 
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.update()
     bar.close()
+    if not all(mx.all(mx.isfinite(v)).item() for v in gate.parameters().values()):
+        raise ValueError(f"the gate's weights are not finite after {iters} steps; lower "
+                         f"--learning-rate (it was {learning_rate:g}).")
     gate.update({k_: v.astype(dtype) for k_, v in gate.parameters().items()})
     mx.eval(gate.parameters())
     return losses
@@ -312,6 +316,10 @@ def load_exit_gate(model, path: str | Path) -> float | None:
     if not path.is_file():
         raise ValueError(f"{path}: not a gate file (a directory or special file); give the "
                          "file that calibrate-exit --gate-out wrote")
+    if (size := path.stat().st_size) > MAX_GATE_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes is too large for a gate file (at most "
+                         f"{MAX_GATE_BYTES:,}); give the file that calibrate-exit --gate-out "
+                         "wrote")
     try:
         tensors, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # MLX reports a bad file as RuntimeError/ValueError

@@ -115,6 +115,11 @@ def bad_gate_files(tmp_path: Path, model) -> dict[str, Path]:
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:100])
     files["truncated.safetensors"] = truncated
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.write(good.read_bytes())
+        f.truncate(cal.MAX_GATE_BYTES + 1)
+    files["big.safetensors"] = big
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 3)
     files["junk.bin"] = junk
@@ -149,6 +154,14 @@ def test_short_run_teaches_a_silent_gate_to_exit(tmp_path):
     after = cal.measure(model, valid, (0.5,))
     assert after["0.5"]["loops"] < 3.5
     assert after["full"] == before["full"]  # the LM itself is untouched
+
+
+def test_diverging_training_is_refused(tiny_dir, tmp_path):
+    model, tok = load(tiny_dir)
+    samples = cal._read(write_jsonl(tmp_path / "c.jsonl", chats(4)), tok, print)
+    model.model.early_exit_gate.bias = mx.array([float("inf")])
+    with pytest.raises(ValueError, match="not finite after 1 steps; lower --learning-rate"):
+        cal.train_gate(model, samples, iters=1, progress=False)
 
 
 def test_choose_threshold():

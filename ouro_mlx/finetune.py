@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -49,12 +50,11 @@ STRUCTURE = ("fine_tune_type", "num_layers", "lora_parameters", "per_loop_adapte
 # ---------------------------------------------------------------- data
 
 
-def read_jsonl(path: Path, log=print) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, log=print) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every line of ``path`` that is a JSON object;
     any other line is reported as ``file:line`` and skipped (blank lines silently)."""
     if not path.is_file():
         raise ValueError(f"{path} is not a regular file.")
-    rows = []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
             try:
@@ -73,8 +73,7 @@ def read_jsonl(path: Path, log=print) -> list[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 log(f"{path}:{n}: skipped: not a JSON object.")
                 continue
-            rows.append((n, obj))
-    return rows
+            yield n, obj
 
 
 def data_format(obj: dict, features: SimpleNamespace) -> str | None:
@@ -211,8 +210,11 @@ def make_loss(args, model) -> Callable:
     return partial(stage1_loss, beta=args.beta, ut_steps=T)
 
 
-def check_layers(args, model) -> None:
+def check_layers(args, model, log=print) -> None:
     n = len(model.layers)
+    if args.num_layers > n and "num_layers" in getattr(args, "defaulted", ()):
+        log(f"--num-layers: the model has {n} layers (mlx-lm's default is 16); using all.")
+        args.num_layers = -1
     if args.num_layers != -1 and not 1 <= args.num_layers <= n:
         raise ValueError(f"--num-layers {args.num_layers}: the model has {n} layers "
                          "(use 1..{n}, or -1 for all).".replace("{n}", str(n)))
@@ -266,7 +268,7 @@ def make_optimizer(args) -> optim.Optimizer:
 @dataclass
 class TrainerState:
     """What a resumed run needs besides weights and optimizer state: the iteration
-    (the data position follows from it and the seed), the random key and the curves."""
+    (the data position and random key follow from it and the seed) and the curves."""
 
     iteration: int = 0
     losses: list = field(default_factory=list)  # every iteration's training loss
@@ -276,7 +278,7 @@ class TrainerState:
     structure: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"version": 1, **self.__dict__, "rng": np.array(mx.random.state[0]).tolist()}
+        return {"version": 1, **self.__dict__}
 
 
 def structure_of(args) -> dict:
@@ -318,9 +320,6 @@ def resume(model, opt, args, adapter_path: Path, saved: dict, log=print) -> Trai
         opt.state = tree_unflatten(list(mx.load(str(file)).items()))
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{file}: unreadable ({e}).") from None
-    rng = saved.get("rng")
-    if isinstance(rng, list) and len(rng) == 2:
-        mx.random.state[0] = mx.array(rng, dtype=mx.uint32)
     fields_ = {k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved}
     state = TrainerState(**fields_)
     log(f"Resuming {adapter_path} at iteration {state.iteration}.")
@@ -485,6 +484,9 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
                 say(f"Iter {it}: Val loss {val_loss:.3f}, "
                     f"Val took {time.perf_counter() - tic:.3f}s")
             tic = time.perf_counter()
+            # The random key (LoRA dropout) follows from the iteration, as the data
+            # order does: a resumed run draws what the uninterrupted one would.
+            mx.random.seed(args.seed * 1_000_003 + it)
             lvalue, toks, grad = step(batch, grad, it % accum == 0)
             mx.eval(compiled, lvalue, toks, grad)
             window_time += time.perf_counter() - tic
@@ -539,9 +541,11 @@ def run(args: SimpleNamespace, log=print) -> dict:
     np.random.seed(args.seed)
     log("Loading pretrained model")
     model, tokenizer = load(args.model)
-    check_layers(args, model)
+    check_layers(args, model, log)
     log("Loading datasets")
-    train_set, valid_set, test_set = load_datasets(args, tokenizer, log)
+    # skipped lines are warnings: stderr, as the refusals
+    warn = partial(print, file=sys.stderr) if log is print else log
+    train_set, valid_set, test_set = load_datasets(args, tokenizer, warn)
     adapter_path = Path(args.adapter_path)
     loss = make_loss(args, model)
     result: dict = {}

@@ -80,9 +80,11 @@ def merge(args: argparse.Namespace) -> dict:
                 raise ValueError(f"-c {args.config}: unknown key {k!r}.")
             if values.get(k) is None:
                 values[k] = v
+    values["defaulted"] = set()  # not JSON: never written to adapter_config.json
     for k, v in {**CONFIG_DEFAULTS, **OURS}.items():
         if values.get(k) is None:
             values[k] = v
+            values["defaulted"].add(k)
     return values
 
 

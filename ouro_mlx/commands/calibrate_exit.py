@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bias -6, so every token runs all loops (an experiment's start).")
     p.add_argument("--demo-problems", type=int, default=500,
                    help="Demo model only: held-out games for the generation accuracy.")
-    p.add_argument("--seed", type=seed, default=0, help="Data order (and demo data) seed (default: 0).")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="Data order (and demo data) seed (default: 0).")
     p.add_argument("--json", action="store_true", help="Print only the JSON figures.")
     return p
 

@@ -261,3 +261,17 @@ def test_cli_with_adapters_trains_only_the_gate(tiny_dir, tmp_path, capsys):
     before = cal.gate_tensors(adapted)[cal.GATE_KEYS[1]].tolist()
     cal.load_exit_gate(adapted, gate)
     assert cal.gate_tensors(adapted)[cal.GATE_KEYS[1]].tolist() != before
+
+
+def test_help_describes_every_flag(capsys):
+    from ouro_mlx.commands.calibrate_exit import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate-exit", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: ouro-mlx calibrate-exit" in out
+    for default in ("(default: 200)", "(default: 8)", "(default: 0.3,0.5,0.7,0.9)",
+                    "(default: 0.01)", "(default: 0)", "2 / hidden_size"):
+        assert default in out, default

@@ -26,7 +26,8 @@ VERBS = {
 
 def usage() -> str:
     lines = ["usage: ouro-mlx <verb> [options]", "", "verbs:"]
-    lines += [f"  {verb:<11} {text}" for verb, text in VERBS.items()]
+    width = max(map(len, VERBS))
+    lines += [f"  {verb:<{width}}  {text}" for verb, text in VERBS.items()]
     lines += ["", "ouro-mlx <verb> --help shows a verb's options."]
     return "\n".join(lines)
 

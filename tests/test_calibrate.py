@@ -223,6 +223,7 @@ def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
     (["--iters", "0"], "--iters must be >= 1"),
     (["--adapter-path", "{tmp}", "--out", "{tmp}/o"], "--out writes the model without"),
     ([], "--data is required with --model"),
+    (["--data", "{tmp}/absent.jsonl"], "absent.jsonl: no such file or directory"),
 ])
 def test_cli_refusals(tiny_dir, tmp_path, capsys, flags, message):
     flags = [f.format(model=tiny_dir, tmp=tmp_path) for f in flags]

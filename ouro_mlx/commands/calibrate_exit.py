@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None and not demo:
         raise ValueError("--data is required with --model (a directory with train.jsonl, "
                          "or a .jsonl file).")
+    if args.data is not None and not os.path.exists(args.data):  # before loading the model
+        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
 
     from .. import calibrate as cal
     from ..loading import load, resolve

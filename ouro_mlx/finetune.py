@@ -441,8 +441,10 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
     """mlx-lm's training loop (compiled step, gradient accumulation, reports), with
     atomic checkpoints and an exact resume from ``state.iteration``."""
     from mlx_lm.tuner.trainer import iterate_batches
+    from mlx_lm.utils import maybe_set_recommended_wired_limit
     from tqdm import tqdm
 
+    maybe_set_recommended_wired_limit()  # Metal: keep the weights wired, as mlx-lm does
     if args.grad_checkpoint:
         checkpoint_layers(model)
     value_and_grad = nn.value_and_grad(model, loss)
@@ -489,6 +491,8 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
             mx.random.seed(args.seed * 1_000_003 + it)
             lvalue, toks, grad = step(batch, grad, it % accum == 0)
             mx.eval(compiled, lvalue, toks, grad)
+            if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
+                mx.clear_cache()
             window_time += time.perf_counter() - tic
             loss_value = lvalue.item()
             if not math.isfinite(loss_value):

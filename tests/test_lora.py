@@ -247,7 +247,7 @@ def test_kill_during_a_save_keeps_the_previous_adapters(tiny_dir, data_dir, tmp_
     p = subprocess.run([sys.executable, "-c", KILLER, *args], capture_output=True, env=env,
                        timeout=300)
     assert p.returncode == -9, p.stderr.decode()[-2000:]
-    assert state(out)["iteration"] == 2
+    assert state(out)["iteration"] == 1
     model, _ = ouro_mlx.load(tiny_dir)
     load_adapters(model, out)  # the previous checkpoint, whole
     w = adapter_weights(out)
@@ -309,3 +309,58 @@ def test_yaml_sets_options_and_flags_win(tmp_path):
     assert (a.iters, a.batch_size, a.loss, a.per_loop_adapters) == (9, 2, "fixed", True)
     assert a.lora_parameters == {"rank": 4, "dropout": 0.0, "scale": 20.0}
     assert (a.learning_rate, a.optimizer, a.beta, a.save_every) == (1e-5, "adam", 0.1, 100)
+
+
+def options(model: Path, data: Path, out: Path, *extra: str) -> SimpleNamespace:
+    from ouro_mlx.commands.lora import build_parser, merge, validate
+
+    return validate(merge(build_parser().parse_args(
+        ["--model", str(model), "--data", str(data), "--adapter-path", str(out),
+         "--batch-size", "4", "--learning-rate", "1e-3", "--num-layers", "-1",
+         "--val-batches", "2", *extra])))
+
+
+def test_test_only_loads_the_adapters(tiny_dir, data_dir, tmp_path):
+    out = tmp_path / "ad"
+    quiet = lambda *a, **k: None  # noqa: E731
+    trained = finetune.run(options(tiny_dir, data_dir, out, "--train", "--test", "--iters",
+                                   "3", "--loss", "fixed"), log=quiet)
+    again = finetune.run(options(tiny_dir, data_dir, out, "--test", "--loss", "fixed"),
+                         log=quiet)
+    base = finetune.run(options(tiny_dir, data_dir, "", "--test", "--loss", "fixed"),
+                        log=quiet)
+    assert abs(trained["test_loss"] - again["test_loss"]) < 1e-5
+    assert base["test_loss"] > again["test_loss"] + 0.1
+
+
+def test_grad_accumulation_and_schedule(tiny_dir, data_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr_schedule: {name: cosine_decay, arguments: [1.0e-3, 4], warmup: 2}\n")
+    out = tmp_path / "ad"
+    assert lora(tiny_dir, data_dir, out, "-c", str(cfg), "--iters", "4",
+                "--grad-accumulation-steps", "2", "--save-every", "1") == 0
+    s = state(out)
+    assert s["iteration"] == 4 and all(np.isfinite(s["losses"]))
+    lrs = [r["learning_rate"] for r in s["reports"]]
+    # warming up from 0, one optimizer update every 2 iterations
+    assert lrs[0] == lrs[1] == lrs[2] == 0 < lrs[3]
+    # saved only on update steps: no half-accumulated gradient in a checkpoint
+    assert sorted(p.name[:7] for p in out.glob("0*_adapters.safetensors")) == [
+        "0000002", "0000004"]
+
+
+def test_qlora_on_a_quantized_base(small_dir, data_dir, tmp_path):
+    q = tmp_path / "q4"
+    assert cli(["convert", "--hf-path", str(small_dir), "--mlx-path", str(q), "-q",
+                "--q-group-size", "64"]) == 0
+    data = tmp_path / "data"  # small and without validation: quantized matmuls are slow on CPU
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps(chat(1, 2)) + "\n" + json.dumps(chat(2, 2)))
+    out = tmp_path / "ad"
+    assert lora(q, data, out, "--iters", "1", "--loss", "fixed", "--batch-size", "2") == 0
+    model, _ = ouro_mlx.load(q)
+    from ouro_mlx.adapters import load_adapters
+
+    load_adapters(model, out)
+    assert isinstance(model.layers[0].mlp.down_proj.linear, nn.QuantizedLinear)
+    assert state(out)["iteration"] == 1

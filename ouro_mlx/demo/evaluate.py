@@ -42,7 +42,7 @@ def evaluate(model, tokenizer, n: int = 500, *, seed: int = EVAL_SEED,
 
     accuracy, by_swaps = {}, {}
     for T in range(1, T_max + 1) if depths is None else depths:
-        ok, _ = run(ut_steps=T)
+        ok, _ = run(ut_steps=T, exit_threshold=1.0)  # exactly T steps, not Q-exit capped at T
         accuracy[str(T)] = round(sum(ok) / n, 4)
         by_swaps[str(T)] = _by_swaps(ok, probs)
     ok, loops = run(exit_threshold=q)

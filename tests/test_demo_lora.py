@@ -11,6 +11,7 @@ import pytest
 import ouro_mlx
 from ouro_mlx.demo import model_path, task
 from ouro_mlx.demo.evaluate import EVAL_SEED, evaluate
+from tests.conftest import REPO
 from tests.test_cli import ouro, run
 
 
@@ -102,3 +103,27 @@ def test_demo_eval_swaps_flag():
     for bad in ["0", "3-2", "13", "x"]:
         out = ouro("demo-eval", "--swaps", bad)
         assert out.returncode == 2 and "--swaps" in out.stderr.splitlines()[-1], bad
+
+
+def test_demo_eval_measures_a_model_with_adapters(tmp_path):
+    """--adapter-path applies ouro-mlx lora's adapters (here freshly initialised per-loop
+    ones: LoRA B = 0, so the answers are the bundled model's); a bad path is one line."""
+    from ouro_mlx.adapters import adapter_config, apply_adapters, save_adapters
+
+    model, _ = ouro_mlx.load(model_path())
+    lora = {"rank": 2, "scale": 20.0, "dropout": 0.0}
+    apply_adapters(model, per_loop=True, lora_parameters=lora)
+    save_adapters(tmp_path / "ad", model, adapter_config({"lora_parameters": lora}))
+    args = ("demo-eval", "--n", "24", "--swaps", "2-3", "--json")
+    plain, adapted = ouro(*args), ouro(*args, "--adapter-path", str(tmp_path / "ad"))
+    assert adapted.returncode == 0, adapted.stderr
+    assert json.loads(adapted.stdout) == json.loads(plain.stdout)
+    out = ouro(*args, "--adapter-path", str(tmp_path / "missing"))
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "missing" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["demo_lora.py", "lora_vs_mlx_lm.py", "qlora_memory.py"])
+def test_figure_scripts_print_usage(script):
+    out = run(str(REPO / "examples" / script), "--help")
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr

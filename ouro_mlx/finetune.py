@@ -541,6 +541,10 @@ def run(args: SimpleNamespace, log=print) -> dict:
     """``ouro-mlx lora`` with validated options (see ``commands/lora.py``)."""
     from .loading import load
 
+    adapter_path = Path(args.adapter_path)
+    if args.train and (adapter_path.is_symlink() or adapter_path.exists()
+                       and not adapter_path.is_dir()):
+        raise ValueError(f"--adapter-path {adapter_path} exists and is not a directory.")
     mx.random.seed(args.seed)
     np.random.seed(args.seed)
     log("Loading pretrained model")
@@ -550,7 +554,6 @@ def run(args: SimpleNamespace, log=print) -> dict:
     # skipped lines are warnings: stderr, as the refusals
     warn = partial(print, file=sys.stderr) if log is print else log
     train_set, valid_set, test_set = load_datasets(args, tokenizer, warn)
-    adapter_path = Path(args.adapter_path)
     loss = make_loss(args, model)
     result: dict = {}
     if args.train:
@@ -561,6 +564,9 @@ def run(args: SimpleNamespace, log=print) -> dict:
             state = resume(model, opt, args, adapter_path, saved, log)
         else:
             state = TrainerState(structure=structure_of(args))
+            if adapter_path.is_dir() and (adapter_path / ADAPTERS).exists():
+                log(f"{adapter_path} holds adapters but no trainer state: starting a new "
+                    "run; its first save replaces them.")
             if args.resume_adapter_file:
                 log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
                 load_trainable(model, Path(args.resume_adapter_file))

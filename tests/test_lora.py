@@ -364,3 +364,13 @@ def test_qlora_on_a_quantized_base(small_dir, data_dir, tmp_path):
     load_adapters(model, out)
     assert isinstance(model.layers[0].mlp.down_proj.linear, nn.QuantizedLinear)
     assert state(out)["iteration"] == 1
+
+
+def test_adapter_path_that_is_a_file_is_refused_before_loading(tiny_dir, data_dir, tmp_path,
+                                                               capsys):
+    f = tmp_path / "file"
+    f.write_text("mine")
+    assert lora(tiny_dir, data_dir, f, "--iters", "1") == 1
+    captured = capsys.readouterr()
+    assert "--adapter-path" in captured.err and "Loading" not in captured.out
+    assert f.read_text() == "mine"

@@ -557,6 +557,9 @@ def run(args: SimpleNamespace, log=print) -> dict:
     loss = make_loss(args, model)
     result: dict = {}
     if args.train:
+        if args.train_gate and args.loss == "fixed":
+            log("--train-gate: --loss fixed gives the exit gate no gradient; use --loss ouro "
+                "(or ouro-mlx calibrate-exit).")
         apply_adapters(model, args)
         opt = make_optimizer(args)
         saved = read_state(adapter_path)

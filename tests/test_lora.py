@@ -374,3 +374,22 @@ def test_adapter_path_that_is_a_file_is_refused_before_loading(tiny_dir, data_di
     captured = capsys.readouterr()
     assert "--adapter-path" in captured.err and "Loading" not in captured.out
     assert f.read_text() == "mine"
+
+
+def test_resume_adapter_file_loads_weights_only(tiny_dir, data_dir, tmp_path, capsys):
+    quiet = lambda *a, **k: None  # noqa: E731
+    first = tmp_path / "first"
+    finetune.run(options(tiny_dir, data_dir, first, "--train", "--iters", "3"), log=quiet)
+    tested = finetune.run(options(tiny_dir, data_dir, first, "--test"), log=quiet)
+    file = str(first / "adapters.safetensors")
+    second = tmp_path / "second"
+    again = finetune.run(options(tiny_dir, data_dir, second, "--train", "--test", "--iters",
+                                 "1", "--learning-rate", "1e-30", "--resume-adapter-file",
+                                 file), log=quiet)
+    assert abs(again["test_loss"] - tested["test_loss"]) < 1e-5
+    assert state(second)["iteration"] == 1  # a new run: weights only
+    wrong = tmp_path / "wrong"
+    assert lora(tiny_dir, data_dir, wrong, "--iters", "1", "--per-loop-adapters",
+                "--resume-adapter-file", file) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "adapters.safetensors" in err[-1] and "shape" in err[-1]

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .encoding import encode_chat, encode_text
 from .losses import fixed_depth_loss, stage1_loss
@@ -298,11 +298,34 @@ def read_state(adapter_path: Path) -> dict | None:
         state = json.loads(file.read_text())
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("not a version-1 trainer state")
-        int(state["iteration"])
+        check_state(state)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{file}: unreadable ({e}); remove it or choose another "
                          "--adapter-path.") from None
     return state
+
+
+def check_state(s: dict) -> None:
+    """A trainer state file is untrusted input: every field has its type."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    n = s["iteration"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"iteration {n!r}")
+    losses = s.get("losses", [])
+    if not isinstance(losses, list) or len(losses) != n or not all(map(number, losses)):
+        raise ValueError("losses must be one number per iteration")
+    val = s.get("val", [])
+    if not isinstance(val, list) or not all(
+            isinstance(v, list) and len(v) == 2 and all(map(number, v)) for v in val):
+        raise ValueError("val must be [iteration, loss] pairs")
+    reports = s.get("reports", [])
+    if not isinstance(reports, list) or not all(
+            isinstance(r, dict) and all(map(number, r.values())) for r in reports):
+        raise ValueError("reports must be objects of numbers")
+    if not isinstance(s.get("structure", {}), dict) or not number(s.get("trained_tokens", 0)):
+        raise ValueError("structure or trained_tokens")
 
 
 def resume(model, opt, args, adapter_path: Path, saved: dict, log=print) -> TrainerState:
@@ -317,9 +340,15 @@ def resume(model, opt, args, adapter_path: Path, saved: dict, log=print) -> Trai
     load_trainable(model, adapter_path / ADAPTERS)
     file = adapter_path / OPTIMIZER
     try:
-        opt.state = tree_unflatten(list(mx.load(str(file)).items()))
+        saved_opt = mx.load(str(file))
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{file}: unreadable ({e}).") from None
+    opt.init(model.trainable_parameters())
+    want = dict(tree_flatten(opt.state))
+    if not isinstance(saved_opt, dict) or set(saved_opt) != set(want) or any(
+            saved_opt[k].shape != v.shape for k, v in want.items()):
+        raise ValueError(f"{file}: not the state of this optimizer and these adapters.")
+    opt.state = tree_map_with_path(lambda path, _: saved_opt[path], opt.state)
     fields_ = {k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved}
     state = TrainerState(**fields_)
     log(f"Resuming {adapter_path} at iteration {state.iteration}.")

@@ -393,3 +393,26 @@ def test_resume_adapter_file_loads_weights_only(tiny_dir, data_dir, tmp_path, ca
                 "--resume-adapter-file", file) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "adapters.safetensors" in err[-1] and "shape" in err[-1]
+
+
+def test_resume_with_some_layers_and_damaged_state_files(tiny_dir, data_dir, tmp_path,
+                                                         capsys):
+    out = tmp_path / "ad"
+    assert lora(tiny_dir, data_dir, out, "--iters", "1", "--num-layers", "1") == 0
+    assert lora(tiny_dir, data_dir, out, "--iters", "2", "--num-layers", "1") == 0
+    assert state(out)["iteration"] == 2
+    capsys.readouterr()
+    s = state(out)
+    s["losses"] = ["x", 1]
+    (out / finetune.STATE).write_text(json.dumps(s))
+    assert lora(tiny_dir, data_dir, out, "--iters", "3", "--num-layers", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer_state.json" in err[0] and "losses" in err[0]
+    s["losses"] = [1.0, 2.0]
+    (out / finetune.STATE).write_text(json.dumps(s))
+    opt = dict(mx.load(str(out / finetune.OPTIMIZER)))
+    opt.pop(sorted(opt)[-1])
+    mx.save_safetensors(str(out / finetune.OPTIMIZER), opt)
+    assert lora(tiny_dir, data_dir, out, "--iters", "3", "--num-layers", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "optimizer.safetensors" in err[-1]

@@ -416,3 +416,39 @@ def test_resume_with_some_layers_and_damaged_state_files(tiny_dir, data_dir, tmp
     assert lora(tiny_dir, data_dir, out, "--iters", "3", "--num-layers", "1") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "optimizer.safetensors" in err[-1]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_ids_equal_mlx_lm_datasets(tiny_dir, tmp_path, mask):
+    from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
+
+    _, tokenizer = ouro_mlx.load(tiny_dir)
+    chats = [chat(1, 2), {"messages": [{"role": "system", "content": "be brief"},
+                                       *chat(3, 4)["messages"]]}]
+    completions = [{"prompt": "2 plus 2", "completion": "4"}]
+    texts = [{"text": "one two three"}]
+    cases = [(chats, ChatDataset(chats, tokenizer, mask_prompt=mask)),
+             (completions, CompletionsDataset(completions, tokenizer, "prompt", "completion",
+                                              mask))]
+    if not mask:
+        cases.append((texts, TextDataset(texts, tokenizer)))
+    for rows, theirs in cases:
+        path = tmp_path / "train.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ours = finetune.load_split(path, tokenizer, SimpleNamespace(mask_prompt=mask))
+        assert [(list(i), o) for i, o in ours] == [
+            (list(i), o) for i, o in (theirs.process(r) for r in rows)]
+
+
+def test_tools_rows(tiny_dir, tmp_path):
+    _, tokenizer = ouro_mlx.load(tiny_dir)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    sneaky = [{"type": "function", "function": {"name": "<|im_start|>", "parameters": {}}}]
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(chat(1, 2) | {"tools": tools}) + "\n"
+                    + json.dumps(chat(1, 2) | {"tools": sneaky}) + "\n")
+    said: list[str] = []
+    rows = finetune.load_split(path, tokenizer, SimpleNamespace(mask_prompt=False), said.append)
+    assert len(rows) == 1 and rows[0][0] == list(tokenizer.apply_chat_template(
+        chat(1, 2)["messages"], tools=tools))
+    assert len(said) == 1 and said[0].startswith(f"{path}:2: skipped:")

@@ -467,13 +467,20 @@ def evaluate(model, dataset, args, loss, num_batches: int, progress=None) -> flo
 
 def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
           adapter_path: Path, log=print) -> TrainerState:
-    """mlx-lm's training loop (compiled step, gradient accumulation, reports), with
-    atomic checkpoints and an exact resume from ``state.iteration``."""
+    """mlx-lm's training loop (compiled step, gradient accumulation, data parallelism
+    under ``mlx.launch``, reports), with atomic checkpoints and an exact resume from
+    ``state.iteration``."""
+    from mlx.nn.utils import average_gradients
     from mlx_lm.tuner.trainer import iterate_batches
     from mlx_lm.utils import maybe_set_recommended_wired_limit
     from tqdm import tqdm
 
     maybe_set_recommended_wired_limit()  # Metal: keep the weights wired, as mlx-lm does
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if args.batch_size % size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the "
+                         f"{size} processes.")
     if args.grad_checkpoint:
         checkpoint_layers(model)
     value_and_grad = nn.value_and_grad(model, loss)
@@ -486,6 +493,7 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:
+            grad = average_gradients(grad)
             if accum > 1:
                 grad = tree_map(lambda x: x / accum, grad)
             opt.update(model, grad)
@@ -493,17 +501,15 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
         return lvalue, toks, grad
 
     batches = iterate_batches(train_set, args.batch_size, args.max_seq_length,
-                              loop=True, seed=args.seed)
+                              loop=True, seed=args.seed, comm_group=world)
     for _ in range(state.iteration):  # the same data position as the run we continue
         next(batches)
-    val_batches = (len(valid_set) // args.batch_size if args.val_batches == -1
-                   else min(len(valid_set) // args.batch_size, args.val_batches))
     grad = None
-    window_losses, window_toks, window_steps, window_time = [], 0, 0, 0.0
+    window = Window()
     model.train()
     bar = tqdm(total=args.iters, initial=state.iteration, desc="lora", unit="it",
-               dynamic_ncols=True)
-    say = bar.write if log is print else log
+               dynamic_ncols=True, disable=rank != 0)
+    say = (bar.write if log is print else log) if rank == 0 else (lambda *a, **k: None)
     try:
         for it in range(state.iteration + 1, args.iters + 1):
             batch = next(batches)
@@ -519,48 +525,66 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
             # order does: a resumed run draws what the uninterrupted one would.
             mx.random.seed(args.seed * 1_000_003 + it)
             lvalue, toks, grad = step(batch, grad, it % accum == 0)
+            if size > 1:  # the curve of the whole batch, the same on every process
+                lvalue = mx.distributed.all_sum(lvalue, stream=mx.cpu) / size
+                toks = mx.distributed.all_sum(toks, stream=mx.cpu)
             mx.eval(compiled, lvalue, toks, grad)
             if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
                 mx.clear_cache()
-            window_time += time.perf_counter() - tic
+            window.time += time.perf_counter() - tic
             loss_value = lvalue.item()
             if not math.isfinite(loss_value):
                 raise ValueError(f"the training loss is {loss_value} at iteration {it}; "
                                  "lower --learning-rate (the last checkpoint is kept).")
-            window_losses.append(loss_value)
-            window_toks += toks.item()
-            window_steps += 1
+            window.losses.append(loss_value)
+            window.toks += toks.item()
             state.losses.append(loss_value)
             state.iteration = it
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if it % args.steps_per_report == 0 or it == args.iters:
-                state.trained_tokens += window_toks
-                report = {
-                    "iteration": it,
-                    "train_loss": sum(window_losses) / len(window_losses),
-                    "learning_rate": opt.learning_rate.item(),
-                    "iterations_per_second": window_steps / window_time,
-                    "tokens_per_second": window_toks / window_time,
-                    "trained_tokens": state.trained_tokens,
-                    "peak_memory": mx.get_peak_memory() / 1e9,
-                }
-                state.reports.append(report)
-                say(f"Iter {it}: Train loss {report['train_loss']:.3f}, "
-                    f"Learning Rate {report['learning_rate']:.3e}, "
-                    f"It/sec {report['iterations_per_second']:.3f}, "
-                    f"Tokens/sec {report['tokens_per_second']:.3f}, "
-                    f"Trained Tokens {state.trained_tokens}, "
-                    f"Peak mem {report['peak_memory']:.3f} GB")
-                window_losses, window_toks, window_steps, window_time = [], 0, 0, 0.0
+                state.reports.append(window.report(it, opt, state))
+                say(format_report(state.reports[-1]))
+                window = Window()
             # A checkpoint holds no half-accumulated gradient: save on update steps.
-            if (it % args.save_every == 0 and it % accum == 0) or it == args.iters:
+            if ((it % args.save_every == 0 and it % accum == 0) or it == args.iters) and rank == 0:
                 save_checkpoint(adapter_path, model, opt, args, state)
                 say(f"Iter {it}: Saved adapter weights to {adapter_path / ADAPTERS} "
                     f"and {adapter_path / f'{it:07d}_{ADAPTERS}'}.")
     finally:
         bar.close()
     return state
+
+
+@dataclass
+class Window:
+    """The iterations since the last report."""
+
+    losses: list = field(default_factory=list)
+    toks: int = 0
+    time: float = 0.0
+
+    def report(self, it: int, opt, state: TrainerState) -> dict:
+        state.trained_tokens += self.toks
+        return {
+            "iteration": it,
+            "train_loss": sum(self.losses) / len(self.losses),
+            "learning_rate": opt.learning_rate.item(),
+            "iterations_per_second": len(self.losses) / self.time,
+            "tokens_per_second": self.toks / self.time,
+            "trained_tokens": state.trained_tokens,
+            "peak_memory": mx.get_peak_memory() / 1e9,
+        }
+
+
+def format_report(r: dict) -> str:
+    """mlx-lm's report line."""
+    return (f"Iter {r['iteration']}: Train loss {r['train_loss']:.3f}, "
+            f"Learning Rate {r['learning_rate']:.3e}, "
+            f"It/sec {r['iterations_per_second']:.3f}, "
+            f"Tokens/sec {r['tokens_per_second']:.3f}, "
+            f"Trained Tokens {r['trained_tokens']}, "
+            f"Peak mem {r['peak_memory']:.3f} GB")
 
 
 # ---------------------------------------------------------------- the command

@@ -452,3 +452,23 @@ def test_tools_rows(tiny_dir, tmp_path):
     assert len(rows) == 1 and rows[0][0] == list(tokenizer.apply_chat_template(
         chat(1, 2)["messages"], tools=tools))
     assert len(said) == 1 and said[0].startswith(f"{path}:2: skipped:")
+
+
+def test_data_parallel_under_mlx_launch(tiny_dir, data_dir, tmp_path):
+    launch = Path(sys.executable).parent / "mlx.launch"
+    common = ["--model", str(tiny_dir), "--train", "--data", str(data_dir), "--iters", "2",
+              "--batch-size", "4", "--num-layers", "-1", "--learning-rate", "1e-3",
+              "--val-batches", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    two = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--", sys.executable,
+                          "-m", "ouro_mlx", "lora", "--adapter-path", str(tmp_path / "two"),
+                          *common], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("Saved adapter weights") == 1  # rank 0 writes
+    assert lora(tiny_dir, data_dir, tmp_path / "one", "--iters", "2", "--val-batches", "1") == 0
+    a, b = state(tmp_path / "one"), state(tmp_path / "two")
+    assert b["iteration"] == 2
+    # the same global batches (each process averages over its own tokens, as mlx-lm;
+    # equal here, where every row has as many targets)
+    np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-4)
+    assert abs(a["val"][0][1] - b["val"][0][1]) < 1e-4

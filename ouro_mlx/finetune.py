@@ -607,51 +607,57 @@ def run(args: SimpleNamespace, log=print) -> dict:
     # skipped lines are warnings: stderr, as the refusals
     warn = partial(print, file=sys.stderr) if log is print else log
     train_set, valid_set, test_set = load_datasets(args, tokenizer, warn)
-    loss = make_loss(args, model)
     result: dict = {}
     if args.train:
-        if args.train_gate and args.loss == "fixed":
-            log("--train-gate: --loss fixed gives the exit gate no gradient; use --loss ouro "
-                "(or ouro-mlx calibrate-exit).")
-        apply_adapters(model, args)
-        opt = make_optimizer(args)
-        saved = read_state(adapter_path)
-        if saved is not None:
-            state = resume(model, opt, args, adapter_path, saved, log)
-        else:
-            state = TrainerState(structure=structure_of(args))
-            if adapter_path.is_dir() and (adapter_path / ADAPTERS).exists():
-                log(f"{adapter_path} holds adapters but no trainer state: starting a new "
-                    "run; its first save replaces them.")
-            if args.resume_adapter_file:
-                log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
-                load_trainable(model, Path(args.resume_adapter_file))
-        n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
-        log(f"Trainable parameters: {100 * n_train / n_all:.3f}% "
-            f"({n_train / 1e6:.3f}M/{n_all / 1e6:.3f}M)")
-        if state.iteration >= args.iters:
-            log(f"{adapter_path} already holds {state.iteration} iterations "
-                f"(--iters {args.iters}); nothing to train.")
-        else:
-            log("Training")
-            state = train(model, opt, train_set, valid_set, args, loss, state,
-                          adapter_path, log)
-        if not plot_losses_available():
-            log("(no loss plot: pip install matplotlib for loss.png)")
-        result.update(iteration=state.iteration,
-                      train_loss=state.reports[-1]["train_loss"] if state.reports else None,
-                      val_loss=state.val[-1][1] if state.val else None)
+        result = fit(model, args, train_set, valid_set, adapter_path, log)
     elif args.adapter_path:
         from .adapters import load_adapters
 
-        load_adapters(model, adapter_path)
+        config = load_adapters(model, adapter_path)
+        if args.ut_steps is None and config.get("per_loop_adapters"):
+            args.ut_steps = config["ut_steps"]  # the steps these adapters hold
     if args.test:
         log("Testing")
-        test_loss = evaluate(model, test_set, args, loss, args.test_batches)
+        test_loss = evaluate(model, test_set, args, make_loss(args, model), args.test_batches)
         log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
         result["test_loss"] = test_loss
     return result
+
+
+def fit(model, args, train_set, valid_set, adapter_path: Path, log=print) -> dict:
+    """Apply the adapters, start or resume the run in ``adapter_path``, train."""
+    if args.train_gate and args.loss == "fixed":
+        log("--train-gate: --loss fixed gives the exit gate no gradient; use --loss ouro "
+            "(or ouro-mlx calibrate-exit).")
+    apply_adapters(model, args)
+    opt = make_optimizer(args)
+    saved = read_state(adapter_path)
+    if saved is not None:
+        state = resume(model, opt, args, adapter_path, saved, log)
+    else:
+        state = TrainerState(structure=structure_of(args))
+        if adapter_path.is_dir() and (adapter_path / ADAPTERS).exists():
+            log(f"{adapter_path} holds adapters but no trainer state: starting a new "
+                "run; its first save replaces them.")
+        if args.resume_adapter_file:
+            log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
+            load_trainable(model, Path(args.resume_adapter_file))
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"Trainable parameters: {100 * n_train / n_all:.3f}% "
+        f"({n_train / 1e6:.3f}M/{n_all / 1e6:.3f}M)")
+    if state.iteration >= args.iters:
+        log(f"{adapter_path} already holds {state.iteration} iterations "
+            f"(--iters {args.iters}); nothing to train.")
+    else:
+        log("Training")
+        state = train(model, opt, train_set, valid_set, args, make_loss(args, model), state,
+                      adapter_path, log)
+    if not plot_losses_available():
+        log("(no loss plot: pip install matplotlib for loss.png)")
+    return {"iteration": state.iteration,
+            "train_loss": state.reports[-1]["train_loss"] if state.reports else None,
+            "val_loss": state.val[-1][1] if state.val else None}
 
 
 def plot_losses_available() -> bool:

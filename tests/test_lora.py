@@ -472,3 +472,13 @@ def test_data_parallel_under_mlx_launch(tiny_dir, data_dir, tmp_path):
     # equal here, where every row has as many targets)
     np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-4)
     assert abs(a["val"][0][1] - b["val"][0][1]) < 1e-4
+
+
+def test_per_loop_adapters_with_fewer_steps_test_at_their_depth(tiny_dir, data_dir, tmp_path):
+    out = tmp_path / "ad"
+    quiet = lambda *a, **k: None  # noqa: E731
+    trained = finetune.run(options(tiny_dir, data_dir, out, "--train", "--test", "--iters",
+                                   "2", "--per-loop-adapters", "--ut-steps", "2"), log=quiet)
+    assert adapter_weights(out)["model.layers.0.mlp.up_proj.lora_a"].shape[0] == 2
+    again = finetune.run(options(tiny_dir, data_dir, out, "--test"), log=quiet)
+    assert abs(trained["test_loss"] - again["test_loss"]) < 1e-5

@@ -204,6 +204,7 @@ def load_datasets(args, tokenizer, log=print) -> tuple[list, list, list]:
 
 
 def make_loss(args, model) -> Callable:
+    """The training loss, with mlx-lm's signature ``(model, batch, lengths)``."""
     T = args.ut_steps or model.ut_steps
     if args.loss == "fixed":
         return partial(fixed_depth_loss, ut_steps=T)
@@ -217,7 +218,7 @@ def check_layers(args, model, log=print) -> None:
         args.num_layers = -1
     if args.num_layers != -1 and not 1 <= args.num_layers <= n:
         raise ValueError(f"--num-layers {args.num_layers}: the model has {n} layers "
-                         "(use 1..{n}, or -1 for all).".replace("{n}", str(n)))
+                         f"(use 1..{n}, or -1 for all).")
 
 
 def apply_adapters(model, args) -> None:

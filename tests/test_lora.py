@@ -482,3 +482,9 @@ def test_per_loop_adapters_with_fewer_steps_test_at_their_depth(tiny_dir, data_d
     assert adapter_weights(out)["model.layers.0.mlp.up_proj.lora_a"].shape[0] == 2
     again = finetune.run(options(tiny_dir, data_dir, out, "--test"), log=quiet)
     assert abs(trained["test_loss"] - again["test_loss"]) < 1e-5
+
+
+def test_num_layers_beyond_the_model_is_refused(tiny_dir, data_dir, tmp_path, capsys):
+    assert lora(tiny_dir, data_dir, tmp_path / "ad", "--iters", "1", "--num-layers", "3") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--num-layers 3: the model has 2 layers (use 1..2, or -1 for all).")

@@ -643,8 +643,10 @@ def fit(model, args, train_set, valid_set, adapter_path: Path, log=print) -> dic
         if args.resume_adapter_file:
             log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
             load_trainable(model, Path(args.resume_adapter_file))
+    from mlx_lm.utils import get_total_parameters  # counts quantized weights unpacked
+
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_all = get_total_parameters(model)
     log(f"Trainable parameters: {100 * n_train / n_all:.3f}% "
         f"({n_train / 1e6:.3f}M/{n_all / 1e6:.3f}M)")
     if state.iteration >= args.iters:

@@ -151,6 +151,9 @@ def validate(v: dict) -> SimpleNamespace:
     lp = v["lora_parameters"]
     if not isinstance(lp, dict):
         raise ValueError(f"lora_parameters must be a mapping, got {lp!r}.")
+    if "alpha" in lp:
+        raise ValueError("lora_parameters: 'alpha' is not a key here; mlx-lm's LoRA uses "
+                         "'scale' (the factor applied to the adapter's output).")
     if v["fine_tune_type"] != "full":
         v["lora_parameters"] = {"rank": 8, "dropout": 0.0, "scale": 20.0, **lp}
     return SimpleNamespace(**v)

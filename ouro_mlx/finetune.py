@@ -599,6 +599,12 @@ def run(args: SimpleNamespace, log=print) -> dict:
     if args.train and (adapter_path.is_symlink() or adapter_path.exists()
                        and not adapter_path.is_dir()):
         raise ValueError(f"--adapter-path {adapter_path} exists and is not a directory.")
+    if args.train and adapter_path.is_dir():
+        # each save rebuilds the directory from its files: nothing else may live there
+        for p in adapter_path.iterdir():
+            if p.is_symlink() or not p.is_file():
+                raise ValueError(f"--adapter-path {adapter_path} holds {p.name}, which is "
+                                 "not a plain file; choose a directory of its own.")
     mx.random.seed(args.seed)
     np.random.seed(args.seed)
     log("Loading pretrained model")

@@ -376,6 +376,10 @@ def test_adapter_path_that_is_a_file_is_refused_before_loading(tiny_dir, data_di
     captured = capsys.readouterr()
     assert "--adapter-path" in captured.err and "Loading" not in captured.out
     assert f.read_text() == "mine"
+    d = tmp_path / "dir"
+    (d / "sub").mkdir(parents=True)
+    assert lora(tiny_dir, data_dir, d, "--iters", "1") == 1
+    assert "sub" in capsys.readouterr().err and (d / "sub").is_dir()
 
 
 def test_resume_adapter_file_loads_weights_only(tiny_dir, data_dir, tmp_path, capsys):

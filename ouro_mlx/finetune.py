@@ -93,8 +93,9 @@ def _messages(value) -> str | None:
         return "a non-empty list of messages"
     for m in value:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            return "messages with string 'role' and 'content'"
+                and (isinstance(m.get("content"), str)
+                     or m.get("content") is None and "tool_calls" in m)):
+            return "messages with string 'role' and 'content' (or 'tool_calls')"
     return None
 
 
@@ -131,18 +132,34 @@ def encode_row(obj: dict, kind: str, tokenizer, features, mask_prompt: bool
 
 
 def chat_ids(tokenizer, messages, tools, add_generation_prompt: bool) -> list[int]:
-    if tools is None:
-        return encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+    plain = all(set(m) <= {"role", "content"} and isinstance(m["content"], str)
+                for m in messages)
+    if tools is None and plain:
+        return render(encode_chat, tokenizer, messages,
+                      add_generation_prompt=add_generation_prompt)
+    if tools is not None and (
+            not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise ValueError("'tools' must be a list of objects")
-    # encode_chat has no tools argument: take the template's own path, but only for
-    # rows without special-token strings (those would become real special tokens).
+    # encode_chat takes text messages only: tools and tool calls take the template's
+    # own path, for rows without special-token strings anywhere (those would become
+    # real special tokens there).
     specials = tokenizer.get_added_vocab()
-    text = json.dumps([messages, tools])
+    text = json.dumps([messages, tools], ensure_ascii=False)
     if any(s in text or json.dumps(s)[1:-1] in text for s in specials):
-        raise ValueError("a row with 'tools' cannot hold special-token strings")
-    return list(tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=add_generation_prompt))
+        raise ValueError("a row with tools or tool calls cannot hold special-token strings")
+    return render(lambda tok, m, **kw: list(tok.apply_chat_template(m, **kw)), tokenizer,
+                  messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+
+def render(fn, tokenizer, messages, **kw) -> list[int]:
+    """``fn(tokenizer, messages, **kw)``; what the chat template cannot render (jinja2
+    raises its own kinds, templates raise on roles they refuse) is a ValueError."""
+    try:
+        return fn(tokenizer, messages, **kw)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"the chat template cannot render it ({type(e).__name__}: "
+                         f"{first})") from None
 
 
 def load_split(path: Path, tokenizer, args, log=print) -> list[tuple[list[int], int]]:

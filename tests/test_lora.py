@@ -494,3 +494,20 @@ def test_num_layers_beyond_the_model_is_refused(tiny_dir, data_dir, tmp_path, ca
     assert lora(tiny_dir, data_dir, tmp_path / "ad", "--iters", "1", "--num-layers", "3") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--num-layers 3: the model has 2 layers (use 1..2, or -1 for all).")
+
+
+def test_tool_call_messages(tiny_dir, tmp_path):
+    _, tokenizer = ouro_mlx.load(tiny_dir)
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]}
+    ok = {"messages": [{"role": "user", "content": "add"}, call,
+                       {"role": "tool", "content": "1", "name": "add"}]}
+    bad = json.loads(json.dumps(ok))
+    bad["messages"][1]["tool_calls"][0]["function"]["name"] = "<|im_end|>"
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+    said: list[str] = []
+    rows = finetune.load_split(path, tokenizer, SimpleNamespace(mask_prompt=False), said.append)
+    # this template has no tool calls: the row is reported, not a traceback
+    assert rows == [] and said[0].startswith(f"{path}:1: skipped: the chat template cannot")
+    assert said[1].startswith(f"{path}:2: skipped: a row with tools or tool calls cannot")

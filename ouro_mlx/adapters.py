@@ -312,6 +312,8 @@ def inside(adapter_dir: Path, name: str) -> Path:
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> dict:
     """Apply the adapters in directory ``adapter_path`` to ``model`` (shared or
     per-loop LoRA, DoRA, full, a trained gate) and return their checked config."""
+    from .loading import check_tensor
+
     adapter_dir = Path(adapter_path).expanduser()
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"--adapter-path {adapter_path}: no such directory.")
@@ -338,13 +340,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> dict:
         if name not in expected:
             raise ValueError(f"{file}: tensor {name} is not a parameter these adapters have "
                              f"({CONFIG_FILE} builds {len(expected)}).")
-        if w.shape != expected[name].shape:
-            raise ValueError(f"{file}: tensor {name} has shape {tuple(w.shape)}, expected "
-                             f"{tuple(expected[name].shape)}.")
-        if not mx.issubdtype(w.dtype, mx.floating):
-            raise ValueError(f"{file}: tensor {name} is {w.dtype}, expected floating point.")
-        if not mx.all(mx.isfinite(w)).item():
-            raise ValueError(f"{file}: tensor {name} holds non-finite values (inf or nan).")
+        check_tensor(file, name, w, expected[name].shape)
     if missing := sorted(set(expected) - set(weights)):
         raise ValueError(f"{file}: tensor {missing[0]} is missing "
                          f"({len(missing)} of {len(expected)} missing).")

@@ -310,6 +310,8 @@ def load_exit_gate(model, path: str | Path) -> float | None:
     The file is checked first (a regular safetensors file holding exactly the gate's
     two tensors, of the model's shapes, floating and finite); every refusal is one
     ValueError naming the file. The model's ``exit_threshold`` is left to the caller."""
+    from .loading import check_tensor
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such gate file")
@@ -333,14 +335,7 @@ def load_exit_gate(model, path: str | Path) -> float | None:
                          f"{', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
     current = gate_tensors(model)
     for k in GATE_KEYS:
-        x, want = tensors[k], current[k]
-        if x.shape != want.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(x.shape)}, the model's gate "
-                             f"{tuple(want.shape)} (a gate for another model size?)")
-        if not mx.issubdtype(x.dtype, mx.floating):
-            raise ValueError(f"{path}: {k} is {x.dtype}, expected a floating type")
-        if not mx.all(mx.isfinite(x)).item():
-            raise ValueError(f"{path}: {k} holds non-finite values")
+        check_tensor(path, k, tensors[k], current[k].shape)
     threshold = _threshold(meta.get("threshold", "none"), path)
     ut = meta.get("ut_steps")
     if ut is not None and not (ut.isdigit() and int(ut) >= 1):

@@ -255,6 +255,18 @@ def is_float(x: mx.array) -> bool:
     return mx.issubdtype(x.dtype, mx.floating)
 
 
+def check_tensor(file: Path | str, name: str, w: mx.array, shape: tuple) -> None:
+    """One tensor from an untrusted file that replaces a float parameter of ``shape``:
+    the right shape, floating point, finite (one-line errors naming file and tensor)."""
+    if tuple(w.shape) != tuple(shape):
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(w.shape)}, "
+                              f"expected {tuple(shape)}.")
+    if not mx.issubdtype(w.dtype, mx.floating):
+        raise CheckpointError(f"{file}: tensor {name} is {w.dtype}, expected floating point.")
+    if not mx.all(mx.isfinite(w)).item():
+        raise CheckpointError(f"{file}: tensor {name} holds non-finite values (inf or nan).")
+
+
 def apply_quantization(model: nn.Module, config: dict, weights: dict) -> None:
     """Turn the layers an mlx-lm checkpoint stores quantized into quantized layers
     (per-layer settings from the config, else inferred from the stored shapes)."""

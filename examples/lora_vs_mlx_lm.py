@@ -11,7 +11,7 @@ ouro-mlx's hook), the same data, rank, layers, batch and steps. Runs are interle
   validation), read the same way for both tools by a small wrapper.
 
     python examples/lora_vs_mlx_lm.py                 # --loss fixed vs mlx_lm.lora, then --loss ouro
-    python examples/lora_vs_mlx_lm.py --repeats 3 --iters 40 --json
+    python examples/lora_vs_mlx_lm.py --repeats 5 --hidden 1024 --layers 8 --json   # on a Mac
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from pathlib import Path
 
 from ouro_mlx.random_model import make_random_checkpoint
 
-SHAPE = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=8, head_dim=64, intermediate_size=1408, vocab_size=1024,
+# Small enough for a CPU run of a few minutes; on a Mac pass --hidden 1024 --layers 8.
+SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, head_dim=32, intermediate_size=352, vocab_size=512,
              max_position_embeddings=4096, rope_theta=10000.0)
 # Runs a tool's CLI in-process and prints the process's peak memory at exit.
 WRAPPER = ("import atexit, runpy, sys, mlx.core as mx; "
@@ -84,10 +85,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="runs per tool (interleaved)")
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--steps-per-report", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256, help="characters = tokens per row")
+    p.add_argument("--seq-len", type=int, default=128, help="characters = tokens per row")
+    p.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
+    p.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-layers", type=int, default=-1)
     p.add_argument("--no-ouro", action="store_true", help="skip the --loss ouro runs")
@@ -96,7 +99,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_random_checkpoint(tmp / "model", SHAPE, seed=0)
+        shape = {**SHAPE, "hidden_size": a.hidden, "num_hidden_layers": a.layers,
+                 "head_dim": a.hidden // SHAPE["num_attention_heads"],
+                 "intermediate_size": a.hidden * 11 // 4}
+        model = make_random_checkpoint(tmp / "model", shape, seed=0)
         data = tmp / "data"
         write_data(data, 200, a.seq_len)
         runs = {"mlx_lm.lora": ("mlx_lm", []),
@@ -117,7 +123,7 @@ def main() -> None:
            for k, v in results.items()}
     stock, fixed = med["mlx_lm.lora"], med["ouro-mlx lora --loss fixed"]
     summary = {
-        "setup": {"shape": SHAPE, "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "setup": {"shape": shape, "batch_size": a.batch_size, "seq_len": a.seq_len,
                   "rank": a.rank, "num_layers": a.num_layers, "iters": a.iters,
                   "repeats": a.repeats},
         "median": med,

@@ -10,7 +10,7 @@ ouro-mlx's hook), the same data, rank, layers, batch and steps. Runs are interle
 - peak memory: mx.get_peak_memory() at the end of each process (loading, training and
   validation), read the same way for both tools by a small wrapper.
 
-    python examples/lora_vs_mlx_lm.py                 # --loss fixed vs mlx_lm.lora, then --loss ouro
+    python examples/lora_vs_mlx_lm.py     # --loss fixed vs mlx_lm.lora, then --loss ouro
     python examples/lora_vs_mlx_lm.py --repeats 5 --hidden 1024 --layers 8 --json   # on a Mac
 """
 

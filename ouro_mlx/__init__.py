@@ -3,7 +3,8 @@
 Public API: ``load``, ``load_model``, ``stream_generate``, ``generate``,
 ``batch_generate``, ``Model``, ``ModelArgs``, ``LoopOutputs``, ``GenerationResponse``,
 ``ExitRule``, ``CheckpointError``, ``apply_adapters``/``load_adapters``/``save_adapters``,
-``load_exit_gate`` and the ``exit`` module. Attributes are imported lazily: this
+``load_exit_gate``, ``ChatSession``/``TokenEvent`` (an embeddable chat session) and
+the ``exit`` module. Attributes are imported lazily: this
 package is imported at interpreter start-up by the mlx-lm hook (see
 ``_mlx_lm_hook``), which must not pull in mlx.
 """
@@ -35,6 +36,8 @@ _EXPORTS = {
     "load_adapters": "adapters",
     "save_adapters": "adapters",
     "load_exit_gate": "calibrate",
+    "ChatSession": "session",
+    "TokenEvent": "session",
 }
 __all__ = [*_EXPORTS, "exit", "__version__"]
 

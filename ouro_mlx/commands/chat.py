@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 
+from ..session import ChatSession, Stats, finish_note  # noqa: F401  (the CLI's face)
 from .options import (
     HelpFormatter,
     add_loop_args,
@@ -21,11 +20,9 @@ from .options import (
     apply_exit_gate,
     check_kv_args,
     check_loop_args,
-    check_loop_steps,
     cli_text,
     loop_kwargs,
     model_or_demo,
-    rate,
     sampling_kwargs,
 )
 
@@ -48,159 +45,6 @@ def depth_colour(loops: int) -> str:
 def legend(max_loops: int) -> str:
     cells = [f"{depth_colour(n)}{n}{RESET}" for n in range(1, max_loops + 1)]
     return "colours by loop steps: " + " ".join(cells)
-
-
-def finish_note(r, max_tokens: int) -> str:
-    """Why generation ended, from the last response: eos, --max-tokens or the
-    model's positions (then fewer tokens than asked for came out)."""
-    if r.finish_reason == "stop":
-        return "finished: end of answer"
-    if r.context_full:
-        return (f"finished: context limit (the model's positions ran out after "
-                f"{r.generation_tokens} of {max_tokens} tokens)")
-    return f"finished: --max-tokens {max_tokens} reached"
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0
-    loops: Counter = field(default_factory=Counter)
-    kv_bytes: int = 0
-    finish: str = ""  # why the answer ended (finish_note), "" while streaming
-    cut: bool = False  # ended by --max-tokens or the model's positions, not by itself
-
-    def __str__(self) -> str:
-        total = sum(self.loops.values())
-        avg = sum(k * v for k, v in self.loops.items()) / total if total else 0.0
-        hist = ", ".join(f"{k}: {v}" for k, v in sorted(self.loops.items()))
-        return (f"prompt: {self.prompt_tokens} tokens, {rate(self.prompt_tps)} tok/s | "
-                f"generation: {self.generation_tokens} tokens, "
-                f"{rate(self.generation_tps)} tok/s\n"
-                f"avg loops: {avg:.2f} ({hist}) | KV cache: {self.kv_bytes / 2**20:.1f} MiB | "
-                f"peak memory: {self.peak_memory:.3f} GB"
-                + (f"\n{self.finish}" if self.finish else ""))
-
-
-class ChatSession:
-    """History, prompt cache and settings of one conversation. ``reply`` streams
-    (text, loops, thinking) pieces; only the tokens after the cached prefix of the
-    conversation are processed, so earlier turns are never recomputed."""
-
-    def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
-                 kv_mode: str = "full", kv_bits: int | None = None, kv_group_size: int = 64,
-                 loop: dict | None = None, sampling: dict | None = None,
-                 stop: list[str] | None = None):
-        from ..generation import make_rule
-
-        self.model, self.tokenizer = model, tokenizer
-        self.system_prompt = system_prompt
-        self.kv = dict(kv_mode=kv_mode, kv_bits=kv_bits, kv_group_size=kv_group_size)
-        self.loop = dict(loop or {})
-        self.sampling = dict(sampling or {})
-        self.stop = [s for s in (stop or []) if s]
-        make_rule(model, **self.loop)  # validate now, not at the first message
-        vocab = tokenizer.get_vocab()
-        self.think_ids = (vocab.get("<think>"), vocab.get("</think>"))
-        self.stats = Stats()
-        self.reset()
-
-    def reset(self) -> None:
-        self.forget()
-        self.cache = self.model.make_cache(self.loop.get("ut_steps"), **self.kv)
-        self.cached: list[int] = []
-
-    def forget(self) -> None:
-        """Start a new conversation; the cache keeps what the next one shares with it
-        (the system turn, the template's first tokens)."""
-        system = self.system_prompt
-        self.messages = [{"role": "system", "content": system}] if system else []
-
-    def set_loops(self, n: int) -> None:
-        from ..generation import make_rule
-
-        check_loop_steps(n, "/loops")
-        make_rule(self.model, **{**self.loop, "ut_steps": n})
-        self.loop["ut_steps"] = n
-        depth = len(self.cache[0].caches)
-        if depth > 1 and depth < n:  # a per-step cache too shallow: rebuild it lazily
-            self.cache = self.model.make_cache(n, **self.kv)
-            self.cached = []
-
-    def set_threshold(self, q: float) -> None:
-        from ..exit import check_threshold
-
-        self.loop["exit_threshold"] = check_threshold(q)
-
-    def _sync_cache(self, ids: list[int]) -> list[int]:
-        """Trim the cache to its common prefix with ``ids``; return the rest."""
-        from mlx_lm.models.cache import trim_prompt_cache
-        from mlx_lm.utils import common_prefix_len
-
-        n = min(common_prefix_len(self.cached, ids), len(ids) - 1)  # feed >= 1 token
-        if len(self.cached) > n:
-            trim_prompt_cache(self.cache, len(self.cached) - n)
-            self.cached = self.cached[:n]
-        return ids[n:]
-
-    def _repair_cache(self, tokens: list[int]) -> None:
-        """After an interrupt: bring every cache to the shortest one's length."""
-        offsets = [c.offset for lc in self.cache for c in lc.caches]
-        low = min(offsets)
-        for lc in self.cache:
-            for c in lc.caches:
-                c.trim(c.offset - low)
-        self.cached = tokens[:low]
-
-    def reply(self, user: str):
-        from ..encoding import encode_chat
-        from ..generation import stream_generate
-
-        self.messages.append({"role": "user", "content": user})
-        ids = encode_chat(self.tokenizer, self.messages, add_generation_prompt=True)
-        new = self._sync_cache(ids)
-        out_tokens: list[int] = []
-        text, stopped, thinking = "", False, False
-        self.stats = Stats()
-        try:
-            stream = stream_generate(self.model, self.tokenizer, new, prompt_cache=self.cache,
-                                     **self.loop, **self.sampling)
-            for r in stream:
-                out_tokens.append(r.token)
-                s = self.stats
-                s.loops[r.loops] += 1
-                s.prompt_tokens, s.prompt_tps = r.prompt_tokens, r.prompt_tps
-                s.generation_tokens, s.generation_tps = r.generation_tokens, r.generation_tps
-                s.peak_memory = r.peak_memory
-                if r.finish_reason:
-                    s.finish = finish_note(r, self.sampling.get("max_tokens", 256))
-                    s.cut = r.finish_reason == "length"
-                if r.token in self.think_ids:
-                    thinking = r.token == self.think_ids[0]
-                    continue
-                start = len(text)
-                text += r.text
-                hits = [text.find(x) for x in self.stop if x in text]
-                if hits:  # a stop string: show what precedes it, then end the answer
-                    text, stopped = text[: min(hits)], True
-                    s.finish = "finished: stop string"
-                    yield text[start:], r.loops, thinking
-                    break
-                yield r.text, r.loops, thinking
-        except ValueError:
-            self.messages.pop()
-            raise
-        finally:
-            if self.messages[-1:] and self.messages[-1]["role"] == "user":
-                eos = self.tokenizer.eos_token_ids
-                reply = text if stopped else self.tokenizer.decode(
-                    [t for t in out_tokens if t not in eos])
-                self.messages.append({"role": "assistant", "content": reply})
-            self._repair_cache(ids + out_tokens)
-            self.stats.kv_bytes = sum(lc.nbytes for lc in self.cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if single_turn:
             session.forget()
-        answer = session.reply(line)
+        answer = session.send(line)
         try:
-            for piece, loops, thinking in answer:
-                if thinking and args.hide_thinking:
+            for event in answer:
+                piece, loops, thinking = event.text, event.loops, event.thinking
+                if not piece or (thinking and args.hide_thinking):
                     continue
                 if args.show_depth:
                     piece = f"{depth_colour(loops)}{piece}{RESET}"

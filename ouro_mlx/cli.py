@@ -21,6 +21,8 @@ VERBS = {
     "calibrate-exit": "Train only the exit gate on your data (Stage II); fewer loops.",
     "fuse": "Merge trained adapters into the base model (MLX, or HF with --export-hf).",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
+    "app": "A desktop chat window (tokens coloured by loop depth; needs the desktop extra).",
+    "serve": "An OpenAI-compatible HTTP server on localhost (needs the server extra).",
 }
 
 

@@ -1,0 +1,108 @@
+"""ouro-mlx serve: an OpenAI-compatible HTTP server on localhost.
+
+POST /v1/chat/completions and /v1/completions (streamed as SSE or whole), GET
+/v1/models, GET /health. Ouro options per request as extra body fields: ut_steps,
+exit_threshold, exit_at_step, min_loops, max_loops, kv_mode; every chunk and
+response carries "ouro": {"loops": [...], "avg_loops": ...}.
+Needs the server extra: pip install 'ouro-mlx[server]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from .options import (
+    HelpFormatter,
+    add_model_args,
+    apply_compile_flag,
+    apply_exit_gate,
+    model_or_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ouro-mlx serve", description=__doc__,
+                                formatter_class=HelpFormatter)
+    add_model_args(p, demo=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="Address to bind; anything but loopback exposes the model to "
+                        "your network.")
+    p.add_argument("--port", type=int, default=8080, help="Port to listen on.")
+    p.add_argument("--model-id", default=None,
+                   help="The id /v1/models lists and requests name (default: --model, or "
+                        "ouro-demo for the bundled model).")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="The most tokens one request may ask for.")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="The longest prompt in tokens (default: the model's positions).")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="The largest request body.")
+    g.add_argument("--max-concurrency", type=int, default=16,
+                   help="Requests generated at once (one token each in turn); more wait.")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="Requests that may wait; beyond that the server answers 503.")
+    g.add_argument("--prompt-cache-bytes", type=int, default=1 << 30,
+                   help="Bytes of KV caches kept for reuse by later requests.")
+    g.add_argument("--prompt-cache-size", type=int, default=16,
+                   help="Caches kept for reuse (0 turns reuse off).")
+    p.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level.")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}.")
+    for name in ("max_tokens_limit", "max_body_bytes", "max_concurrency", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
+    for name in ("prompt_cache_bytes", "prompt_cache_size"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0.")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ValueError("--max-prompt-tokens must be >= 1.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    try:
+        import uvicorn
+
+        from ..server import DEMO_ID, Limits, create_app
+    except ImportError as e:
+        raise ImportError(f"ouro-mlx serve needs the server extra ({e.name} is missing): "
+                          "pip install 'ouro-mlx[server]'") from None
+    from ..loading import load
+    from ..prompt_cache import PromptCache
+
+    apply_compile_flag(args)
+    path = model_or_demo(args)
+    model, tokenizer = load(path, dtype=args.dtype, adapter_path=args.adapter_path)
+    apply_exit_gate(model, args)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
+                    max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
+                    max_active=args.max_concurrency)
+    app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
+                     limits=limits,
+                     prompt_cache=PromptCache(args.prompt_cache_bytes, args.prompt_cache_size))
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach it can use the "
+              "model (no authentication).", file=sys.stderr)
+    print(f"serving {args.model_id or args.model or DEMO_ID} on http://{args.host}:{args.port}"
+          "/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

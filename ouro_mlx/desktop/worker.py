@@ -1,0 +1,160 @@
+"""The desktop app's worker: a QObject on its own QThread that owns the model and the
+:class:`ouro_mlx.session.ChatSession`. Loading and generation run only here (MLX is
+not re-entrant across threads); the window talks to it by queued signals and reads
+back only what the signals carry. ``cancel`` is the one call made from the GUI thread.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Signal, Slot
+
+# Everything the worker thread runs is imported here, on the GUI thread: PySide6's
+# import hook crashed the interpreter when a module was first imported on a QThread.
+from .. import calibrate, demo, encoding, exit, generation, loading, session  # noqa: F401
+from ..commands import options  # noqa: F401
+
+
+def hub_progress_bar(emit):
+    """A tqdm class for ``snapshot_download`` that reports (done, total) files to
+    ``emit`` instead of the terminal."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)  # huggingface_hub's own bars take a name
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+            emit(int(self.n), int(self.total or 0))
+
+        def update(self, n=1):
+            out = super().update(n)
+            emit(int(self.n), int(self.total or 0))
+            return out
+
+    return Bar
+
+
+def model_summary(model, name: str) -> dict:
+    args = model.args
+    return {
+        "name": name,
+        "ut_steps": int(model.ut_steps),
+        "exit_threshold": 1.0 if model.exit_threshold is None else float(model.exit_threshold),
+        "hidden_size": int(args.hidden_size),
+        "layers": int(args.num_hidden_layers),
+    }
+
+
+class Worker(QObject):
+    """Runs ``load`` and ``send`` requests one at a time on its thread."""
+
+    status = Signal(str)  # what the worker is doing, for the status bar
+    progress = Signal(int, int)  # download progress (done, total files); (0, 0) = busy
+    loaded = Signal(dict)  # model_summary of the model now in use
+    token = Signal(str, int, bool)  # text, loop steps, thinking
+    finished = Signal(dict)  # the answer: content, finish_reason, stats
+    failed = Signal(str)  # one line
+
+    def __init__(self, *, session_kwargs: dict | None = None):
+        """``session_kwargs``: ChatSession options (kv, loop, sampling, stop) and
+        ``dtype``, for every model this worker loads."""
+        super().__init__()
+        self.session_kwargs = dict(session_kwargs or {})
+        self.session = None
+
+    # -- loading --------------------------------------------------------------
+    @Slot(dict)
+    def load(self, spec: dict) -> None:
+        """``spec``: model (directory or HF repo id; empty: the bundled demo model),
+        adapter_path, exit_gate (optional)."""
+        from ..demo import model_path
+        from ..session import ChatSession
+
+        name = (spec.get("model") or "").strip()
+        try:
+            self.progress.emit(0, 0)
+            self.status.emit(f"loading {name or 'the bundled demo model'} …")
+            path = self.fetch(name) if name else model_path()
+            session = ChatSession.load(
+                str(path), adapter_path=spec.get("adapter_path") or None,
+                exit_gate=spec.get("exit_gate") or None, **self.session_kwargs)
+        except (ValueError, ImportError, OSError) as e:
+            self.failed.emit(f"could not load {name or 'the bundled model'}: {e}")
+            return
+        self.session = session
+        self.loaded.emit(model_summary(session.model, name or "bundled demo model"))
+
+    def fetch(self, name: str) -> Path:
+        """A local directory as it is; an HF repo id downloaded with progress."""
+        from ..loading import CONFIG_FILES, TOKENIZER_FILES, WEIGHT_PATTERNS, resolve
+
+        path = Path(name).expanduser()
+        if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            return resolve(name)
+        from huggingface_hub import snapshot_download
+
+        self.status.emit(f"downloading {name} …")
+        try:
+            return Path(snapshot_download(
+                name, allow_patterns=CONFIG_FILES + TOKENIZER_FILES + WEIGHT_PATTERNS,
+                tqdm_class=hub_progress_bar(self.progress.emit)))
+        except Exception:  # the hub raises many types: resolve says it in one line
+            return resolve(name)
+
+    # -- chatting ------------------------------------------------------------
+    @Slot(list, str, dict)
+    def send(self, history: list, text: str, options: dict) -> None:
+        """Answer ``text`` after ``history`` (role/content dicts, without the system
+        turn). ``options``: system_prompt, ut_steps, exit_threshold."""
+        session = self.session
+        if session is None:
+            self.failed.emit("no model loaded yet")
+            return
+        reason = None
+        try:
+            system = options.get("system_prompt") or None
+            if options.get("ut_steps"):
+                session.set_loops(int(options["ut_steps"]))
+            if options.get("exit_threshold") is not None:
+                session.set_threshold(float(options["exit_threshold"]))
+            session.system_prompt = system
+            session.messages = ([{"role": "system", "content": system}] if system else [])
+            session.messages += [{"role": m["role"], "content": m["content"]} for m in history]
+            for event in session.send(text):
+                if event.text:
+                    self.token.emit(event.text, int(event.loops), bool(event.thinking))
+                reason = event.finish_reason or reason
+        except (ValueError, OSError) as e:
+            self.failed.emit(str(e))
+            return
+        except Exception as e:  # noqa: BLE001 (a GUI must not be left waiting)
+            self.failed.emit(f"{type(e).__name__}: {e}")
+            return
+        last = session.messages[-1] if session.messages else {}
+        content = last.get("content", "") if last.get("role") == "assistant" else ""
+        reason = reason or session.stats.finish_reason or "stop"
+        self.finished.emit({"content": content, "finish_reason": reason,
+                            "stats": stats_summary(session.stats)})
+
+    def cancel(self) -> None:
+        """Stop the running answer at its next token (any thread)."""
+        if self.session is not None:
+            self.session.cancel()
+
+
+def stats_summary(stats) -> dict:
+    loops = dict(stats.loops)
+    total = sum(loops.values())
+    return {
+        "generation_tokens": int(stats.generation_tokens),
+        "generation_tps": float(stats.generation_tps),
+        "prompt_tokens": int(stats.prompt_tokens),
+        "prompt_tps": float(stats.prompt_tps),
+        "avg_loops": sum(k * v for k, v in loops.items()) / total if total else 0.0,
+        "peak_memory": float(stats.peak_memory),
+        "kv_bytes": int(stats.kv_bytes),
+        "finish": str(stats.finish),
+    }

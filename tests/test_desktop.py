@@ -1,0 +1,247 @@
+"""ouro-mlx app: the real window offscreen (pytest-qt) on the bundled model, and its
+SQLite store."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+
+from ouro_mlx.desktop.store import SCHEMA_VERSION, Message, Piece, Store, data_dir
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+HAVE_QT = all(importlib.util.find_spec(m) for m in ("PySide6", "pytestqt"))
+needs_qt = pytest.mark.skipif(not HAVE_QT, reason="PySide6 and pytest-qt are not installed "
+                                                   "(pip install -e '.[dev]')")
+LOAD_MS, ANSWER_MS = 60_000, 60_000
+
+
+# -- the store (no Qt) ------------------------------------------------------------
+
+def test_store_keeps_conversations_and_settings(tmp_path):
+    store = Store(tmp_path / "c.sqlite3")
+    cid = store.new_conversation("game", "bundled demo model")
+    store.add_message(cid, Message("user", "2,23,14,31"))
+    store.add_message(cid, Message("assistant", "=133", [Piece("=", 1), Piece("133", 4, True)],
+                                   "stop"))
+    store.set_setting("model", "/some/dir")
+    store.close()
+    store = Store(tmp_path / "c.sqlite3")
+    [c] = store.conversations()
+    assert (c.id, c.title, c.model) == (cid, "game", "bundled demo model")
+    user, answer = store.messages(cid)
+    assert (user.role, user.content, user.pieces) == ("user", "2,23,14,31", [])
+    assert answer.pieces == [Piece("=", 1, False), Piece("133", 4, True)]
+    assert answer.finish == "stop" and store.setting("model") == "/some/dir"
+    assert store.setting("missing", 7) == 7
+    store.delete(cid)
+    assert store.conversations() == [] and store.messages(cid) == []
+
+
+def test_store_schema_version_and_damaged_rows(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    store = Store(path)
+    cid = store.new_conversation()
+    store.add_message(cid, Message("assistant", "plain text", [Piece("x", 2)]))
+    with store.db:  # a damaged pieces column, an unknown role, a bad setting
+        store.db.execute("UPDATE messages SET pieces = ?", (json.dumps([["x", "2", 1]]),))
+        store.db.execute("INSERT INTO messages (conversation_id, role, content, created) "
+                         "VALUES (?, 'tool', 'x', 0)", (cid,))
+        store.db.execute("INSERT INTO settings VALUES ('model', '{not json')")
+    [m] = store.messages(cid)
+    assert (m.content, m.pieces) == ("plain text", [])  # shown as plain text
+    assert store.setting("model", "") == ""
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    with db:
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    db.close()
+    with pytest.raises(ValueError, match=f"c.sqlite3: schema version {SCHEMA_VERSION + 1}"):
+        Store(path)
+    bad = tmp_path / "bad.sqlite3"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match="bad.sqlite3: not a readable conversation store"):
+        Store(bad)
+
+
+def test_data_dir_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("OURO_MLX_APP_DIR", str(tmp_path / "app"))
+    assert data_dir() == tmp_path / "app"
+    assert Store().path == tmp_path / "app" / "conversations.sqlite3"
+
+
+def test_app_refuses_bad_flags_in_one_line(capsys):
+    from ouro_mlx.cli import main
+
+    assert main(["app", "--max-tokens", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == "ouro-mlx app: error: --max-tokens must be >= 1, got 0.\n"
+
+
+# -- the window -------------------------------------------------------------------
+
+def fragments(window) -> list[tuple[str, str]]:
+    """(text, colour) of every fragment of the transcript, as rendered."""
+    out = []
+    block = window.transcript.document().begin()
+    while block.isValid():
+        it = block.begin()
+        while not it.atEnd():
+            f = it.fragment()
+            out.append((f.text(), f.charFormat().foreground().color().name()))
+            it += 1
+        block = block.next()
+    return out
+
+
+@pytest.fixture
+def open_window(qtbot, tmp_path):
+    from ouro_mlx.desktop.window import MainWindow
+
+    stores = []
+
+    def make(**kwargs):
+        store = Store(tmp_path / "conversations.sqlite3")
+        stores.append(store)
+        window = MainWindow(store, **kwargs)
+        qtbot.addWidget(window)
+        window.show()
+        qtbot.waitUntil(lambda: window.model_info is not None or not window.loading,
+                        timeout=LOAD_MS)
+        return window
+
+    yield make
+    for s in stores:
+        s.close()
+
+
+def send(qtbot, window, text: str) -> None:
+    from PySide6.QtCore import Qt
+
+    window.input.setText(text)
+    with qtbot.waitSignal(window.worker.finished, timeout=ANSWER_MS):
+        qtbot.mouseClick(window.send_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not window.generating)
+
+
+@needs_qt
+def test_game_answer_colours_and_restart(open_window, qtbot):
+    from ouro_mlx.desktop.window import depth_colour
+
+    w = open_window()
+    assert w.model_info["name"] == "bundled demo model" and w.single_turn.isChecked()
+    assert w.loops.value() == 4 and "4" in w.legend.text()
+    send(qtbot, w, "2,23,14,31")
+    answer = w.messages[-1]
+    assert (answer.role, answer.content, answer.finish) == ("assistant", "=133", "stop")
+    assert "".join(p.text for p in answer.pieces) == "=133"
+    assert "You\n2,23,14,31\n\nOuro\n=133" in w.transcript.toPlainText()
+    # every answer token is drawn in its loop depth's colour
+    drawn = fragments(w)
+    answer_at = next(i for i, (t, _) in enumerate(drawn) if t == "Ouro")
+    coloured = drawn[answer_at + 1:]
+    expected = [(p.text, depth_colour(p.loops)) for p in answer.pieces]
+    merged = []  # Qt merges neighbouring fragments of one format
+    for text, colour in expected:
+        if merged and merged[-1][1] == colour:
+            merged[-1] = (merged[-1][0] + text, colour)
+        else:
+            merged.append((text, colour))
+    assert coloured == merged
+    assert len({p.loops for p in answer.pieces}) > 1  # the demo model exits early
+    status = w.stats_label.text()
+    assert "tok/s" in status and "avg loops" in status and "GB" in status
+    assert [w.conversation_list.item(i).text() for i in range(w.conversation_list.count())] \
+        == ["2,23,14,31"]
+    w.close()
+
+    again = open_window()  # a restart: the conversation comes back from SQLite
+    assert again.conversation_list.item(0).text() == "2,23,14,31"
+    assert "Ouro\n=133" in again.transcript.toPlainText()
+    drawn = fragments(again)
+    assert drawn[drawn.index(("Ouro", drawn[answer_at][1])) + 1:] == merged
+
+
+@needs_qt
+def test_stop_mid_answer_keeps_partial_and_session_usable(open_window, qtbot):
+    from PySide6.QtCore import Qt
+
+    w = open_window()
+    slow = [0.15]  # slow every token down (on the worker thread) so Stop lands mid-answer
+    w.worker.token.connect(lambda *a: time.sleep(slow[0]), Qt.DirectConnection)
+    w.input.setText("1,12,23,34,41,13,24,12")  # 7 swaps: an 8-letter answer
+    with qtbot.waitSignal(w.worker.finished, timeout=ANSWER_MS):
+        qtbot.mouseClick(w.send_button, Qt.LeftButton)
+        qtbot.waitUntil(lambda: bool(w.streaming and w.streaming.pieces),
+                        timeout=ANSWER_MS)
+        assert w.stop_button.isEnabled() and not w.send_button.isEnabled()
+        qtbot.mouseClick(w.stop_button, Qt.LeftButton)
+    answer = w.messages[-1]
+    assert answer.finish == "cancelled"
+    assert 1 <= len(answer.pieces) < 8
+    assert "(stopped)" in w.transcript.toPlainText() and "stopped" in w.stats_label.text()
+    assert w.send_button.isEnabled() and not w.stop_button.isEnabled()
+    # the session is consistent after the stop: the next game is answered right
+    slow[0] = 0.0
+    send(qtbot, w, "2,23,14,31")
+    assert w.messages[-1].content == "=133" and w.messages[-1].finish == "stop"
+    stored = w.store.messages(w.conversation_id)
+    assert [m.finish for m in stored] == ["", "cancelled", "", "stop"]
+
+
+@needs_qt
+def test_thinking_sections_collapse(open_window, qtbot):
+    from PySide6.QtCore import QUrl
+
+    w = open_window()
+    w.messages = [Message("user", "q"), Message("assistant", "<think>hmm</think>ok", [
+        Piece("hmm", 4, True), Piece("ok", 2)], "stop")]
+    w.render()
+    text = w.transcript.toPlainText()
+    assert "▸ thinking (1 tokens" in text and "hmm" not in text and text.endswith("ok")
+    w.on_anchor(QUrl("#think-1-0"))  # a click on the section opens it
+    assert "▾ thinking\nhmm\nok" in w.transcript.toPlainText()
+    w.on_anchor(QUrl("#think-1-0"))
+    assert "hmm" not in w.transcript.toPlainText()
+    w.show_thinking.setChecked(True)  # all sections open
+    assert "hmm" in w.transcript.toPlainText()
+
+
+@needs_qt
+def test_model_picker_loads_a_directory_and_reports_errors(open_window, qtbot, tiny_dir,
+                                                           tmp_path):
+    from PySide6.QtCore import Qt
+
+    w = open_window()
+    w.model_edit.setText(str(tmp_path / "missing"))
+    qtbot.mouseClick(w.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.loading, timeout=LOAD_MS)
+    assert w.model_info is None and not w.send_button.isEnabled()
+    assert w.stats_label.text().startswith("error: could not load")
+    assert "\n" not in w.stats_label.text() and "missing" in w.stats_label.text()
+    w.model_edit.setText(str(tiny_dir))
+    qtbot.mouseClick(w.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: w.model_info is not None, timeout=LOAD_MS)
+    assert w.model_info["name"] == str(tiny_dir) and not w.single_turn.isChecked()
+    assert w.store.setting("model") == str(tiny_dir)
+    w.loops.setValue(2)
+    send(qtbot, w, "hello")
+    assert w.messages[-1].role == "assistant"
+    assert {p.loops for p in w.messages[-1].pieces} <= {1, 2}
+
+
+@needs_qt
+def test_hub_progress_bar_reports_files():
+    from ouro_mlx.desktop.worker import hub_progress_bar
+
+    seen = []
+    bar = hub_progress_bar(lambda done, total: seen.append((done, total)))(total=3)
+    bar.update(1)
+    bar.update(2)
+    bar.close()
+    assert seen == [(0, 3), (1, 3), (3, 3)]

@@ -245,3 +245,25 @@ def test_hub_progress_bar_reports_files():
     bar.update(2)
     bar.close()
     assert seen == [(0, 3), (1, 3), (3, 3)]
+
+
+@needs_qt
+def test_command_line_options_reach_the_window(open_window, qtbot, tmp_path, monkeypatch):
+    """`ouro-mlx app` flags: the start values of the controls and the session options."""
+    import ouro_mlx.desktop.app as desktop_app
+    from ouro_mlx.cli import main
+
+    seen = {}
+    monkeypatch.setattr(desktop_app, "run", lambda store, **kw: seen.update(kw, store=store))
+    assert main(["app", "--ut-steps", "6", "--exit-threshold", "0.3", "--kv-mode", "last",
+                 "-m", "3", "--system-prompt", "Be brief.", "--data-dir",
+                 str(tmp_path / "d")]) == 0
+    assert seen.pop("store") == tmp_path / "d" / "conversations.sqlite3"
+    w = open_window(**seen)
+    assert (w.loops.value(), w.threshold.value()) == (6, 0.3)
+    assert w.system_edit.text() == "Be brief." and "5&ndash;6" in w.legend.text()
+    session = w.worker.session
+    assert session.kv["kv_mode"] == "last" and session.sampling["max_tokens"] == 3
+    send(qtbot, w, "2,23,14,31")
+    assert len(w.messages[-1].pieces) <= 3 and w.messages[-1].finish == "length"
+    assert "(cut" in w.transcript.toPlainText()

@@ -236,15 +236,32 @@ def test_model_picker_loads_a_directory_and_reports_errors(open_window, qtbot, t
 
 
 @needs_qt
-def test_hub_progress_bar_reports_files():
+def test_hub_progress_bar_reports_files_or_bytes(open_window):
     from ouro_mlx.desktop.worker import hub_progress_bar
 
     seen = []
-    bar = hub_progress_bar(lambda done, total: seen.append((done, total)))(total=3)
+    bar = hub_progress_bar(lambda *a: seen.append(a))(total=3, desc="Fetching 3 files")
     bar.update(1)
     bar.update(2)
     bar.close()
-    assert seen == [(0, 3), (1, 3), (3, 3)]
+    assert seen[0] == (0, 3, "files") and seen[-1] == (3, 3, "files")
+    # huggingface_hub >= 1.0: byte bars too; the files bar is then silent, and the bar of
+    # network bytes leaves the report to the bar of bytes written
+    seen.clear()
+    Bar = hub_progress_bar(lambda *a: seen.append(a))
+    net = Bar(total=0, unit="B", desc="Downloading bytes")
+    disk = Bar(total=0, unit="B", desc="Reconstructing")
+    files = Bar(total=2, desc="Fetching 2 files")
+    disk.total = net.total = 3 << 20
+    net.update(1 << 20)
+    disk.update(2 << 20)
+    files.update(1)
+    assert seen[-1] == (2, 3, "MiB") and all(unit == "MiB" for *_, unit in seen)
+    for b in (net, disk, files):
+        b.close()
+    w = open_window()
+    w.on_progress(2, 3, "MiB")
+    assert w.progress.format() == "%v/%m MiB" and w.progress.value() == 2
 
 
 @needs_qt

@@ -247,11 +247,11 @@ class MainWindow(QMainWindow):
                                 "adapter_path": adapter_path or "",
                                 "exit_gate": exit_gate or ""})
 
-    @Slot(int, int)
-    def on_progress(self, done: int, total: int) -> None:
+    @Slot(int, int, str)
+    def on_progress(self, done: int, total: int, unit: str) -> None:
         self.progress.setRange(0, total)
-        self.progress.setValue(done)
-        self.progress.setFormat(f"%v/%m files" if total else "")
+        self.progress.setValue(min(done, total))
+        self.progress.setFormat(f"%v/%m {unit}" if total else "")
 
     @Slot(dict)
     def on_loaded(self, info: dict) -> None:

@@ -18,20 +18,41 @@ from ..commands import options  # noqa: F401
 
 
 def hub_progress_bar(emit):
-    """A tqdm class for ``snapshot_download`` that reports (done, total) files to
-    ``emit`` instead of the terminal."""
+    """A tqdm class for ``snapshot_download`` that reports progress to
+    ``emit(done, total, unit)`` instead of the terminal: MiB written when the hub
+    reports bytes (huggingface_hub >= 1.0), else files."""
     from tqdm import tqdm
 
     class Bar(tqdm):
+        byte_bars = 0
+
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)  # huggingface_hub's own bars take a name
             kwargs["file"] = io.StringIO()
+            self.in_bytes = kwargs.get("unit") == "B"
+            # network bytes: the bar of bytes written says the same, once
+            self.silent = self.in_bytes and str(kwargs.get("desc")).startswith(
+                "Downloading bytes")
+            if self.in_bytes and not self.silent:
+                Bar.byte_bars += 1
             super().__init__(*args, **kwargs)
-            emit(int(self.n), int(self.total or 0))
+
+        def report(self) -> None:
+            if self.silent or (not self.in_bytes and Bar.byte_bars):
+                return
+            if self.in_bytes:
+                emit(int(self.n) >> 20, int(self.total or 0) >> 20, "MiB")
+            else:
+                emit(int(self.n), int(self.total or 0), "files")
 
         def update(self, n=1):
             out = super().update(n)
-            emit(int(self.n), int(self.total or 0))
+            self.report()
+            return out
+
+        def refresh(self, *args, **kwargs):
+            out = super().refresh(*args, **kwargs)
+            self.report()
             return out
 
     return Bar
@@ -52,7 +73,7 @@ class Worker(QObject):
     """Runs ``load`` and ``send`` requests one at a time on its thread."""
 
     status = Signal(str)  # what the worker is doing, for the status bar
-    progress = Signal(int, int)  # download progress (done, total files); (0, 0) = busy
+    progress = Signal(int, int, str)  # download (done, total, unit); (0, 0, "") = busy
     loaded = Signal(dict)  # model_summary of the model now in use
     token = Signal(str, int, bool)  # text, loop steps, thinking
     finished = Signal(dict)  # the answer: content, finish_reason, stats
@@ -75,7 +96,7 @@ class Worker(QObject):
 
         name = (spec.get("model") or "").strip()
         try:
-            self.progress.emit(0, 0)
+            self.progress.emit(0, 0, "")
             self.status.emit(f"loading {name or 'the bundled demo model'} …")
             path = self.fetch(name) if name else model_path()
             session = ChatSession.load(

@@ -83,6 +83,16 @@ def test_app_refuses_bad_flags_in_one_line(capsys):
     assert err == "ouro-mlx app: error: --max-tokens must be >= 1, got 0.\n"
 
 
+def test_app_help_describes_every_flag():
+    from ouro_mlx.commands.app import build_parser
+
+    p = build_parser()
+    assert all(a.help for a in p._actions)
+    text = p.format_help()
+    assert "usage: ouro-mlx app" in text and "OURO_MLX_APP_DIR" in text
+    assert "--data-dir" in text and "(default: 512)" in text
+
+
 # -- the window -------------------------------------------------------------------
 
 def fragments(window) -> list[tuple[str, str]]:
@@ -192,6 +202,23 @@ def test_stop_mid_answer_keeps_partial_and_session_usable(open_window, qtbot):
     assert w.messages[-1].content == "=133" and w.messages[-1].finish == "stop"
     stored = w.store.messages(w.conversation_id)
     assert [m.finish for m in stored] == ["", "cancelled", "", "stop"]
+
+
+@needs_qt
+def test_a_message_too_long_for_the_model_is_one_line_and_not_resent(open_window, qtbot):
+    from PySide6.QtCore import Qt
+
+    w = open_window()
+    w.single_turn.setChecked(False)
+    w.input.setText(",".join(["12"] * 40))  # beyond the bundled model's 64 positions
+    with qtbot.waitSignal(w.worker.failed, timeout=ANSWER_MS):
+        qtbot.mouseClick(w.send_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.generating)
+    status = w.stats_label.text()
+    assert status.startswith("error: ") and "\n" not in status
+    assert w.send_button.isEnabled() and w.messages[-1].role == "user"
+    send(qtbot, w, "2,23,14,31")  # the failed turn is not part of the history
+    assert w.messages[-1].content == "=133"
 
 
 @needs_qt

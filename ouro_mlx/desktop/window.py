@@ -59,6 +59,17 @@ def runs(pieces: list[Piece]) -> list[tuple[bool, list[Piece]]]:
     return out
 
 
+def answered(messages: list[Message]) -> list[dict]:
+    """The history a new turn follows: every user turn that got an answer (a message
+    that failed, e.g. too long for the model, is shown but not sent again)."""
+    out = []
+    for m, after in zip(messages, messages[1:]):
+        if m.role == "user" and after.role == "assistant":
+            out += [{"role": "user", "content": m.content},
+                    {"role": "assistant", "content": after.content}]
+    return out
+
+
 class MainWindow(QMainWindow):
     request_load = Signal(dict)
     request_send = Signal(list, str, dict)
@@ -317,8 +328,7 @@ class MainWindow(QMainWindow):
             title = text if len(text) <= 40 else text[:39] + "…"
             self.conversation_id = self.store.new_conversation(title, self.model_info["name"])
             self.store.set_setting("conversation", self.conversation_id)
-        history = [] if self.single_turn.isChecked() else [
-            {"role": m.role, "content": m.content} for m in self.messages]
+        history = [] if self.single_turn.isChecked() else answered(self.messages)
         user = Message("user", text)
         self.messages.append(user)
         self.store.add_message(self.conversation_id, user)

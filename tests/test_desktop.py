@@ -237,6 +237,19 @@ def test_thinking_sections_collapse(open_window, qtbot):
     assert "hmm" not in w.transcript.toPlainText()
     w.show_thinking.setChecked(True)  # all sections open
     assert "hmm" in w.transcript.toPlainText()
+    # while streaming: a folded section is one line, the answer follows it
+    w.show_thinking.setChecked(False)
+    w.messages, w.streaming = [], Message("assistant", "")
+    w.render()
+    for text, loops, thinking in [("let me", 4, True), (" see", 3, True), ("=1", 1, False)]:
+        w.on_token(text, loops, thinking)
+    assert w.transcript.toPlainText() == "Ouro\n▸ thinking …\n=1"
+    w.on_finished({"content": "<think>let me see</think>=1", "finish_reason": "stop",
+                   "stats": {"generation_tps": 9.0, "avg_loops": 2.7, "peak_memory": 0.1,
+                             "kv_bytes": 0, "finish": "finished: end of answer"}})
+    assert w.transcript.toPlainText().endswith(
+        "▸ thinking (2 tokens, click to show)\n=1")
+    assert "9.0 tok/s · avg loops 2.70" in w.stats_label.text()
 
 
 @needs_qt

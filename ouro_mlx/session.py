@@ -17,7 +17,11 @@ Threads: a session is driven by one thread at a time (e.g. a GUI's worker thread
 token. A second ``send`` (or ``reset``/``set_loops``) while one is running raises
 ``RuntimeError`` instead of corrupting the cache. Use one session per conversation;
 sessions may share a model, but run them from one thread at a time (MLX evaluates on
-one device stream).
+one device stream). A program that quits right after its worker thread ends is
+covered: at exit the session waits (at most 2 s) for ended worker threads to finish
+tearing down MLX's per-thread state, which MLX 0.32 otherwise turns into an abort.
+That needs a ``threading.Thread`` worker; with a foreign thread (a QThread), quit
+after it has been gone a moment, or keep the worker alive until the process ends.
 """
 
 from __future__ import annotations
@@ -266,6 +270,7 @@ class ChatSession:
             raise SessionBusy("ChatSession.send: another send() is running on this "
                               "session; use one thread per session, or cancel() first.")
         try:
+            _note_worker_thread()
             yield from self._send(text, on_token)
         finally:
             self._cancel.clear()
@@ -348,6 +353,44 @@ class ChatSession:
             if t == end:
                 return False
         return False
+
+
+_workers: dict[int, threading.Thread] = {}  # native id -> a thread that ran send()
+_workers_lock = threading.Lock()
+
+
+def _note_worker_thread() -> None:
+    """Remember a non-main thread that runs MLX work, and once, at exit, let the
+    ended ones finish tearing down: MLX (0.32) aborts the process ("terminate called
+    without an active exception", mlx issue 3126) when it exits while such a thread
+    is still running its thread-local destructors, i.e. right after joining it."""
+    thread = threading.current_thread()
+    if thread is threading.main_thread():
+        return
+    with _workers_lock:
+        if not _workers:
+            import atexit
+
+            atexit.register(_wait_for_ended_workers)
+        _workers[threading.get_native_id()] = thread
+
+
+def _wait_for_ended_workers(timeout: float = 2.0) -> None:
+    import os
+    import time
+
+    with _workers_lock:
+        ended = [tid for tid, t in _workers.items()
+                 if not t.is_alive() and not isinstance(t, threading._DummyThread)]
+    if not ended:
+        return
+    deadline = time.monotonic() + timeout
+    if not os.path.isdir("/proc/self/task"):  # not Linux: a short grace period
+        time.sleep(0.2)
+        return
+    for tid in ended:
+        while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loops",

@@ -324,3 +324,33 @@ def test_command_line_options_reach_the_window(open_window, qtbot, tmp_path, mon
     send(qtbot, w, "2,23,14,31")
     assert len(w.messages[-1].pieces) <= 3 and w.messages[-1].finish == "length"
     assert "(cut" in w.transcript.toPlainText()
+
+
+@needs_qt
+def test_ouro_mlx_app_starts_and_loads_the_bundled_model(tmp_path):
+    """The real command: the window opens offscreen and the bundled model loads (the
+    store records the model once it is in use)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "OURO_MLX_APP_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "app"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        db, loaded = tmp_path / "conversations.sqlite3", False
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None and not loaded:
+            time.sleep(0.2)
+            if db.exists():
+                with sqlite3.connect(db) as con:
+                    try:
+                        loaded = bool(con.execute(
+                            "SELECT 1 FROM settings WHERE key = 'model'").fetchall())
+                    except sqlite3.OperationalError:  # tables not made yet
+                        pass
+        assert proc.poll() is None, proc.communicate()[1]
+        assert loaded
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err

@@ -20,8 +20,8 @@ sessions may share a model, but run them from one thread at a time (MLX evaluate
 one device stream). A program that quits right after its worker thread ends is
 covered: at exit the session waits (at most 2 s) for ended worker threads to finish
 tearing down MLX's per-thread state, which MLX 0.32 otherwise turns into an abort.
-That needs a ``threading.Thread`` worker; with a foreign thread (a QThread), quit
-after it has been gone a moment, or keep the worker alive until the process ends.
+A foreign worker (a QThread) should be stopped before the program quits, else the
+exit waits the 2 s out.
 """
 
 from __future__ import annotations
@@ -380,8 +380,10 @@ def _wait_for_ended_workers(timeout: float = 2.0) -> None:
     import time
 
     with _workers_lock:
+        # a foreign thread (a QThread) always looks alive to Python: wait for it too
+        # (a GUI stops its worker before it quits), within the timeout
         ended = [tid for tid, t in _workers.items()
-                 if not t.is_alive() and not isinstance(t, threading._DummyThread)]
+                 if isinstance(t, threading._DummyThread) or not t.is_alive()]
     if not ended:
         return
     deadline = time.monotonic() + timeout

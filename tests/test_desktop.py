@@ -354,3 +354,33 @@ def test_ouro_mlx_app_starts_and_loads_the_bundled_model(tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert "Traceback" not in err
+
+
+@needs_qt
+def test_qt_binding_keeps_refcounts_of_none_and_bools(qapp):
+    """PySide6 6.12.0 released None and True/False once per processEvents / emit: on
+    Python < 3.12 the app crashed within seconds ("none_dealloc"). pyproject keeps that
+    version out; this catches a binding with the same fault."""
+    import sys
+
+    from PySide6.QtCore import QEventLoop, QObject, Signal, Slot
+
+    class Sender(QObject):
+        token = Signal(str, int, bool)
+
+        @Slot(str, int, bool)
+        def on_token(self, text, loops, thinking):
+            pass
+
+    s = Sender()
+    s.token.connect(s.on_token)
+    for _ in range(50):  # settle caches
+        qapp.processEvents(QEventLoop.AllEvents, 1)
+        s.token.emit("x", 1, True)
+    before = [sys.getrefcount(x) for x in (None, True, False)]
+    for _ in range(2000):
+        qapp.processEvents()
+        s.token.emit("x", 1, True)
+        s.token.emit("y", 2, False)
+    after = [sys.getrefcount(x) for x in (None, True, False)]
+    assert all(a - b > -100 for a, b in zip(after, before)), (before, after)

@@ -11,11 +11,6 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-# Everything the worker thread runs is imported here, on the GUI thread: PySide6's
-# import hook crashed the interpreter when a module was first imported on a QThread.
-from .. import calibrate, demo, encoding, exit, generation, loading, session  # noqa: F401
-from ..commands import options  # noqa: F401
-
 
 def hub_progress_bar(emit):
     """A tqdm class for ``snapshot_download`` that reports progress to

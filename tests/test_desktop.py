@@ -384,3 +384,27 @@ def test_qt_binding_keeps_refcounts_of_none_and_bools(qapp):
         s.token.emit("y", 2, False)
     after = [sys.getrefcount(x) for x in (None, True, False)]
     assert all(a - b > -100 for a, b in zip(after, before)), (before, after)
+
+
+@needs_qt
+def test_window_keeps_responding_while_the_model_works(open_window, qtbot, small_dir):
+    """Loading and generation run on the worker thread: the GUI's event loop keeps
+    ticking (a 10 ms timer) through both."""
+    from PySide6.QtCore import QTimer
+
+    gaps, last = [], [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(10)
+    w = open_window(model=str(small_dir), session_kwargs={"sampling": {"max_tokens": 48}})
+    assert w.model_info["hidden_size"] == 256
+    send(qtbot, w, "hello")
+    timer.stop()
+    assert len(w.messages[-1].pieces) > 10
+    assert len(gaps) > 20 and max(gaps) < 1.0, max(gaps)

@@ -109,7 +109,9 @@ class ChatSession:
     hidden_eps (as ``stream_generate``); ``sampling``: sampler / logits_processors /
     max_tokens; ``stop``: strings that end the answer. ``messages`` (a list of
     ``{"role", "content"}``) may be assigned to restore a conversation: the next
-    ``send`` reuses whatever prefix of it the cache already holds."""
+    ``send`` reuses whatever prefix of it the cache already holds. An answer that
+    thought (``<think>…</think>``) is kept as ``{"role": "assistant", "content":
+    answer, "reasoning": thinking text}``; later prompts show only its answer."""
 
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
                  kv_mode: str = "full", kv_bits: int | None = None, kv_group_size: int = 64,
@@ -290,6 +292,7 @@ class ChatSession:
         out_tokens: list[int] = []
         text, stopped = "", False
         thinking = self._thinking_at(ids)
+        parts: dict[bool, list[str]] = {True: [], False: []}  # reasoning, answer
         s = self.stats = Stats()
         max_tokens = self.sampling.get("max_tokens", 256)
         try:
@@ -320,6 +323,7 @@ class ChatSession:
                     s.finish = "finished: cancelled"
                 s.finish_reason = finish
                 event = TokenEvent(piece, r.token, r.loops, thinking, finish)
+                parts[thinking].append(piece)
                 if marker and r.token == self.think_ids[1]:
                     thinking = False
                 if on_token is not None:
@@ -333,6 +337,13 @@ class ChatSession:
             if self.messages[-1:] and self.messages[-1]["role"] == "user":
                 if not out_tokens and s.finish_reason is None:
                     self.messages.pop()  # refused before any token (e.g. too long)
+                elif parts[True] or thinking:
+                    # a thinking answer: the history keeps the reasoning apart, and the
+                    # next turn's prompt shows only the answer (as thinking templates
+                    # and OpenAI clients do); the cache recomputes just this answer
+                    self.messages.append({"role": "assistant",
+                                          "content": "".join(parts[False]).lstrip(),
+                                          "reasoning": "".join(parts[True]).strip()})
                 else:
                     eos = self.tokenizer.eos_token_ids
                     reply = text if stopped else self.tokenizer.decode(

@@ -143,8 +143,20 @@ def test_thinking_is_flagged_for_dimming_or_hiding(session, monkeypatch):
     # one event per token; the markers add no text but count as thinking
     assert [(e.text, e.thinking) for e in events] == [
         ("", True), ("ab", True), ("c", True), ("", True), ("answer", False)]
-    assert events[-1].finish_reason == "stop" and session.messages[-1]["role"] == "assistant"
+    assert events[-1].finish_reason == "stop"
     assert session.stats.loops[2] == 5
+    # the history keeps the reasoning apart; the next prompt shows only the answer
+    assert session.messages[-1] == {"role": "assistant", "content": "answer",
+                                    "reasoning": "abc"}
+    monkeypatch.undo()
+    list(session.send("next"))
+    from ouro_mlx.encoding import encode_chat
+
+    prompt = encode_chat(session.tokenizer, session.messages[:-1], add_generation_prompt=True)
+    assert session.cached[: len(prompt)] == prompt
+    assert think not in prompt and end not in prompt
+    shown = session.tokenizer.decode(prompt)
+    assert "answer" in shown and "abc" not in shown
 
 
 def test_typed_special_tokens_are_plain_text(session):

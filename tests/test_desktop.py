@@ -205,6 +205,22 @@ def test_stop_mid_answer_keeps_partial_and_session_usable(open_window, qtbot):
 
 
 @needs_qt
+def test_closing_mid_answer_keeps_the_partial_answer(open_window, qtbot):
+    from PySide6.QtCore import Qt
+
+    w = open_window()
+    w.worker.token.connect(lambda *a: time.sleep(0.15), Qt.DirectConnection)
+    w.input.setText("1,12,23,34,41,13,24,12")
+    qtbot.mouseClick(w.send_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: bool(w.streaming and w.streaming.pieces), timeout=ANSWER_MS)
+    w.close()
+    again = open_window()
+    user, answer = again.messages
+    assert user.content == "1,12,23,34,41,13,24,12" and answer.finish == "cancelled"
+    assert 1 <= len(answer.pieces) < 8 and "(stopped)" in again.transcript.toPlainText()
+
+
+@needs_qt
 def test_a_message_too_long_for_the_model_is_one_line_and_not_resent(open_window, qtbot):
     from PySide6.QtCore import Qt
 

@@ -4,7 +4,7 @@ back one signal each, and conversations are kept in SQLite (:mod:`.store`)."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, QThread, QUrl, Signal, Slot
+from PySide6.QtCore import QCoreApplication, Qt, QThread, QUrl, Signal, Slot
 from PySide6.QtGui import QColor, QFont, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -480,4 +480,6 @@ class MainWindow(QMainWindow):
         self.worker.cancel()
         self.thread_.quit()
         self.thread_.wait()
+        # a stopped answer's last signals are still queued: store it before closing
+        QCoreApplication.sendPostedEvents(self, 0)
         super().closeEvent(event)

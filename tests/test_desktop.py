@@ -277,9 +277,12 @@ def test_model_picker_loads_a_directory_and_reports_errors(open_window, qtbot, t
     w.model_edit.setText(str(tmp_path / "missing"))
     qtbot.mouseClick(w.load_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.loading, timeout=LOAD_MS)
-    assert w.model_info is None and not w.send_button.isEnabled()
     assert w.stats_label.text().startswith("error: could not load")
     assert "\n" not in w.stats_label.text() and "missing" in w.stats_label.text()
+    # the model in use stays usable
+    assert w.model_info["name"] == "bundled demo model" and w.send_button.isEnabled()
+    send(qtbot, w, "2,23,14,31")
+    assert w.messages[-1].content == "=133"
     w.model_edit.setText(str(tiny_dir))
     qtbot.mouseClick(w.load_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: w.model_info is not None, timeout=LOAD_MS)

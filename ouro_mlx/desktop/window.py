@@ -85,6 +85,7 @@ class MainWindow(QMainWindow):
         self.streaming: Message | None = None
         self.toggled: set[str] = set()  # thinking sections opened/closed by hand
         self.model_info: dict | None = None
+        self.previous_info: dict | None = None
         self.loading = False
         self.start_loops, self.start_threshold = ut_steps, exit_threshold
         self.last_stats: dict | None = None
@@ -160,7 +161,7 @@ class MainWindow(QMainWindow):
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
-        self.threshold.setDecimals(2)
+        self.threshold.setDecimals(3)
         self.threshold.setValue(1.0)
         row.addWidget(self.threshold)
         self.single_turn = QCheckBox("Single turn")
@@ -250,7 +251,7 @@ class MainWindow(QMainWindow):
         if self.generating:
             return
         self.loading = True
-        self.model_info = None
+        self.previous_info, self.model_info = self.model_info, None
         self.update_buttons()
         self.progress.setRange(0, 0)
         self.progress.show()
@@ -389,8 +390,9 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def on_failed(self, message: str) -> None:
-        if self.loading:
+        if self.loading:  # the worker keeps the model it had, if any
             self.loading = False
+            self.model_info = self.previous_info
             self.progress.hide()
         self.streaming = None
         self.show_status(f"error: {message}")

@@ -100,6 +100,10 @@ class Worker(QObject):
         except (ValueError, ImportError, OSError) as e:
             self.failed.emit(f"could not load {name or 'the bundled model'}: {e}")
             return
+        except Exception as e:  # noqa: BLE001 (a GUI must not be left waiting)
+            self.failed.emit(f"could not load {name or 'the bundled model'}: "
+                             f"{type(e).__name__}: {e}")
+            return
         self.session = session
         self.loaded.emit(model_summary(session.model, name or "bundled demo model"))
 

@@ -427,3 +427,31 @@ def test_window_keeps_responding_while_the_model_works(open_window, qtbot, small
     timer.stop()
     assert len(w.messages[-1].pieces) > 10
     assert len(gaps) > 20 and max(gaps) < 1.0, max(gaps)
+
+
+@needs_qt
+def test_model_picker_downloads_a_repo_id_with_progress(open_window, qtbot, tiny_dir,
+                                                        monkeypatch):
+    """A repo id goes through huggingface_hub.snapshot_download (stubbed here: no network)
+    with the window's progress bar; the downloaded directory is loaded."""
+    import huggingface_hub
+
+    w = open_window()
+    shown = []
+    w.worker.progress.connect(lambda *a: shown.append(a))
+
+    def fake_download(repo_id, allow_patterns=None, tqdm_class=None, **kw):
+        assert repo_id == "someone/tiny-ouro" and "config.json" in allow_patterns
+        bar = tqdm_class(total=4 << 20, unit="B", desc="Reconstructing")
+        for _ in range(4):
+            bar.update(1 << 20)
+        bar.close()
+        return str(tiny_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    w.model_edit.setText("someone/tiny-ouro")
+    w.load_button.click()
+    qtbot.waitUntil(lambda: w.model_info is not None and w.model_info["name"]
+                    == "someone/tiny-ouro", timeout=LOAD_MS)
+    assert shown[-1] == (4, 4, "MiB") and w.progress.isHidden()
+    assert w.store.setting("model") == "someone/tiny-ouro"

@@ -282,3 +282,20 @@ def test_exit_right_after_a_worker_thread_is_clean(tiny_dir):
         out = subprocess.run([sys.executable, "-c", WORKER_THEN_EXIT, str(tiny_dir)],
                              env=ENV, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "joined" in out.stdout, out.stderr[-500:]
+
+
+def test_quantized_kv_cache_across_turns(small_dir, loaded):
+    model, tok = ouro_mlx.load(small_dir)
+    tok._eos_token_ids = set()
+    s = ouro_mlx.ChatSession(model, tok, kv_bits=8, kv_group_size=64,
+                             sampling={"max_tokens": 4})
+    list(s.send("one"))
+    list(s.send("two"))
+    assert s.stats.generation_tokens == 4 and s.stats.kv_bytes > 0
+    history = encode_chat(tok, s.messages[:-1], add_generation_prompt=True)
+    assert s.stats.prompt_tokens < len(history)
+    check_cache(s)
+    with pytest.raises(ValueError, match=r"kv_bits is unavailable .*head_dim \(16\)"):
+        session(loaded, kv_bits=4)
+    with pytest.raises(ValueError, match="kv_group_size 128 does not fit"):
+        ouro_mlx.ChatSession(model, tok, kv_bits=4, kv_group_size=128)

@@ -159,10 +159,20 @@ class Job:
     cached_tokens: int = 0
     first: Any = None  # the first item, read before a stream's headers go out
 
-    async def start(self) -> None:
+    async def start(self, request: Request) -> None:
         """Wait for the first token, so that an error found at the start is the
-        response's status rather than a chunk in a 200 stream."""
-        self.first = await self.out.get()
+        response's status rather than a chunk in a 200 stream. A client that leaves
+        meanwhile cancels the job."""
+        while self.first is None:
+            try:
+                self.first = await asyncio.wait_for(self.out.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.cancelled.set()
+                    raise APIError(499, "The client left.") from None
+            except BaseException:  # the handler is cancelled (shutdown)
+                self.cancelled.set()
+                raise
         if isinstance(self.first, Exception):
             self.cancelled.set()
             raise error_of(self.first)
@@ -508,7 +518,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": server.model_id}
         if req.stream:
-            await job.start()
+            await job.start(request)
             return StreamingResponse(
                 with_errors(stream_chat(job, text, head, req, request)),
                 media_type="text/event-stream")
@@ -544,7 +554,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": server.model_id}
         if req.stream:
-            await job.start()
+            await job.start(request)
             return StreamingResponse(
                 with_errors(stream_completion(job, text, head, request)),
                 media_type="text/event-stream")

@@ -104,5 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               "model (no authentication).", file=sys.stderr)
     print(f"serving {args.model_id or args.model or DEMO_ID} on http://{args.host}:{args.port}"
           "/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On Ctrl-C, open streams get a few seconds to finish, then the process ends.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
     return 0

@@ -265,3 +265,37 @@ def test_serve_cli_starts_on_loopback_and_refuses_bad_flags():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_ctrl_c_ends_the_server_during_a_long_stream(tiny_dir):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "serve", "--model", str(tiny_dir),
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": str(tiny_dir), "prompt": "hello", "max_tokens": 1800, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+            proc.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            proc.wait(timeout=20)  # the 1800 tokens alone would take ~10 s more
+        assert time.monotonic() - start < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -110,6 +110,7 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
     # Ouro
     ut_steps: int | None = Field(None, ge=1)
     exit_threshold: float | None = Field(None, ge=0.0, le=1.0)
@@ -363,6 +364,8 @@ class Server:
 
         from .generation import make_rule
 
+        if req.logprobs:
+            raise APIError(400, "logprobs: not supported by this server.", param="logprobs")
         requested = req.max_completion_tokens or req.max_tokens
         limit = self.limits.max_tokens
         if requested is not None and requested > limit:
@@ -479,6 +482,9 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             return APIError(400, "The body is not valid JSON.").response()
+        if not loc:  # not an object, or a body without Content-Type: application/json
+            return APIError(400, "The body must be a JSON object (sent with Content-Type: "
+                            "application/json).").response()
         param = ".".join(loc) or None
         msg = f"{param}: {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid")
         return APIError(400, msg, param=param).response()

@@ -143,6 +143,12 @@ def test_errors_are_openai_json(demo):
     assert e.value.body["code"] == "context_length_exceeded"
     post = lambda body, **kw: httpx.post(demo.url + "/v1/chat/completions", timeout=10,  # noqa
                                          content=body, **kw)
+    with pytest.raises(openai.BadRequestError) as e:
+        demo.client.chat.completions.create(model="ouro-demo", messages=user("1"),
+                                            logprobs=True)
+    assert e.value.body["param"] == "logprobs"
+    r = httpx.post(demo.url + "/v1/chat/completions", timeout=10, content=b'{"messages": []}')
+    assert r.status_code == 400 and "application/json" in r.json()["error"]["message"]
     for body, status in [(b"{not json", 400), (b'{"messages": "hi"}', 400),
                          (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400),
                          (b"x" * (65 << 10), 413)]:

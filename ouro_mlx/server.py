@@ -295,11 +295,14 @@ class Assembler:
     ``</think>`` is reasoning; a stop string ends the content (text that may begin
     one is held back until it is clear)."""
 
-    def __init__(self, tokenizer, stops: list[str], think: bool):
+    def __init__(self, tokenizer, stops: list[str], think: bool,
+                 prompt: list[int] | None = None):
         vocab = tokenizer.get_vocab()
         self.think_ids = (vocab.get("<think>"), vocab.get("</think>")) if think else (None,)
         self.stops = stops
-        self.thinking = False
+        # a template whose generation prompt opens <think>: the answer starts inside it
+        last = next((t for t in reversed(prompt or []) if t in self.think_ids), None)
+        self.thinking = last is not None and last == self.think_ids[0]
         self.content = self.reasoning = self.pending = ""
         self.stopped = False
 
@@ -519,7 +522,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
                      "content": m.text()} for m in req.messages]
         ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
         ids = server.check_prompt(ids, "messages")
-        text = Assembler(tokenizer, req.stops(), think=True)
+        text = Assembler(tokenizer, req.stops(), think=True, prompt=ids)
         job = server.submit(ids, options)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": server.model_id}

@@ -215,6 +215,11 @@ def test_assembler_splits_thinking_and_holds_back_stops(demo):
              a.add(vocab["</think>"], "", False), a.add(plain[1], "42", True)]
     assert a.reasoning == "hmm" and a.content == "42"
     assert [p for p in parts if p != ("", "")] == [("", "hmm"), ("42", "")]
+    # a generation prompt that opens <think>: the first tokens are reasoning
+    b = Assembler(demo.tokenizer, [], think=True, prompt=[plain[0], vocab["<think>"]])
+    assert b.add(plain[2], "hm", False) == ("", "hm") and b.thinking
+    closed = [vocab["<think>"], plain[0], vocab["</think>"], plain[1]]
+    assert not Assembler(demo.tokenizer, [], think=True, prompt=closed).thinking
     s = Assembler(demo.tokenizer, ["END"], think=False)
     assert s.add(1, "abE", False) == ("ab", "")  # "E" may begin "END"
     assert s.add(1, "Nx", False) == ("ENx", "")

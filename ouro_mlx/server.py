@@ -118,6 +118,7 @@ class GenerationRequest(BaseModel):
     min_loops: int = Field(1, ge=1)
     max_loops: int | None = Field(None, ge=1)
     kv_mode: Literal["full", "last"] = "full"
+    adapter: str | None = None  # a name given to ouro-mlx serve --adapter, never a path
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -155,6 +156,8 @@ class Job:
     ids: list[int]
     options: dict
     loop: asyncio.AbstractEventLoop
+    model: Any = None  # the base model or an adapter's copy
+    adapter: str | None = None
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
@@ -241,7 +244,8 @@ class Engine:
             self.active = len(runs)
 
     def _layout(self, job: Job) -> tuple:
-        return (self.model._steps(job.options.get("ut_steps")), job.options["kv_mode"])
+        return (job.adapter, job.model._steps(job.options.get("ut_steps")),
+                job.options["kv_mode"])
 
     def _start(self, job: Job):
         from .generation import stream_generate
@@ -253,9 +257,9 @@ class Engine:
         layout = self._layout(job)
         cache, cached = self.prompt_cache.fetch(layout, job.ids)
         if cache is None:
-            cache = self.model.make_cache(layout[0], kv_mode=layout[1])
+            cache = job.model.make_cache(layout[1], kv_mode=layout[2])
         job.cached_tokens = cached
-        stream = stream_generate(self.model, self.tokenizer, job.ids[cached:],
+        stream = stream_generate(job.model, self.tokenizer, job.ids[cached:],
                                  prompt_cache=cache, **opts)
         return job, stream, cache
 
@@ -346,8 +350,9 @@ class Server:
     """State behind the routes: the model, its id, the engine and the limits."""
 
     def __init__(self, model, tokenizer, model_id: str, limits: Limits | None = None,
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, adapters: dict | None = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.adapters = dict(adapters or {})
         self.limits = limits or Limits()
         positions = model.args.max_position_embeddings
         self.max_prompt = min(self.limits.max_prompt_tokens or positions - 1, positions - 1)
@@ -360,6 +365,16 @@ class Server:
         if name and name != self.model_id:
             raise APIError(404, f"model: {name!r} is not served here; GET /v1/models lists "
                            f"{self.model_id!r}.", param="model", code="model_not_found")
+
+    def variant(self, adapter: str | None):
+        """The model a request's ``adapter`` names (None: the base model)."""
+        if adapter is None:
+            return self.model
+        if adapter not in self.adapters:
+            names = ", ".join(map(repr, self.adapters)) or "none"
+            raise APIError(404, f"adapter: {adapter!r} is not served here (served: {names}).",
+                           param="adapter", code="adapter_not_found")
+        return self.adapters[adapter]
 
     def options(self, req: GenerationRequest) -> dict:
         """stream_generate's keyword arguments for ``req``, checked."""
@@ -384,7 +399,7 @@ class Server:
                 raise APIError(400, f"{name}: {v} is above the limit of {max_ut_steps()} "
                                "loop steps.", param=name)
         try:
-            make_rule(self.model, **loop)
+            make_rule(self.variant(req.adapter), **loop)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return dict(
@@ -406,8 +421,9 @@ class Server:
                            code="context_length_exceeded")
         return ids
 
-    def submit(self, ids: list[int], options: dict) -> Job:
-        job = Job(list(ids), options, asyncio.get_running_loop())
+    def submit(self, ids: list[int], options: dict, adapter: str | None) -> Job:
+        job = Job(list(ids), options, asyncio.get_running_loop(), self.variant(adapter),
+                  adapter)
         self.engine.submit(job)
         return job
 
@@ -460,11 +476,14 @@ def sse(data: dict | str) -> str:
 
 
 def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | None = None,
-               prompt_cache: PromptCache | None = None) -> FastAPI:
-    """The FastAPI app serving ``model`` under ``model_id``."""
+               prompt_cache: PromptCache | None = None,
+               adapters: dict | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` under ``model_id``. ``adapters``: name → the
+    model with those adapters applied (same tokenizer), chosen per request by the
+    ``adapter`` field."""
     from .encoding import encode_chat, encode_text
 
-    server = Server(model, tokenizer, model_id, limits, prompt_cache)
+    server = Server(model, tokenizer, model_id, limits, prompt_cache, adapters)
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -504,7 +523,8 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
     @app.get("/health")
     async def health():
         eng = server.engine
-        return {"status": "ok", "model": server.model_id, "active": eng.active,
+        return {"status": "ok", "model": server.model_id, "adapters": list(server.adapters),
+                "active": eng.active,
                 "queued": eng.jobs.qsize(), "prompt_cache": {
                     "entries": len(eng.prompt_cache), "bytes": eng.prompt_cache.nbytes}}
 
@@ -512,7 +532,8 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
     async def models():
         return {"object": "list", "data": [{"id": server.model_id, "object": "model",
                                             "created": server.created,
-                                            "owned_by": "ouro-mlx"}]}
+                                            "owned_by": "ouro-mlx",
+                                            "adapters": list(server.adapters)}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -523,7 +544,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
         ids = server.check_prompt(ids, "messages")
         text = Assembler(tokenizer, req.stops(), think=True, prompt=ids)
-        job = server.submit(ids, options)
+        job = server.submit(ids, options, req.adapter)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": server.model_id}
         if req.stream:
@@ -559,7 +580,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
             ids = list(prompt)
         ids = server.check_prompt(ids, "prompt")
         text = Assembler(tokenizer, req.stops(), think=False)
-        job = server.submit(ids, options)
+        job = server.submit(ids, options, req.adapter)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": server.model_id}
         if req.stream:

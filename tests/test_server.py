@@ -255,6 +255,9 @@ def test_serve_cli_starts_on_loopback_and_refuses_bad_flags():
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("ouro-mlx serve: error: --port")
+    bad = subprocess.run([sys.executable, "-m", "ouro_mlx", "serve", "--adapter", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "--adapter 'x': expected NAME=PATH" in bad.stderr
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "serve", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -310,3 +313,38 @@ def test_ctrl_c_ends_the_server_during_a_long_stream(tiny_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_adapters_are_chosen_by_name_never_by_path(tiny_dir, tmp_path):
+    import mlx.core as mx
+
+    from ouro_mlx import apply_adapters, load_model, save_adapters
+    from ouro_mlx.adapters import adapter_config
+
+    tuned = load_model(tiny_dir)
+    apply_adapters(tuned, num_layers=1)
+    mx.random.seed(0)
+    for _, m in tuned.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = 0.5 * mx.random.normal(m.lora_b.shape)
+    save_adapters(tmp_path / "a", tuned, adapter_config({"num_layers": 1}))
+    base, tokenizer = load(str(tiny_dir))
+    variant, _ = load(str(tiny_dir), adapter_path=str(tmp_path / "a"))
+    run = Running(base, tokenizer, model_id="tiny", adapters={"mine": variant})
+    try:
+        def answer(**extra):
+            r = run.client.completions.create(model="tiny", prompt="hello", max_tokens=12,
+                                              extra_body=extra)
+            return r.choices[0].text
+
+        ids = encode_text(tokenizer, "hello")
+        assert answer(adapter="mine") == generate(variant, tokenizer, ids, max_tokens=12)
+        assert answer() == generate(base, tokenizer, ids, max_tokens=12)
+        assert answer(adapter="mine") != answer()
+        for name in ["other", str(tmp_path / "a")]:
+            with pytest.raises(openai.NotFoundError) as e:
+                answer(adapter=name)
+            assert e.value.body["code"] == "adapter_not_found"
+        assert run.client.models.list().data[0].model_extra["adapters"] == ["mine"]
+    finally:
+        run.stop()

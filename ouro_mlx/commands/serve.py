@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None,
                    help="The id /v1/models lists and requests name (default: --model, or "
                         "ouro-demo for the bundled model).")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="Also serve the model with the adapters in PATH, chosen per request "
+                        "by the body field \"adapter\": \"NAME\" (repeatable; each is a "
+                        "full copy of the model in memory).")
     g = p.add_argument_group("limits")
     g.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="The most tokens one request may ask for.")
@@ -67,6 +71,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-prompt-tokens must be >= 1.")
 
 
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {item!r}: expected NAME=PATH.")
+        if name in adapters:
+            raise ValueError(f"--adapter: the name {name!r} is given twice.")
+        adapters[name] = path
+    return adapters
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -79,6 +95,7 @@ def is_loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    adapter_paths = parse_adapters(args.adapter)
     try:
         import uvicorn
 
@@ -93,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     path = model_or_demo(args)
     model, tokenizer = load(path, dtype=args.dtype, adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
+    adapters = {}
+    for name, adapter_path in adapter_paths.items():
+        adapters[name], _ = load(path, dtype=args.dtype, adapter_path=adapter_path)
+        apply_exit_gate(adapters[name], args)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     max_active=args.max_concurrency)
     app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
-                     limits=limits,
+                     limits=limits, adapters=adapters,
                      prompt_cache=PromptCache(args.prompt_cache_bytes, args.prompt_cache_size))
     if not is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach it can use the "

@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 
 from . import _mlx_lm_hook  # noqa: F401  (makes mlx-lm resolve model_type "ouro")
-from ._source_tree import find_convert_in_source_tree
+from ._source_tree import find_subpackages_in_source_tree
 
-find_convert_in_source_tree(__name__, __path__)
+find_subpackages_in_source_tree(__name__, __path__)
 
 __version__ = "0.1.0"
 

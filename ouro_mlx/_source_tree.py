@@ -1,7 +1,9 @@
-"""In a source checkout (``pip install -e .``) the converters live in the repository's
-top-level ``convert/`` directory, which a wheel installs as ``ouro_mlx/convert``. This
-finder serves ``ouro_mlx.convert`` from there when the package has no ``convert/`` of
-its own. Standard library only: it runs at interpreter start-up (see ``_mlx_lm_hook``).
+"""In a source checkout (``pip install -e .``) two subpackages live outside the
+package directory, where the repository's shape puts them: the converters in the
+top-level ``convert/`` and the desktop app in ``apps/desktop/``. A wheel installs them
+as ``ouro_mlx/convert`` and ``ouro_mlx/desktop``; in a source tree this finder serves
+them from where they are. Standard library only: it runs at interpreter start-up (see
+``_mlx_lm_hook``).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+# subpackage name → its directory, relative to the repository root
+SOURCE_DIRS = {"convert": "convert", "desktop": "apps/desktop"}
 
-class _ConvertFinder(importlib.abc.MetaPathFinder):
+
+class _SubpackageFinder(importlib.abc.MetaPathFinder):
     def __init__(self, name: str, directory: Path):
         self.name, self.directory = name, directory
 
@@ -25,11 +30,13 @@ class _ConvertFinder(importlib.abc.MetaPathFinder):
         )
 
 
-def find_convert_in_source_tree(package: str, package_path: list[str]) -> None:
+def find_subpackages_in_source_tree(package: str, package_path: list[str],
+                                    source_dirs: dict[str, str] = SOURCE_DIRS) -> None:
     here = Path(package_path[0])
-    source = here.parent / "convert"
-    if (here / "convert").is_dir() or not (source / "__init__.py").is_file():
-        return  # an installed wheel, or no source tree
-    name = f"{package}.convert"
-    if not any(isinstance(f, _ConvertFinder) and f.name == name for f in sys.meta_path):
-        sys.meta_path.append(_ConvertFinder(name, source))
+    for sub, rel in source_dirs.items():
+        source = here.parent / rel
+        if (here / sub).is_dir() or not (source / "__init__.py").is_file():
+            continue  # an installed wheel, or no source tree
+        name = f"{package}.{sub}"
+        if not any(isinstance(f, _SubpackageFinder) and f.name == name for f in sys.meta_path):
+            sys.meta_path.append(_SubpackageFinder(name, source))

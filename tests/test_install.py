@@ -12,21 +12,24 @@ import textwrap
 from ouro_mlx import cli
 
 
-def test_source_tree_serves_convert_package(tmp_path):
+def test_source_tree_serves_convert_and_desktop(tmp_path):
     # An editable install imports the package from the source tree, where the
-    # converters are the top-level convert/ directory.
+    # converters are the top-level convert/ and the desktop app apps/desktop/.
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text(textwrap.dedent("""
-        from ouro_mlx._source_tree import find_convert_in_source_tree
-        find_convert_in_source_tree(__name__, __path__)
+        from ouro_mlx._source_tree import find_subpackages_in_source_tree
+        find_subpackages_in_source_tree(__name__, __path__)
     """))
     (tmp_path / "convert").mkdir()
     (tmp_path / "convert" / "__init__.py").write_text("from .inner import VALUE\n")
     (tmp_path / "convert" / "inner.py").write_text("VALUE = 42\n")
-    code = "import pkg.convert, pkg.convert.inner; print(pkg.convert.VALUE, pkg.convert.__name__)"
+    (tmp_path / "apps" / "desktop").mkdir(parents=True)
+    (tmp_path / "apps" / "desktop" / "__init__.py").write_text("NAME = 'app'\n")
+    code = ("import pkg.convert, pkg.convert.inner, pkg.desktop; "
+            "print(pkg.convert.VALUE, pkg.convert.__name__, pkg.desktop.NAME)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True)
-    assert out.stdout.split() == ["42", "pkg.convert"]
+    assert out.stdout.split() == ["42", "pkg.convert", "app"]
 
 
 def test_installed_package_has_converters():

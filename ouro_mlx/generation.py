@@ -161,8 +161,15 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: list | None = None,
     prefill_step_size: int = 2048,
+    compile_step: bool = False,
 ) -> Iterator[tuple[int, mx.array, int]]:
-    """Yield ``(token, logprobs, loops)`` for one prompt (1-D ids)."""
+    """Yield ``(token, logprobs, loops)`` for one prompt (1-D ids). ``compile_step``:
+    decode through one compiled graph per token (``ouro_mlx.compiled``; fixed depth,
+    kv_mode "full", unquantized K/V), same tokens as the plain path."""
+    if compile_step:
+        from .compiled import check_compilable
+
+        check_compilable(cache, rule.fixed_loops)
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     tokens = prompt if logits_processors else None
 
@@ -175,6 +182,11 @@ def generate_step(
 
     logits, loops = prefill(model, prompt[None], cache, rule, prefill_step_size)
     y, logprobs = step(logits)
+    if compile_step:
+        from .compiled import compiled_steps
+
+        yield from compiled_steps(model, cache, rule.fixed_loops, y, logprobs, step, max_tokens)
+        return
     if rule.fixed_loops is None:  # the depth depends on the data: sync per step
         for n in range(max_tokens):
             yield y.item(), logprobs[0], loops.item()
@@ -228,8 +240,11 @@ def stream_generate(
     kv_mode: str = "full",
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    draft_loops: int | None = None,
+    num_draft_tokens: int | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 2048,
+    compile_step: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt`` (text or token ids), one response per token.
 
@@ -238,7 +253,13 @@ def stream_generate(
     relative change of the hidden state falls below it). ``kv_mode`` "full" or
     "last", ``kv_bits`` 4/8 quantize the cache; both apply to a new cache only:
     a ``prompt_cache`` (from ``make_prompt_cache``) keeps its own layout and is
-    extended in place, so a conversation never recomputes earlier turns."""
+    extended in place, so a conversation never recomputes earlier turns.
+    ``compile_step``: decode each token through one ``mx.compile``d graph (fixed
+    depth, kv_mode "full", no kv_bits; see ``ouro_mlx.compiled``).
+    ``draft_loops`` k: self-speculative decoding, drafting up to ``num_draft_tokens``
+    (default 4, adapted to the acceptance) with the first k loop steps and verifying
+    them at the full fixed depth in one call; greedy output is unchanged (see
+    ``ouro_mlx.speculative``)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
     rule = make_rule(model, ut_steps, exit_threshold, exit_at_step, min_loops,
@@ -266,7 +287,16 @@ def stream_generate(
     total_loops = 0
     steps = generate_step(ids, model, rule, cache, max_tokens=max_tokens, sampler=sampler,
                           logits_processors=logits_processors,
-                          prefill_step_size=prefill_step_size)
+                          prefill_step_size=prefill_step_size, compile_step=compile_step)
+    if draft_loops is not None:  # self-speculative: see ouro_mlx.speculative
+        from .speculative import speculative_step
+
+        if compile_step:
+            raise ValueError("draft_loops and compile_step cannot be combined yet.")
+        steps = speculative_step(ids, model, rule, cache, draft_loops=draft_loops,
+                                 num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
+                                 sampler=sampler, logits_processors=logits_processors,
+                                 prefill_step_size=prefill_step_size)
     for n, (token, logprobs, loops) in enumerate(steps):
         if n == 0:
             prompt_time = time.perf_counter() - tic

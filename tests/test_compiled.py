@@ -1,0 +1,99 @@
+"""The compiled decode step (ouro_mlx.compiled): the same tokens as the plain path,
+buffers that grow, a prompt cache kept up to date, clear refusals."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import CacheList, QuantizedKVCache
+
+import ouro_mlx
+from ouro_mlx import demo, stream_generate
+from ouro_mlx.compiled import CompiledDecoder, check_compilable
+
+PROMPT = [5, 17, 300, 42, 7, 99, 128]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    model, tok = ouro_mlx.load(tiny_dir)
+    tok._eos_token_ids = set()  # exactly max_tokens on random weights
+    return model, tok
+
+
+def run(model, tok, prompt=PROMPT, n=12, **kw):
+    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, **kw)]
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(exit_at_step=1), dict(exit_at_step=0),
+                                  dict(ut_steps=2)])
+def test_same_tokens_as_plain_path(loaded, opts):
+    model, tok = loaded
+    assert run(model, tok, compile_step=True, **opts) == run(model, tok, **opts)
+
+
+def test_same_tokens_on_the_bundled_model():
+    model, tok = ouro_mlx.load(demo.model_path())
+    prompt = "the cat sat on"
+    plain = run(model, tok, prompt, 16, exit_threshold=1.0)  # full depth: a fixed one
+    assert run(model, tok, prompt, 16, exit_threshold=1.0, compile_step=True) == plain
+
+
+def test_logits_match_and_buffers_grow(loaded):
+    """A chunk of 8 positions: the buffers grow (and the graph is traced again) three
+    times in 20 tokens; logits stay those of the plain path."""
+    model, _ = loaded
+    plain, comp = model.make_cache(), model.make_cache()
+    ids = mx.array([PROMPT])
+    model(ids, plain)
+    model(ids, comp)
+    dec = CompiledDecoder(model, comp, model.ut_steps, chunk=8)
+    y = mx.array([[3]])
+    for i in range(20):
+        want = model(y, plain)[:, -1]
+        got = dec(y)
+        assert mx.allclose(got, want, atol=1e-5).item(), i
+        y = mx.argmax(want, axis=-1)[:, None]
+    assert dec.buffers[0][0][0].shape[2] == 32
+    dec.sync()
+    for pc, cc in zip(plain, comp):
+        for a, b in zip(pc.caches, cc.caches):
+            assert a.offset == b.offset == len(PROMPT) + 20
+            for x, y in zip(a.keys_and_values(), b.keys_and_values()):
+                assert mx.allclose(x, y, atol=1e-5).item()
+
+
+def test_prompt_cache_continues_a_conversation(loaded):
+    model, tok = loaded
+    cache = model.make_cache()
+    first = run(model, tok, PROMPT, 4, prompt_cache=cache, compile_step=True)
+    second = run(model, tok, [first[-1], 11, 12], 5, prompt_cache=cache, compile_step=True)
+    assert second == run(model, tok, PROMPT + first + [11, 12], 5)
+
+
+def test_skipped_steps_hold_copies_like_the_plain_path(loaded):
+    model, tok = loaded
+    plain, comp = model.make_cache(), model.make_cache()
+    run(model, tok, PROMPT, 6, prompt_cache=plain, exit_at_step=1)
+    run(model, tok, PROMPT, 6, prompt_cache=comp, exit_at_step=1, compile_step=True)
+    for pc, cc in zip(plain, comp):
+        for a, b in zip(pc.caches, cc.caches):
+            assert a.offset == b.offset
+            for x, y in zip(a.keys_and_values(), b.keys_and_values()):
+                assert mx.allclose(x, y, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(exit_threshold=0.5), "fixed depth"),
+    (dict(kv_mode="last"), "kv_mode 'full'"),
+])
+def test_refusals_name_the_option(loaded, opts, message):
+    model, tok = loaded
+    with pytest.raises(ValueError, match=message):
+        run(model, tok, compile_step=True, **opts)
+
+
+def test_quantized_kv_is_refused():
+    cache = [CacheList(*(QuantizedKVCache(group_size=32, bits=8) for _ in range(4)))]
+    with pytest.raises(ValueError, match="kv_bits"):
+        check_compilable(cache, 4)

@@ -1,0 +1,159 @@
+"""Self-speculative decoding (ouro_mlx.speculative): greedy output identical to plain
+decoding at the same fixed depth, caches identical after rollback, the sampling
+distribution equal to the target's, and clear refusals."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import ouro_mlx
+from ouro_mlx import demo, stream_generate
+from ouro_mlx.generation import generate_step, make_rule
+from ouro_mlx.model import Model, ModelArgs
+from ouro_mlx.speculative import SpecStats, speculative_step
+from tests.conftest import REFERENCE, needs_reference
+
+PROMPT = [5, 17, 300, 42, 7, 99, 128]
+
+
+class IdsOnly:
+    eos_token_ids: set = set()
+    detokenizer = type("D", (), {"reset": lambda s: None, "add_token": lambda s, t: None,
+                                 "finalize": lambda s: None, "last_segment": ""})()
+
+
+def tokens(model, tok, prompt, n, **kw):
+    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, **kw)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, _ = ouro_mlx.load(tiny_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return ouro_mlx.load(demo.model_path())
+
+
+@pytest.mark.parametrize("k,n", [(1, 1), (1, 4), (2, 3), (3, 2), (3, 8)])
+def test_bundled_greedy_is_identical(bundled, k, n):
+    model, tok = bundled
+    prompt = "Once upon a time"
+    want = tokens(model, tok, prompt, 40, exit_threshold=1.0)  # its default exits early
+    assert tokens(model, tok, prompt, 40, exit_threshold=1.0, draft_loops=k,
+                  num_draft_tokens=n) == want
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(exit_at_step=2), dict(ut_steps=3)])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_tiny_greedy_and_caches_are_identical(tiny, opts, adaptive):
+    """Same tokens, and after a "length" finish the same cache in every loop step
+    (rejected tokens rolled back; skipped steps hold copies of the exit step's K/V)."""
+    rule = make_rule(tiny, **opts)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    plain_cache = tiny.make_cache(rule.ut_steps)
+    want = [t for t, _, _ in generate_step(ids, tiny, rule, plain_cache, max_tokens=24)]
+    for k in range(1, rule.fixed_loops):
+        cache, stats = tiny.make_cache(rule.ut_steps), SpecStats()
+        got = list(speculative_step(ids, tiny, rule, cache, draft_loops=k, num_draft_tokens=5,
+                                    adaptive=adaptive, max_tokens=24, stats=stats))
+        assert [t for t, _, _ in got] == want
+        assert {loops for _, _, loops in got} == {rule.fixed_loops}
+        assert stats.rounds > 0 and 0 <= stats.accepted <= stats.drafted
+        for lc, plc in zip(cache, plain_cache):
+            for c, pc in zip(lc.caches, plc.caches):
+                assert c.offset == pc.offset
+                for a, b in zip(c.state, pc.state):
+                    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+
+
+def test_drafts_are_accepted_and_rejected(bundled):
+    """The bundled model's drafts are good but not perfect: both paths are exercised."""
+    model, _ = bundled
+    rule = make_rule(model, exit_threshold=1.0)
+    stats = SpecStats()
+    ids = mx.array([5, 6, 7, 8], dtype=mx.int32)
+    list(speculative_step(ids, model, rule, model.make_cache(), draft_loops=2,
+                          num_draft_tokens=4, adaptive=False, max_tokens=40, stats=stats))
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_logprobs_match_plain(tiny):
+    rule = make_rule(tiny)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    want = [lp for _, lp, _ in generate_step(ids, tiny, rule, tiny.make_cache(), max_tokens=8)]
+    got = [lp for _, lp, _ in speculative_step(ids, tiny, rule, tiny.make_cache(),
+                                               draft_loops=2, max_tokens=8)]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+
+
+@needs_reference
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_fixture_a_greedy_is_identical(k):
+    ref = dict(np.load(REFERENCE / "expected.npz"))
+    model = ouro_mlx.load_model(REFERENCE)
+    prompt = ref["input_ids"][0].tolist()
+    want = ref["generated_ids"][0, len(prompt):].tolist()
+    assert tokens(model, IdsOnly(), prompt, len(want), draft_loops=k,
+                  num_draft_tokens=3) == want
+
+
+def test_sampling_keeps_the_target_distribution():
+    """Vocabulary of 4, depth 2, drafts from step 0: the empirical distribution of
+    (t2, t3), which the accept/reject path decides, matches the exact one."""
+    mx.random.seed(3)
+    args = ModelArgs(model_type="ouro", hidden_size=32, num_hidden_layers=1,
+                     intermediate_size=64, num_attention_heads=2, vocab_size=4,
+                     total_ut_steps=2)
+    model = Model(args)
+    model.lm_head.weight = model.lm_head.weight * 4  # spread the distributions
+    mx.eval(model.parameters())
+    prompt = [1, 2, 3]
+    V = 4
+    triples = list(itertools.product(range(V), repeat=3))
+    ids = mx.array([prompt + list(t) for t in triples], dtype=mx.int32)
+    lp = model(ids)  # full depth 2, no cache
+    lp = np.array(lp - mx.logsumexp(lp, axis=-1, keepdims=True))
+    exact = np.zeros((V, V))
+    for i, (a, b, c) in enumerate(triples):
+        P = len(prompt)
+        exact[b, c] += np.exp(lp[i, P - 1, a] + lp[i, P, b] + lp[i, P + 1, c])
+    rule = make_rule(model)
+    sampler = lambda x: mx.random.categorical(x)  # noqa: E731
+    counts = np.zeros((V, V))
+    stats = SpecStats()
+    N = 1500
+    for _ in range(N):
+        out = [t for t, _, _ in speculative_step(
+            mx.array(prompt, dtype=mx.int32), model, rule, model.make_cache(),
+            draft_loops=1, num_draft_tokens=2, adaptive=False, max_tokens=3,
+            sampler=sampler, stats=stats)]
+        counts[out[1], out[2]] += 1
+    assert 0.1 < stats.acceptance < 0.9
+    expected = exact * N
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 37.7  # df 15, p = 0.001
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(draft_loops=1, exit_threshold=0.5), "fixed depth"),
+    (dict(draft_loops=1, hidden_eps=0.1), "fixed depth"),
+    (dict(draft_loops=1, kv_mode="last"), "kv_mode 'full'"),
+    (dict(draft_loops=4), "draft_loops must be"),
+    (dict(draft_loops=0), "draft_loops must be"),
+    (dict(draft_loops=2, exit_at_step=1), "draft_loops must be"),
+    (dict(draft_loops=1, num_draft_tokens=0), "num_draft_tokens must be"),
+    (dict(draft_loops=1, num_draft_tokens=65), "num_draft_tokens must be"),
+    (dict(draft_loops=1, logits_processors=[lambda t, x: x]), "logits processors"),
+    (dict(draft_loops=1, compile_step=True), "cannot be combined"),
+])
+def test_refusals(tiny, opts, message):
+    with pytest.raises(ValueError, match=message):
+        tokens(tiny, IdsOnly(), PROMPT, 4, **opts)

@@ -157,3 +157,29 @@ def test_sampling_keeps_the_target_distribution():
 def test_refusals(tiny, opts, message):
     with pytest.raises(ValueError, match=message):
         tokens(tiny, IdsOnly(), PROMPT, 4, **opts)
+
+
+def test_cli_generate_draft_loops(tiny_dir, capsys):
+    from ouro_mlx.commands.generate import main
+
+    base = ["--model", str(tiny_dir), "-p", "The capital", "-m", "12", "--no-chat-template",
+            "--exit-threshold", "1.0"]
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    assert main(base + ["--draft-loops", "2", "--num-draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == want
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-loops"),
+    (["--draft-loops", "0"], "--draft-loops must be >= 1"),
+    (["--draft-loops", "1", "--num-draft-tokens", "0"], "--num-draft-tokens must be in"),
+    (["--draft-loops", "1", "--repetition-penalty", "1.2"], "--repetition-penalty"),
+    (["--draft-loops", "1", "--kv-mode", "last"], "--kv-mode full"),
+    (["--draft-loops", "1", "--exit-threshold", "0.5"], "fixed depth"),
+])
+def test_cli_generate_draft_loops_refusals(tiny_dir, flags, message):
+    from ouro_mlx.commands.generate import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["--model", str(tiny_dir), "-p", "x", "-m", "4", *flags])

@@ -10,6 +10,7 @@ from .options import (
     add_loop_args,
     add_model_args,
     add_sampling_args,
+    add_speculative_args,
     apply_compile_flag,
     apply_exit_gate,
     check_kv_args,
@@ -19,6 +20,7 @@ from .options import (
     model_or_demo,
     rate,
     sampling_kwargs,
+    speculative_kwargs,
 )
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Colour every token by the loop steps it ran (on a terminal).")
     add_loop_args(p)
     add_sampling_args(p)
+    add_speculative_args(p)
     return p
 
 
@@ -74,6 +77,7 @@ def read_stdin() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_kwargs(args)
+    speculative = speculative_kwargs(args)
     check_loop_args(args)
     apply_compile_flag(args)
     prompt = read_stdin() if args.prompt == "-" else args.prompt
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     r, loops = None, []
     for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode, kv_bits=args.kv_bits,
                              kv_group_size=args.kv_group_size, **loop_kwargs(args),
-                             **sampling):
+                             **sampling, **speculative):
         if args.show_depth and sys.stdout.isatty():
             print(f"{depth_colour(r.loops)}{r.text}{RESET}", end="", flush=True)
         else:

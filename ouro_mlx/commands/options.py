@@ -168,6 +168,36 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
                    help="Group size of the KV cache quantization (must divide head_dim).")
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("self-speculative decoding (fixed depth, kv-mode full)")
+    g.add_argument("--draft-loops", type=int, default=None, metavar="K",
+                   help="Draft tokens with the first K loop steps and verify them at the "
+                        "full depth in one call; the same greedy output, faster when drafts "
+                        "are accepted (default: off).")
+    g.add_argument("--num-draft-tokens", type=int, default=None, metavar="N",
+                   help="At most N drafts per verify call, adapted to the acceptance "
+                        "(default: 4).")
+
+
+def speculative_kwargs(args: argparse.Namespace) -> dict:
+    """draft_loops/num_draft_tokens from the flags, checked against the others."""
+    k, n = args.draft_loops, args.num_draft_tokens
+    if k is None:
+        if n is not None:
+            raise ValueError("--num-draft-tokens needs --draft-loops.")
+        return {}
+    if k < 1:
+        raise ValueError(f"--draft-loops must be >= 1, got {k}.")
+    if n is not None and not 1 <= n <= 64:
+        raise ValueError(f"--num-draft-tokens must be in [1, 64], got {n}.")
+    if getattr(args, "repetition_penalty", None) is not None:
+        raise ValueError("--draft-loops cannot be combined with --repetition-penalty yet.")
+    if getattr(args, "kv_mode", "full") != "full":
+        raise ValueError("--draft-loops needs --kv-mode full (kv-mode last keeps one K/V "
+                         "per token, so drafted loop steps cannot be reused).")
+    return dict(draft_loops=k, num_draft_tokens=n)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temp", type=number, default=0.0, help="Temperature (0 = greedy).")

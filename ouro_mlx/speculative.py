@@ -32,7 +32,8 @@ Refused, with a one-line ValueError:
 
 ``num_draft_tokens`` is the most drafts per round; by default n adapts: one more
 after a round that accepted every draft, the accepted count after a rejection, and
-plain decoding (n = 0) for a few tokens when nothing is accepted, then a probe.
+plain, pipelined decoding (n = 0) for 8 tokens when nothing is accepted, then a
+probe with n = 1 (after a rejected probe, twice as many plain tokens, up to 64).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from .model import Model, cache_depth
 Sampler = Callable[[mx.array], mx.array]
 
 MAX_DRAFT_TOKENS = 64
-PLAIN_ROUNDS = 4  # with adaptive n at 0: plain tokens before drafting one again
+PLAIN_TOKENS = 8  # with adaptive n at 0: plain tokens before drafting one again,
+MAX_PLAIN_TOKENS = 64  # doubling up to this while the probes are rejected
 
 
 @dataclass
@@ -132,6 +134,29 @@ def settle_cache(cache: list, kvs: list, depth: int, kept: int, rejected: int) -
             c.update_and_fetch(k[:, :, :kept], v[:, :, :kept])
 
 
+def plain_decode(
+    model: Model, y: mx.array, cache: list, rule: ExitRule, sampler: Sampler, count: int
+) -> Iterator[tuple[mx.array, mx.array]]:
+    """``count`` tokens after the pending ``y`` [1] as ``generation.generate_step``
+    decodes them (each queued before the previous one is handed out); the last
+    one handed out is the new pending token."""
+    from .generation import decode
+
+    def step(y):
+        logits, _ = decode(model, y[None], cache, rule)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = sampler(lp)
+        mx.async_eval(y, lp)
+        return y, lp
+
+    nxt = step(y)
+    for i in range(count):
+        cur = nxt
+        if i + 1 < count:
+            nxt = step(cur[0])
+        yield cur
+
+
 def speculative_step(
     prompt: mx.array,
     model: Model,
@@ -160,8 +185,15 @@ def speculative_step(
     y = sampler(logprobs)
     mx.eval(y, logprobs)
     yield y.item(), logprobs[0], depth
-    emitted, n, plain = 1, n_max, 0
+    emitted, n, stretch = 1, n_max, PLAIN_TOKENS
     while emitted < max_tokens:
+        if n == 0:  # drafts were poor: plain, pipelined decoding for a while
+            count = min(stretch, max_tokens - emitted)
+            for y, lp in plain_decode(model, y, cache, rule, sampler, count):
+                yield y.item(), lp[0], depth
+            emitted += count
+            n, stretch = 1, min(2 * stretch, MAX_PLAIN_TOKENS)  # probe; longer if it fails
+            continue
         m = min(n, max_tokens - emitted - 1)
         drafts, logits, kvs = draft_and_verify(model, y, cache, draft_loops, depth, m)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -180,11 +212,8 @@ def speculative_step(
             yield t[i], logprobs[i], depth
         emitted += a + 1
         if adaptive and m == n:
-            if n == 0:
-                plain += 1
-                n = 1 if plain >= PLAIN_ROUNDS else 0
-            else:
-                plain = 0
-                n = min(n_max, n + 1) if a == m else a
+            n = min(n_max, n + 1) if a == m else a
+            if a:
+                stretch = PLAIN_TOKENS
         if emitted % 256 < a + 1:
             mx.clear_cache()

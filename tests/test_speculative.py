@@ -58,11 +58,11 @@ def test_tiny_greedy_and_caches_are_identical(tiny, opts, adaptive):
     rule = make_rule(tiny, **opts)
     ids = mx.array(PROMPT, dtype=mx.int32)
     plain_cache = tiny.make_cache(rule.ut_steps)
-    want = [t for t, _, _ in generate_step(ids, tiny, rule, plain_cache, max_tokens=24)]
+    want = [t for t, _, _ in generate_step(ids, tiny, rule, plain_cache, max_tokens=40)]
     for k in range(1, rule.fixed_loops):
         cache, stats = tiny.make_cache(rule.ut_steps), SpecStats()
         got = list(speculative_step(ids, tiny, rule, cache, draft_loops=k, num_draft_tokens=5,
-                                    adaptive=adaptive, max_tokens=24, stats=stats))
+                                    adaptive=adaptive, max_tokens=40, stats=stats))
         assert [t for t, _, _ in got] == want
         assert {loops for _, _, loops in got} == {rule.fixed_loops}
         assert stats.rounds > 0 and 0 <= stats.accepted <= stats.drafted
@@ -71,6 +71,19 @@ def test_tiny_greedy_and_caches_are_identical(tiny, opts, adaptive):
                 assert c.offset == pc.offset
                 for a, b in zip(c.state, pc.state):
                     np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+
+
+def test_adaptive_n_backs_off_to_plain_decoding(tiny):
+    """Step-0 drafts of a random model are all rejected: after the first round the
+    generator decodes plainly, probing with one draft after 8, 16, 32 tokens."""
+    rule = make_rule(tiny)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    want = [t for t, _, _ in generate_step(ids, tiny, rule, tiny.make_cache(), max_tokens=60)]
+    stats = SpecStats()
+    got = [t for t, _, _ in speculative_step(ids, tiny, rule, tiny.make_cache(), draft_loops=1,
+                                             num_draft_tokens=5, max_tokens=60, stats=stats)]
+    assert got == want
+    assert stats.accepted == 0 and stats.rounds == 3 and stats.drafted == 5 + 1 + 1
 
 
 def test_drafts_are_accepted_and_rejected(bundled):

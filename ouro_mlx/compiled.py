@@ -33,14 +33,15 @@ from .model import Model, add_norm, add_norm_norm, cache_depth
 def check_compilable(cache: list, fixed_loops: int | None, batch: int = 1) -> None:
     """Raise a one-line ValueError naming what the compiled step does not support."""
     if fixed_loops is None:
-        raise ValueError("compile_step needs a fixed depth (ut_steps or exit_at_step, "
-                         "no exit_threshold/hidden_eps/min_loops rule).")
+        raise ValueError("compile_step (--compile-step) needs a fixed depth: exit_threshold "
+                         "1.0 or exit_at_step, no hidden_eps (--exit-threshold 1.0).")
     if batch != 1:
-        raise ValueError("compile_step decodes batch 1 only.")
+        raise ValueError("compile_step (--compile-step) decodes batch 1 only.")
     if cache_depth(cache) < fixed_loops:
-        raise ValueError("compile_step needs kv_mode 'full' (one cache per loop step).")
+        raise ValueError("compile_step (--compile-step) needs kv_mode 'full' (one cache "
+                         "per loop step).")
     if any(type(c) is not KVCache for lc in cache for c in lc.caches):
-        raise ValueError("compile_step needs a plain KVCache (no kv_bits).")
+        raise ValueError("compile_step (--compile-step) needs a plain KVCache (no kv_bits).")
 
 
 class CompiledDecoder:

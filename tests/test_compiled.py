@@ -97,3 +97,23 @@ def test_quantized_kv_is_refused():
     cache = [CacheList(*(QuantizedKVCache(group_size=32, bits=8) for _ in range(4)))]
     with pytest.raises(ValueError, match="kv_bits"):
         check_compilable(cache, 4)
+
+
+def test_generate_cli_flag_gives_the_same_text(capsys):
+    from ouro_mlx.commands.generate import main
+
+    args = ["-p", "2,23,14,31", "-m", "12", "--exit-threshold", "1.0", "--no-chat-template"]
+    main(args)
+    plain = capsys.readouterr().out
+    main(args + ["--compile-step"])
+    assert capsys.readouterr().out == plain and plain.strip()
+
+
+@pytest.mark.parametrize("flags,message", [(["--kv-mode", "last"], "--kv-mode last"),
+                                           (["--no-compile"], "--no-compile"),
+                                           (["--draft-loops", "1"], "--draft-loops")])
+def test_generate_cli_refusals(flags, message):
+    from ouro_mlx.commands.generate import main
+
+    with pytest.raises(ValueError, match=f"--compile-step cannot be combined with {message}"):
+        main(["-p", "hi", "--compile-step", *flags])

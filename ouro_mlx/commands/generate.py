@@ -7,6 +7,7 @@ import sys
 
 from .options import (
     HelpFormatter,
+    add_compile_step_arg,
     add_loop_args,
     add_model_args,
     add_sampling_args,
@@ -16,6 +17,7 @@ from .options import (
     check_kv_args,
     check_loop_args,
     cli_text,
+    compile_step_kwargs,
     loop_kwargs,
     model_or_demo,
     rate,
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loop_args(p)
     add_sampling_args(p)
     add_speculative_args(p)
+    add_compile_step_arg(p)
     return p
 
 
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_kwargs(args)
     speculative = speculative_kwargs(args)
+    speculative.update(compile_step_kwargs(args))
     check_loop_args(args)
     apply_compile_flag(args)
     prompt = read_stdin() if args.prompt == "-" else args.prompt

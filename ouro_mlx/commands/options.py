@@ -198,6 +198,27 @@ def speculative_kwargs(args: argparse.Namespace) -> dict:
     return dict(draft_loops=k, num_draft_tokens=n)
 
 
+def add_compile_step_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-step", action="store_true",
+                   help="Decode each token through one compiled graph (ouro_mlx.compiled): "
+                        "the same tokens, faster on small models; needs a fixed depth "
+                        "(--exit-threshold 1.0 or --exit-at-step), --kv-mode full, no "
+                        "--kv-bits.")
+
+
+def compile_step_kwargs(args: argparse.Namespace) -> dict:
+    """compile_step from --compile-step, checked against the flags it cannot join."""
+    if not getattr(args, "compile_step", False):
+        return {}
+    for flag, clash in (("--no-compile", getattr(args, "no_compile", False)),
+                        ("--kv-mode last", getattr(args, "kv_mode", "full") != "full"),
+                        ("--kv-bits", getattr(args, "kv_bits", None) is not None),
+                        ("--draft-loops", getattr(args, "draft_loops", None) is not None)):
+        if clash:
+            raise ValueError(f"--compile-step cannot be combined with {flag}.")
+    return dict(compile_step=True)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temp", type=number, default=0.0, help="Temperature (0 = greedy).")

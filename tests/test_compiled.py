@@ -117,3 +117,25 @@ def test_generate_cli_refusals(flags, message):
 
     with pytest.raises(ValueError, match=f"--compile-step cannot be combined with {message}"):
         main(["-p", "hi", "--compile-step", *flags])
+
+
+def test_per_loop_adapters_and_a_quantized_model(tiny_dir, small_dir):
+    """Per-loop LoRA (each step picks its adapter by t) and 4-bit weights."""
+    from mlx.utils import tree_flatten
+
+    from ouro_mlx.adapters import apply_adapters
+    from ouro_mlx.bench import quantize
+    from ouro_mlx.random_model import hf_config
+
+    model, tok = ouro_mlx.load(tiny_dir)
+    tok._eos_token_ids = set()
+    apply_adapters(model, per_loop=True)
+    mx.random.seed(0)
+    model.load_weights([(k, 0.05 * mx.random.normal(v.shape)) for k, v in
+                        tree_flatten(model.trainable_parameters()) if "lora_b" in k],
+                       strict=False)
+    assert run(model, tok, compile_step=True) == run(model, tok)
+    model, tok = ouro_mlx.load(small_dir)
+    tok._eos_token_ids = set()
+    model = quantize(model, hf_config("small"), 4)
+    assert run(model, tok, compile_step=True) == run(model, tok)

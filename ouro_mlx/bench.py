@@ -120,13 +120,14 @@ def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = 
 
 
 def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_mode="full",
-             kv_bits=None, context=0, name="ouro") -> Run:
+             kv_bits=None, context=0, name="ouro", compile_step=False) -> Run:
     cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
     a = model.args
     dtype = model.model.norm.weight.dtype  # the activation dtype, quantized or not
     fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
     mx.reset_peak_memory()
-    gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen + 1)
+    gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen + 1,
+                        compile_step=compile_step)
     p, d, loops = timed(gen, prompt.size, n_gen, loops_of=lambda item: item[2])
     hist = {k: loops.count(k) for k in sorted(set(loops))}
     return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),
@@ -213,7 +214,8 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
 
 
 def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *,
-                  repeats: int = 3, context: int = 0, kv_bits=None) -> tuple[dict, dict]:
+                  repeats: int = 3, context: int = 0, kv_bits=None,
+                  compile_step: bool = False) -> tuple[dict, dict]:
     """The ratios the targets are stated in, from interleaved runs (peer, Ouro at
     full depth, Ouro with exit forced at step 1, the order rotating), medians of
     ``repeats`` each: one run of a few tokens varies by 5-15 % on a shared CPU.
@@ -228,6 +230,9 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
         "exit1": lambda: run_ouro(model, ExitRule(T, at_step=0), prompt, n_gen,
                                   name="ouro exit at step 1", **kw),
     }
+    if compile_step:  # full depth through the compiled loop step (ouro_mlx.compiled)
+        make["compiled"] = lambda: run_ouro(model, ExitRule(T), prompt, n_gen, compile_step=True,
+                                            name=f"ouro T={T} compiled", **kw)
     names = list(make)
     runs: dict[str, list[Run]] = {name: [] for name in names}
     for i in range(repeats):  # rotate the order: no run always follows the same one
@@ -244,6 +249,11 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
                                          / median("peer", "decode_tps"), 3),
         "exit at step 1 speed-up over full depth": round(median("exit1", "decode_tps")
                                                          / median("full", "decode_tps"), 3),
+        **({"compiled decode speed-up over full depth": round(
+            median("compiled", "decode_tps") / median("full", "decode_tps"), 3),
+            "compiled decode vs unrolled peer": round(
+            median("compiled", "decode_tps") / median("peer", "decode_tps"), 3)}
+           if compile_step else {}),
         "repeats": repeats,
         "runs_tok_per_s": {name: [[round(r.prompt_tps, 4), round(r.decode_tps, 4)] for r in rs]
                            for name, rs in runs.items()},

@@ -139,3 +139,22 @@ def test_per_loop_adapters_and_a_quantized_model(tiny_dir, small_dir):
     tok._eos_token_ids = set()
     model = quantize(model, hf_config("small"), 4)
     assert run(model, tok, compile_step=True) == run(model, tok)
+
+
+def test_bench_reports_compiled_against_plain_and_peer(tmp_path, capsys):
+    import json
+
+    from ouro_mlx.commands import bench as cmd
+
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "8", "--exits", "", "--no-fixed", "--repeats", "2",
+                     "--compile-step", "--json-out", str(out)]) == 0
+    assert "ouro T=4 compiled" in capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"]["float32"]
+    assert [r["name"] for r in run["ouro"]][:2] == ["ouro T=4", "ouro T=4 compiled"]
+    assert len(run["target_ratio_runs"]["runs_tok_per_s"]["compiled"]) == 2
+    for k in ("compiled decode speed-up over full depth", "compiled decode vs unrolled peer"):
+        assert run["summary"][k] == run["target_ratio_runs"][k] > 0
+    with pytest.raises(ValueError, match="--compile-step cannot be combined"):
+        cmd.main(["--random", "tiny", "--compile-step", "--kv-bits", "8"])

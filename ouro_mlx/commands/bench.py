@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peer", action="store_true", help="Skip the unrolled mlx-lm peer.")
     p.add_argument("--no-fixed", action="store_true", help="Skip the fixed depths 1..T-1.")
     p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
+    p.add_argument("--compile-step", action="store_true",
+                   help="Also time full depth through the compiled loop step "
+                        "(ouro_mlx.compiled) against the plain path and the peer.")
     p.add_argument("--quality", action="store_true",
                    help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
@@ -146,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     from .. import bench as B
     from ..exit import ExitRule
 
+    if args.compile_step and (args.no_compile or args.kv_bits or args.no_peer
+                              or args.repeats < 1 or args.quality):
+        raise ValueError("--compile-step cannot be combined with --no-compile, --kv-bits, "
+                         "--no-peer, --repeats 0 or --quality.")
     if args.no_compile:
         mx.disable_compile()
     dtypes = [d.strip() for d in args.dtype.split(",")]
@@ -210,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.repeats > 0:
                     medians, first = B.target_ratios(model, peer_model, ids, args.gen_tokens,
                                                      repeats=args.repeats, context=args.context,
-                                                     kv_bits=args.kv_bits)
+                                                     kv_bits=args.kv_bits,
+                                                     compile_step=args.compile_step)
                 peer = B.as_dict(first.get("peer") or B.run_peer(
                     peer_model, ids, args.gen_tokens, context=args.context,
                     dtype=model.model.norm.weight.dtype))
@@ -218,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             full = first.get("full") or B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
                                                    name=f"ouro T={T}", **kw)
             rows.append(B.as_dict(full))
+            if "compiled" in first:
+                rows.append(B.as_dict(first["compiled"]))
             depths = [] if args.no_fixed else list(range(1, T))
             for k in depths:
                 r = (first.get("exit1") if k == 1 else None) or B.run_ouro(
@@ -239,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = summarize(rows, peer, T)
             if medians:  # the targets' ratios from alternating runs, not the rows above
                 for k in ("prefill vs unrolled peer", "decode vs unrolled peer",
-                          "exit at step 1 speed-up over full depth"):
-                    summary[k] = medians[k]
+                          "exit at step 1 speed-up over full depth",
+                          "compiled decode speed-up over full depth",
+                          "compiled decode vs unrolled peer"):
+                    if k in medians:
+                        summary[k] = medians[k]
             for spec, o in overheads.items():
                 summary[f"ouro adaptive {spec}: decode time vs same depths fixed "
                         f"(avg {o['avg_loops']:.2f} loops, median of {o['repeats']})"] = o["ratio"]

@@ -30,6 +30,11 @@ Refused, with a one-line ValueError:
 - logits processors (repetition penalty): they depend on the tokens before each
   position, which the one-call verify does not track yet.
 
+The cache, when the caller stops early (an eos), may hold up to n accepted tokens
+past the last one handed out, all of them what would have followed: trim it (e.g.
+``mlx_lm.models.cache.trim_prompt_cache``) before reusing it as a prompt cache. After a
+"length" finish it holds exactly what plain decoding leaves.
+
 ``num_draft_tokens`` is the most drafts per round; by default n adapts: one more
 after a round that accepted every draft, the accepted count after a rejection, and
 plain, pipelined decoding (n = 0) for 8 tokens when nothing is accepted, then a

@@ -196,3 +196,21 @@ def test_cli_generate_draft_loops_refusals(tiny_dir, flags, message):
 
     with pytest.raises(ValueError, match=message):
         main(["--model", str(tiny_dir), "-p", "x", "-m", "4", *flags])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_greedy_is_identical(small_dir, bits):
+    """Rollback trims quantized caches too (step-2 drafts of this model are accepted
+    sometimes, so both paths run)."""
+    model, _ = ouro_mlx.load(small_dir)
+    rule = make_rule(model, exit_at_step=2)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    want = [t for t, _, _ in generate_step(ids, model, rule,
+                                           model.make_cache(rule.ut_steps, kv_bits=bits),
+                                           max_tokens=30)]
+    stats = SpecStats()
+    got = [t for t, _, _ in speculative_step(ids, model, rule,
+                                             model.make_cache(rule.ut_steps, kv_bits=bits),
+                                             draft_loops=2, num_draft_tokens=4, adaptive=False,
+                                             max_tokens=30, stats=stats)]
+    assert got == want and stats.accepted > 0

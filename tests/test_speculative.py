@@ -214,3 +214,25 @@ def test_quantized_kv_greedy_is_identical(small_dir, bits):
                                              draft_loops=2, num_draft_tokens=4, adaptive=False,
                                              max_tokens=30, stats=stats)]
     assert got == want and stats.accepted > 0
+
+
+def test_mlx_lm_draft_model_runs_with_ouro(tiny_dir, tmp_path):
+    """mlx-lm's own speculative path splits the prompt cache at len(model.layers):
+    an Ouro cache has one CacheList per physical layer (all loop steps inside), so
+    the split is right and the output is mlx-lm's plain output, token for token."""
+    from mlx_lm import load as mlx_load
+    from mlx_lm.generate import stream_generate as mlx_stream
+
+    from ouro_mlx.convert import hf_to_mlx
+
+    hf_to_mlx(tiny_dir, tmp_path / "m")
+    model, tok = mlx_load(str(tmp_path / "m"))
+    draft, _ = mlx_load(str(tmp_path / "m"))
+    prompt = [5, 17, 300, 42, 7]
+    want = [r.token for r in mlx_stream(model, tok, prompt, max_tokens=16)]
+    for steps, accepted in ((4, True), (1, False)):  # an exact draft; a rejected one
+        draft.ut_steps = steps
+        rs = list(mlx_stream(model, tok, prompt, max_tokens=16, draft_model=draft,
+                             num_draft_tokens=3))
+        assert [r.token for r in rs] == want
+        assert any(r.from_draft for r in rs) == accepted

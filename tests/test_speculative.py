@@ -5,6 +5,7 @@ distribution equal to the target's, and clear refusals."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -236,3 +237,20 @@ def test_mlx_lm_draft_model_runs_with_ouro(tiny_dir, tmp_path):
                              num_draft_tokens=3))
         assert [r.token for r in rs] == want
         assert any(r.from_draft for r in rs) == accepted
+
+
+def test_bench_rows(tmp_path, capsys):
+    from ouro_mlx.commands import bench as cmd
+
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "8", "--exits", "", "--no-peer", "--no-fixed",
+                     "--draft-loops", "1,3", "--num-draft-tokens", "2",
+                     "--json-out", str(out)]) == 0
+    names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
+    assert names[1].startswith("ouro draft 1 loops, acc ")
+    assert names[2].startswith("ouro draft 3 loops, acc ")
+    with pytest.raises(ValueError, match="--draft-loops takes a comma list"):
+        cmd.main(["--random", "tiny", "--draft-loops", "x"])
+    with pytest.raises(ValueError, match="--num-draft-tokens needs --draft-loops"):
+        cmd.main(["--random", "tiny", "--num-draft-tokens", "2"])

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-step", action="store_true",
                    help="Also time full depth through the compiled loop step "
                         "(ouro_mlx.compiled) against the plain path and the peer.")
+    p.add_argument("--draft-loops", default="",
+                   help="Comma list of K: also rows of self-speculative decoding drafting "
+                        "with the first K loop steps (greedy, full depth; single runs).")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="Most drafts per verify call, adaptive (default: 4).")
     p.add_argument("--quality", action="store_true",
                    help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
@@ -155,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                          "--no-peer, --repeats 0 or --quality.")
     if args.no_compile:
         mx.disable_compile()
+    try:
+        draft_ks = [int(k) for k in args.draft_loops.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--draft-loops takes a comma list of integers, got "
+                         f"{args.draft_loops!r}.") from None
+    if args.num_draft_tokens is not None and not draft_ks:
+        raise ValueError("--num-draft-tokens needs --draft-loops.")
     dtypes = [d.strip() for d in args.dtype.split(",")]
     quants = [q.strip() for q in args.quant.split(",")]
     if bad := [q for q in quants if q not in ("none", "4", "8")]:
@@ -233,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = (first.get("exit1") if k == 1 else None) or B.run_ouro(
                     model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
                     name=f"ouro exit at step {k}", **kw)
+                rows.append(B.as_dict(r))
+            for k in draft_ks:
+                r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
+                               name=f"ouro draft {k} loops", draft_loops=k,
+                               num_draft_tokens=args.num_draft_tokens, **kw)
                 rows.append(B.as_dict(r))
             overheads = {}
             for spec in [s.strip() for s in args.exits.split(",") if s.strip()]:

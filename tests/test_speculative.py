@@ -254,3 +254,14 @@ def test_bench_rows(tmp_path, capsys):
         cmd.main(["--random", "tiny", "--draft-loops", "x"])
     with pytest.raises(ValueError, match="--num-draft-tokens needs --draft-loops"):
         cmd.main(["--random", "tiny", "--num-draft-tokens", "2"])
+
+
+def test_mlx_lm_samplers_filter_each_verified_row(tiny):
+    """A verify call samples n + 1 rows at once: mlx-lm's filters work per row, so
+    with top_k 1 sampling is greedy and gives the greedy tokens."""
+    from mlx_lm.sample_utils import make_sampler
+
+    want = tokens(tiny, IdsOnly(), PROMPT, 20, draft_loops=1)
+    sampler = make_sampler(temp=0.9, top_k=1, top_p=0.95, min_p=0.01)
+    assert tokens(tiny, IdsOnly(), PROMPT, 20, draft_loops=2, num_draft_tokens=3,
+                  sampler=sampler) == want

@@ -35,7 +35,7 @@ past the last one handed out, all of them what would have followed: trim it (e.g
 ``mlx_lm.models.cache.trim_prompt_cache``) before reusing it as a prompt cache. After a
 "length" finish it holds exactly what plain decoding leaves.
 
-``num_draft_tokens`` is the most drafts per round; by default n adapts: one more
+``num_draft_tokens`` is the most drafts per round; by default n adapts, from 2: one more
 after a round that accepted every draft, the accepted count after a rejection, and
 plain, pipelined decoding (n = 0) for 8 tokens when nothing is accepted, then a
 probe with n = 1 (after a rejected probe, twice as many plain tokens, up to 64).
@@ -56,6 +56,7 @@ Sampler = Callable[[mx.array], mx.array]
 
 MAX_DRAFT_TOKENS = 64
 PLAIN_TOKENS = 8  # with adaptive n at 0: plain tokens before drafting one again,
+START_DRAFT_TOKENS = 2  # adaptive n starts here, grows by one per full acceptance
 MAX_PLAIN_TOKENS = 64  # doubling up to this while the probes are rejected
 
 
@@ -190,7 +191,8 @@ def speculative_step(
     y = sampler(logprobs)
     mx.eval(y, logprobs)
     yield y.item(), logprobs[0], depth
-    emitted, n, stretch = 1, n_max, PLAIN_TOKENS
+    emitted, stretch = 1, PLAIN_TOKENS
+    n = min(n_max, START_DRAFT_TOKENS) if adaptive else n_max
     while emitted < max_tokens:
         if n == 0:  # drafts were poor: plain, pipelined decoding for a while
             count = min(stretch, max_tokens - emitted)

@@ -158,3 +158,17 @@ def test_bench_reports_compiled_against_plain_and_peer(tmp_path, capsys):
         assert run["summary"][k] == run["target_ratio_runs"][k] > 0
     with pytest.raises(ValueError, match="--compile-step cannot be combined"):
         cmd.main(["--random", "tiny", "--compile-step", "--kv-bits", "8"])
+
+
+def test_logits_processors_and_sampling_see_the_same_logits(loaded):
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    model, tok = loaded
+    procs = make_logits_processors(repetition_penalty=1.5)
+    assert (run(model, tok, logits_processors=procs, compile_step=True)
+            == run(model, tok, logits_processors=procs))
+    outs = []
+    for compiled in (False, True):
+        mx.random.seed(7)
+        outs.append(run(model, tok, sampler=make_sampler(temp=1.0), compile_step=compiled))
+    assert outs[0] == outs[1]

@@ -285,9 +285,6 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     total_loops = 0
-    steps = generate_step(ids, model, rule, cache, max_tokens=max_tokens, sampler=sampler,
-                          logits_processors=logits_processors,
-                          prefill_step_size=prefill_step_size, compile_step=compile_step)
     if draft_loops is not None:  # self-speculative: see ouro_mlx.speculative
         from .speculative import speculative_step
 
@@ -297,6 +294,10 @@ def stream_generate(
                                  num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
                                  sampler=sampler, logits_processors=logits_processors,
                                  prefill_step_size=prefill_step_size)
+    else:
+        steps = generate_step(ids, model, rule, cache, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=logits_processors,
+                              prefill_step_size=prefill_step_size, compile_step=compile_step)
     for n, (token, logprobs, loops) in enumerate(steps):
         if n == 0:
             prompt_time = time.perf_counter() - tic

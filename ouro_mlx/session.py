@@ -107,7 +107,10 @@ class ChatSession:
 
     ``loop``: ut_steps / exit_threshold / exit_at_step / min_loops / max_loops /
     hidden_eps (as ``stream_generate``); ``sampling``: sampler / logits_processors /
-    max_tokens; ``stop``: strings that end the answer. ``messages`` (a list of
+    max_tokens; ``decoding``: draft_loops / num_draft_tokens (self-speculative
+    decoding) / compile_step (a compiled decode step), which need a fixed depth
+    (exit_threshold 1.0 or exit_at_step) and kv_mode "full": the same greedy answer,
+    faster. ``stop``: strings that end the answer. ``messages`` (a list of
     ``{"role", "content"}``) may be assigned to restore a conversation: the next
     ``send`` reuses whatever prefix of it the cache already holds. An answer that
     thought (``<think>…</think>``) is kept as ``{"role": "assistant", "content":
@@ -116,7 +119,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
                  kv_mode: str = "full", kv_bits: int | None = None, kv_group_size: int = 64,
                  loop: dict | None = None, sampling: dict | None = None,
-                 stop: list[str] | None = None):
+                 stop: list[str] | None = None, decoding: dict | None = None):
         from .generation import make_rule
 
         if kv_mode not in ("full", "last"):
@@ -130,6 +133,10 @@ class ChatSession:
         if unknown:
             raise ValueError(f"sampling: unknown option {sorted(unknown)[0]!r} (known: "
                              f"{', '.join(SAMPLING_KEYS)}).")
+        unknown = set(decoding or {}) - set(DECODING_KEYS)
+        if unknown:
+            raise ValueError(f"decoding: unknown option {sorted(unknown)[0]!r} (known: "
+                             f"{', '.join(DECODING_KEYS)}).")
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt = system_prompt
         self.kv = dict(kv_mode=kv_mode, kv_bits=kv_bits, kv_group_size=kv_group_size)
@@ -138,6 +145,12 @@ class ChatSession:
         if (n := self.sampling.get("max_tokens", 256)) < 1:
             raise ValueError(f"sampling: max_tokens must be >= 1, got {n}.")
         self.stop = [s for s in (stop or []) if s]
+        self.decoding = {k: v for k, v in (decoding or {}).items() if v is not None}
+        if self.decoding.get("compile_step", False) not in (True, False):
+            raise ValueError("decoding: compile_step must be True or False, got "
+                             f"{self.decoding['compile_step']!r}.")
+        if "num_draft_tokens" in self.decoding and "draft_loops" not in self.decoding:
+            raise ValueError("decoding: num_draft_tokens needs draft_loops.")
         if "ut_steps" in self.loop:
             from .commands.options import check_loop_steps
 
@@ -149,6 +162,7 @@ class ChatSession:
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._reset()
+        self._check_decoding(self.loop, self.cache)
 
     @classmethod
     def load(cls, path_or_repo: str | Path | None = None, *,
@@ -200,6 +214,7 @@ class ChatSession:
         with self._idle("set_loops"):
             check_loop_steps(n, "/loops")
             make_rule(self.model, **{**self.loop, "ut_steps": n})
+            self._check_decoding({**self.loop, "ut_steps": n})
             self.loop["ut_steps"] = n
             depth = len(self.cache[0].caches)
             if depth > 1 and depth < n:  # a per-step cache too shallow: rebuild it
@@ -210,7 +225,30 @@ class ChatSession:
         """The Q-exit threshold in [0, 1] from the next answer on (1 = every step)."""
         from .exit import check_threshold
 
-        self.loop["exit_threshold"] = check_threshold(q)
+        q = check_threshold(q)
+        self._check_decoding({**self.loop, "exit_threshold": q})
+        self.loop["exit_threshold"] = q
+
+    def _check_decoding(self, loop: dict, cache: list | None = None) -> None:
+        """``decoding`` against the loop rule ``loop`` (and the KV layout), so that a
+        clash is refused when it is set up, not at the next send."""
+        d = self.decoding
+        if not d:
+            return
+        from .generation import make_rule
+
+        rule = make_rule(self.model, **loop)
+        if cache is None:  # empty caches of that depth: nothing is allocated
+            cache = self.model.make_cache(rule.ut_steps, **self.kv)
+        if "draft_loops" in d:
+            from .speculative import check_speculative
+
+            check_speculative(self.model, rule, cache, d["draft_loops"],
+                              d.get("num_draft_tokens"), self.sampling.get("logits_processors"))
+        if d.get("compile_step"):
+            from .compiled import check_compilable
+
+            check_compilable(cache, rule.fixed_loops)
 
     def cancel(self) -> None:
         """Stop the running ``send`` at its next token (from any thread); its partial
@@ -295,9 +333,10 @@ class ChatSession:
         parts: dict[bool, list[str]] = {True: [], False: []}  # reasoning, answer
         s = self.stats = Stats()
         max_tokens = self.sampling.get("max_tokens", 256)
+        stream = None
         try:
             stream = stream_generate(self.model, self.tokenizer, new, prompt_cache=self.cache,
-                                     **self.loop, **self.sampling)
+                                     **self.loop, **self.sampling, **self.decoding)
             for r in stream:
                 out_tokens.append(r.token)
                 s.loops[r.loops] += 1
@@ -332,6 +371,8 @@ class ChatSession:
                 if finish:
                     break
         finally:
+            if stream is not None:  # a compiled step hands its K/V back to the cache on close
+                stream.close()
             if s.finish_reason is None and s.generation_tokens:
                 s.finish_reason, s.finish = "cancelled", "finished: stopped"
             if self.messages[-1:] and self.messages[-1]["role"] == "user":
@@ -349,6 +390,8 @@ class ChatSession:
                     reply = text if stopped else self.tokenizer.decode(
                         [t for t in out_tokens if t not in eos])
                     self.messages.append({"role": "assistant", "content": reply})
+            # trims what the generator ran ahead: a queued token, or speculative
+            # decoding's accepted drafts past the last token handed out
             self._repair_cache(ids + out_tokens)
             s.kv_bytes = sum(lc.nbytes for lc in self.cache)
 
@@ -409,6 +452,7 @@ def _wait_for_ended_workers(timeout: float = 2.0) -> None:
 LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loops",
              "hidden_eps")
 SAMPLING_KEYS = ("sampler", "logits_processors", "max_tokens")
+DECODING_KEYS = ("draft_loops", "num_draft_tokens", "compile_step")
 
 
 def check_kv_quantization(model, kv_bits: int | None, kv_group_size: int) -> None:

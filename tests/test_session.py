@@ -9,9 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ouro_mlx
+from ouro_mlx.demo import model_path as demo_model_path
 from ouro_mlx.encoding import encode_chat
 from ouro_mlx.session import SessionBusy, TokenEvent
 from tests.test_cli import ENV
@@ -299,3 +301,97 @@ def test_quantized_kv_cache_across_turns(small_dir, loaded):
         session(loaded, kv_bits=4)
     with pytest.raises(ValueError, match="kv_group_size 128 does not fit"):
         ouro_mlx.ChatSession(model, tok, kv_bits=4, kv_group_size=128)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return ouro_mlx.load(demo_model_path())
+
+
+def _turns(bundled, **kw):
+    """Three turns on the bundled model (its answers end on eos after ~5 tokens and
+    its drafts are mostly accepted): two in one conversation, then a new one that
+    reuses the template's first tokens, cut by max_tokens. Per turn: the events'
+    tokens and finish, the messages, the cached tokens and the caches' K/V."""
+    model, tok = bundled
+    s = ouro_mlx.ChatSession(model, tok, loop=EVERY_STEP, sampling={"max_tokens": 12}, **kw)
+    out = []
+    for text, max_tokens in (("2,23,14,31", 12), ("7,1,30,12", 12), ("11,5,9,27", 3)):
+        if len(out) == 2:
+            s.forget()
+        s.sampling["max_tokens"] = max_tokens
+        events = list(s.send(text))
+        check_cache(s)
+        kv = [np.array(a[:, :, : c.offset]) for lc in s.cache for c in lc.caches
+              for a in (c.keys, c.values)]
+        out.append(([(e.token, e.finish_reason) for e in events], list(s.messages),
+                    list(s.cached), kv))
+    return out
+
+
+@pytest.mark.parametrize("decoding", [{"draft_loops": 2, "num_draft_tokens": 4},
+                                      {"draft_loops": 1}, {"compile_step": True}])
+def test_fast_decoding_keeps_answers_and_cache(bundled, decoding):
+    """Speculation may leave accepted drafts past an eos in the cache, and a compiled
+    step hands its K/V back only when closed: after every turn the session's cache
+    must still hold exactly the tokens it records, as plain decoding leaves it."""
+    want = _turns(bundled)
+    got = _turns(bundled, decoding=decoding)
+    finishes = [events[-1][1] for events, *_ in want]
+    assert finishes == ["stop", "stop", "length"] and len(want[0][0]) < 12
+    for (events, messages, cached, kv), (w_events, w_messages, w_cached, w_kv) in zip(got, want):
+        assert events == w_events and messages == w_messages and cached == w_cached
+        for a, b in zip(kv, w_kv):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_fast_decoding_closed_early_keeps_the_cache(bundled):
+    model, tok = bundled
+    for decoding in ({"draft_loops": 2}, {"compile_step": True}):
+        s = ouro_mlx.ChatSession(model, tok, loop=EVERY_STEP, sampling={"max_tokens": 12},
+                                 decoding=decoding)
+        stream = s.send("2,23,14,31")
+        got = [next(stream), next(stream)]
+        stream.close()
+        assert s.stats.finish_reason == "cancelled"
+        check_cache(s)
+        assert s.cached[-2:] == [e.token for e in got]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"decoding": {"draft_loop": 2}}, "decoding: unknown option 'draft_loop'"),
+    ({"decoding": {"draft_loops": 2}}, "draft_loops needs a fixed depth"),  # model's 0.6
+    ({"decoding": {"compile_step": True}}, "compile_step .* needs a fixed depth"),
+    ({"decoding": {"draft_loops": 2}, "kv_mode": "last", "loop": EVERY_STEP},
+     "draft_loops needs kv_mode 'full'"),
+    ({"decoding": {"compile_step": True}, "kv_mode": "last", "loop": EVERY_STEP},
+     "needs kv_mode 'full'"),
+    ({"decoding": {"draft_loops": 4}, "loop": EVERY_STEP}, r"draft_loops must be .*\[1, 4\)"),
+    ({"decoding": {"draft_loops": 2, "num_draft_tokens": 0}, "loop": EVERY_STEP},
+     "num_draft_tokens must be"),
+    ({"decoding": {"num_draft_tokens": 3}}, "num_draft_tokens needs draft_loops"),
+    ({"decoding": {"compile_step": "yes"}}, "compile_step must be True or False"),
+])
+def test_bad_decoding_options_are_one_line_errors(bundled, kw, match):
+    model, tok = bundled
+    with pytest.raises(ValueError, match=match) as e:
+        ouro_mlx.ChatSession(model, tok, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_loop_changes_that_clash_with_decoding_are_refused(bundled):
+    model, tok = bundled
+    s = ouro_mlx.ChatSession.load(loop=EVERY_STEP, decoding={"draft_loops": 2},
+                                  sampling={"max_tokens": 8})
+    for change, match in ((lambda: s.set_threshold(0.5), "draft_loops needs a fixed depth"),
+                          (lambda: s.set_loops(2), "draft_loops must be")):
+        with pytest.raises(ValueError, match=match) as e:
+            change()
+        assert "\n" not in str(e.value)
+    assert s.loop == EVERY_STEP  # unchanged
+    s.set_loops(3)
+    assert {e.loops for e in s.send("2,23,14,31")} == {3}
+    compiled = ouro_mlx.ChatSession(model, tok, loop={"exit_at_step": 2},
+                                    decoding={"compile_step": True})
+    compiled.set_threshold(0.5)  # exit_at_step still fixes the depth
+    assert {e.loops for e in compiled.send("2,23,14,31")} == {3}

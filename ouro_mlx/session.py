@@ -102,6 +102,11 @@ class SessionBusy(RuntimeError):
     """A send() is already running on this session."""
 
 
+class DecodingClash(ValueError):
+    """The ``decoding`` options (draft_loops, compile_step) cannot run with these loop
+    or KV settings; raised when the session is built or a setting changes."""
+
+
 class ChatSession:
     """History, prompt cache and settings of one conversation.
 
@@ -207,7 +212,8 @@ class ChatSession:
         self.messages = [{"role": "system", "content": system}] if system else []
 
     def set_loops(self, n: int) -> None:
-        """Loop steps per token from the next answer on (n >= 1)."""
+        """Loop steps per token from the next answer on (n >= 1); ``DecodingClash``
+        if ``decoding`` cannot run at that depth."""
         from .commands.options import check_loop_steps
         from .generation import make_rule
 
@@ -222,7 +228,8 @@ class ChatSession:
                 self.cached = []
 
     def set_threshold(self, q: float) -> None:
-        """The Q-exit threshold in [0, 1] from the next answer on (1 = every step)."""
+        """The Q-exit threshold in [0, 1] from the next answer on (1 = every step);
+        ``DecodingClash`` if ``decoding`` cannot run with it (an adaptive exit)."""
         from .exit import check_threshold
 
         q = check_threshold(q)
@@ -240,15 +247,18 @@ class ChatSession:
         rule = make_rule(self.model, **loop)
         if cache is None:  # empty caches of that depth: nothing is allocated
             cache = self.model.make_cache(rule.ut_steps, **self.kv)
-        if "draft_loops" in d:
-            from .speculative import check_speculative
+        from .compiled import check_compilable
+        from .speculative import check_speculative
 
-            check_speculative(self.model, rule, cache, d["draft_loops"],
-                              d.get("num_draft_tokens"), self.sampling.get("logits_processors"))
-        if d.get("compile_step"):
-            from .compiled import check_compilable
-
-            check_compilable(cache, rule.fixed_loops)
+        try:
+            if "draft_loops" in d:
+                check_speculative(self.model, rule, cache, d["draft_loops"],
+                                  d.get("num_draft_tokens"),
+                                  self.sampling.get("logits_processors"))
+            if d.get("compile_step"):
+                check_compilable(cache, rule.fixed_loops)
+        except ValueError as e:
+            raise DecodingClash(str(e)) from None
 
     def cancel(self) -> None:
         """Stop the running ``send`` at its next token (from any thread); its partial

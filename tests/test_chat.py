@@ -10,7 +10,7 @@ import pytest
 
 import ouro_mlx
 from ouro_mlx.commands.chat import ChatSession, command
-from tests.test_cli import ENV
+from tests.test_cli import ENV, ouro
 
 PROMPT = ">> "
 
@@ -198,3 +198,34 @@ def test_generate_show_depth_on_a_terminal_prints_a_legend():
     out = child.before
     assert "colours by loop steps: " in out and "loop steps per token" not in out
     assert "\x1b[3" in out and "finished: end of answer" in out
+
+
+def test_chat_fast_decoding_flags_give_the_same_answers():
+    """--draft-loops and --compile-step at a fixed depth: the same greedy answers as
+    plain decoding (bundled model, piped input); loop changes that clash are refused
+    in one line and the chat goes on; an adaptive exit rule is a clear error."""
+    turns = "2,23,14,31\n7,1,30,12\n/exit\n"
+    plain = ouro("chat", "--exit-threshold", "1.0", stdin=turns)
+    assert plain.returncode == 0 and "=" in plain.stdout
+    for flags in (["--draft-loops", "2", "--num-draft-tokens", "4"], ["--draft-loops", "1"],
+                  ["--compile-step"]):
+        fast = ouro("chat", "--exit-threshold", "1.0", *flags, stdin=turns)
+        assert (fast.returncode, fast.stdout) == (0, plain.stdout), flags
+    out = ouro("chat", "--exit-threshold", "1.0", "--draft-loops", "2",
+               stdin="/exit-threshold 0.5\n/loops 2\n/loops 3\n2,23,14,31\n/exit\n")
+    assert out.returncode == 0
+    assert "(exit threshold unchanged: draft_loops needs a fixed depth" in out.stdout
+    assert "(loop steps unchanged: draft_loops must be an integer in [1, 2)" in out.stdout
+    assert "(loop steps per token: 3)" in out.stdout
+    for flags, message in [
+        (["--draft-loops", "2"], "draft_loops needs a fixed depth"),  # the model's threshold
+        (["--compile-step"], "compile_step (--compile-step) needs a fixed depth"),
+        (["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-loops"),
+        (["--exit-threshold", "1.0", "--draft-loops", "2", "--kv-mode", "last"],
+         "--draft-loops needs --kv-mode full"),
+        (["--exit-threshold", "1.0", "--draft-loops", "2", "--repetition-penalty", "1.1"],
+         "--draft-loops cannot be combined with --repetition-penalty"),
+    ]:
+        bad = ouro("chat", *flags, stdin="/exit\n")
+        assert bad.returncode == 1 and f"ouro-mlx chat: error: {message}" in bad.stderr, flags
+        assert len(bad.stderr.strip().splitlines()) <= 2  # the demo note and the error

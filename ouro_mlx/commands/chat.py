@@ -2,6 +2,8 @@
 
 Type a message and press Enter. Commands: /help, /reset, /loops N, /exit-threshold Q,
 /stats, /exit. Ctrl-C stops the current answer; Ctrl-D (or /exit) quits.
+--draft-loops and --compile-step decode faster at a fixed depth (--exit-threshold 1.0
+or --exit-at-step): the same greedy answers.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ import argparse
 import signal
 import sys
 
-from ..session import ChatSession, Stats, finish_note  # noqa: F401  (the CLI's face)
+from ..session import ChatSession, DecodingClash, Stats, finish_note  # noqa: F401
 from .options import (
     HelpFormatter,
+    add_compile_step_arg,
     add_loop_args,
     add_model_args,
     add_sampling_args,
+    add_speculative_args,
     apply_compile_flag,
     apply_exit_gate,
     check_kv_args,
     check_loop_args,
     cli_text,
+    decoding_kwargs,
     loop_kwargs,
     model_or_demo,
     sampling_kwargs,
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Every message starts a new conversation (the default for the "
                         "bundled demo model, which was trained on single questions).")
     add_loop_args(p)
+    add_speculative_args(p)
+    add_compile_step_arg(p)
     add_sampling_args(p)
     return p
 
@@ -96,12 +103,16 @@ def command(session: ChatSession, line: str) -> str | None:
     if name == "/loops":
         try:
             session.set_loops(int(arg))
+        except DecodingClash as e:
+            return f"(loop steps unchanged: {e})"
         except ValueError as e:
             return f"usage: /loops N with N >= 1 ({e})"
         return f"(loop steps per token: {arg})"
     if name == "/exit-threshold":
         try:
             session.set_threshold(float(arg))
+        except DecodingClash as e:
+            return f"(exit threshold unchanged: {e})"
         except ValueError as e:
             return f"usage: /exit-threshold Q with Q in [0, 1] ({e})"
         return f"(exit threshold: {arg})"
@@ -115,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_kwargs(args)
     check_loop_args(args)
+    decoding = decoding_kwargs(args)
     apply_compile_flag(args)
 
     from ..loading import load
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           kv_mode=args.kv_mode, kv_bits=args.kv_bits,
                           kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
-                          sampling=sampling, stop=args.stop)
+                          sampling=sampling, stop=args.stop, decoding=decoding)
     colour = sys.stdout.isatty()
     print(f"ouro-mlx chat with {args.model}. /help lists commands, Ctrl-D quits."
           + (" Every message is a new conversation." if single_turn else ""))

@@ -212,11 +212,18 @@ def compile_step_kwargs(args: argparse.Namespace) -> dict:
         return {}
     for flag, clash in (("--no-compile", getattr(args, "no_compile", False)),
                         ("--kv-mode last", getattr(args, "kv_mode", "full") != "full"),
-                        ("--kv-bits", getattr(args, "kv_bits", None) is not None),
-                        ("--draft-loops", getattr(args, "draft_loops", None) is not None)):
+                        ("--kv-bits", getattr(args, "kv_bits", None) is not None)):
         if clash:
             raise ValueError(f"--compile-step cannot be combined with {flag}.")
     return dict(compile_step=True)
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict:
+    """draft_loops / num_draft_tokens / compile_step from the flags, for ChatSession's
+    ``decoding`` and the server's defaults. --draft-loops with --compile-step is left
+    to stream_generate to accept or refuse."""
+    compiled = compile_step_kwargs(argparse.Namespace(**{**vars(args), "draft_loops": None}))
+    return {**speculative_kwargs(args), **compiled}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

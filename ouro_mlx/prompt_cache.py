@@ -6,7 +6,8 @@ mlx-lm's ``LRUPromptCache`` (a trie of token prefixes with entry and byte limits
 does the bookkeeping; what is ours is the key (a cache is reusable only with the
 same loop depth and KV layout) and that the stored tokens are exactly those the
 cache holds (a generation that ends leaves its last token unprocessed, or one
-more already queued).
+more already queued; speculative decoding may hold accepted drafts past the last
+token handed out: those are trimmed off).
 """
 
 from __future__ import annotations
@@ -63,10 +64,16 @@ class PromptCache:
         return cache, keep
 
     def store(self, layout: tuple, tokens: list[int], cache: list) -> None:
-        """Keep ``cache``, which holds ``tokens`` (or a prefix of them)."""
+        """Keep ``cache``, which holds ``tokens`` or a prefix of them, or ``tokens``
+        and then tokens that were never handed out (trimmed off)."""
         if not self.max_entries:
             return
         held = cache_tokens(cache)
-        if held == 0 or held > len(tokens):
+        if held > len(tokens):
+            for layer in cache:
+                for c in layer.caches:
+                    c.trim(held - len(tokens))
+            held = len(tokens)
+        if held == 0:
             return
         self._lru.insert_cache(layout, list(tokens[:held]), cache)

@@ -10,8 +10,14 @@ ending in ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``.
 - Generation is ``ouro_mlx.generation.stream_generate``: decoded tokens really stop
   looping when their exit rule says so. Ouro options are extra body fields
   (``ut_steps``, ``exit_threshold``, ``exit_at_step``, ``min_loops``, ``max_loops``,
-  ``kv_mode``); every chunk and response carries ``"ouro": {"loops": [...],
-  "avg_loops": ...}``.
+  ``kv_mode``, and the faster fixed-depth decoding ``draft_loops``,
+  ``num_draft_tokens``, ``compile_step``); every chunk and response carries
+  ``"ouro": {"loops": [...], "avg_loops": ...}``.
+- Decoding defaults (``ouro-mlx serve --draft-loops K --compile-step``) apply to the
+  requests they fit (a fixed depth: ``exit_threshold`` 1.0 or ``exit_at_step``;
+  ``kv_mode`` "full"; no ``repetition_penalty``); others decode plainly, which gives
+  the same tokens. A request's own field always wins (``null`` turns a default off),
+  and an own field that does not fit its loop options is a 400 naming it.
 - A prompt-cache LRU (``ouro_mlx.prompt_cache``) lets a conversation's next request
   process only its new tokens; ``usage.prompt_tokens_details.cached_tokens`` says
   how many were reused.
@@ -118,6 +124,9 @@ class GenerationRequest(BaseModel):
     min_loops: int = Field(1, ge=1)
     max_loops: int | None = Field(None, ge=1)
     kv_mode: Literal["full", "last"] = "full"
+    draft_loops: int | None = Field(None, ge=1, le=64)
+    num_draft_tokens: int | None = Field(None, ge=1, le=64)
+    compile_step: bool | None = None
     adapter: str | None = None  # a name given to ouro-mlx serve --adapter, never a path
 
     def stops(self) -> list[str]:
@@ -126,6 +135,9 @@ class GenerationRequest(BaseModel):
             raise APIError(400, "stop: at most 4 strings of at most 256 characters.",
                            param="stop")
         return [s for s in stops if s]
+
+
+DECODING_FIELDS = ("draft_loops", "num_draft_tokens", "compile_step")
 
 
 class ChatRequest(GenerationRequest):
@@ -350,9 +362,15 @@ class Server:
     """State behind the routes: the model, its id, the engine and the limits."""
 
     def __init__(self, model, tokenizer, model_id: str, limits: Limits | None = None,
-                 prompt_cache: PromptCache | None = None, adapters: dict | None = None):
+                 prompt_cache: PromptCache | None = None, adapters: dict | None = None,
+                 decoding: dict | None = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.adapters = dict(adapters or {})
+        unknown = set(decoding or {}) - set(DECODING_FIELDS)
+        if unknown:
+            raise ValueError(f"decoding: unknown option {sorted(unknown)[0]!r} (known: "
+                             f"{', '.join(DECODING_FIELDS)}).")
+        self.decoding = {k: v for k, v in (decoding or {}).items() if v not in (None, False)}
         self.limits = limits or Limits()
         positions = model.args.max_position_embeddings
         self.max_prompt = min(self.limits.max_prompt_tokens or positions - 1, positions - 1)
@@ -398,19 +416,57 @@ class Server:
             if (v := loop[name]) is not None and v > max_ut_steps():
                 raise APIError(400, f"{name}: {v} is above the limit of {max_ut_steps()} "
                                "loop steps.", param=name)
+        model = self.variant(req.adapter)
         try:
-            make_rule(self.variant(req.adapter), **loop)
+            rule = make_rule(model, **loop)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        processors = make_logits_processors(repetition_penalty=req.repetition_penalty) or None
         return dict(
             **loop,
             kv_mode=req.kv_mode,
             max_tokens=requested or min(limit, 512),
             sampler=make_sampler(temp=req.temperature, top_p=req.top_p, min_p=req.min_p,
                                  top_k=req.top_k),
-            logits_processors=make_logits_processors(
-                repetition_penalty=req.repetition_penalty) or None,
+            logits_processors=processors,
+            **self.decoding_options(req, model, rule, processors),
         )
+
+    def decoding_options(self, req: GenerationRequest, model, rule, processors) -> dict:
+        """draft_loops / num_draft_tokens / compile_step for ``req``: its own fields,
+        else the server's defaults. An own field that cannot run with the request's
+        loop options is a 400 naming it; a default that cannot is left out."""
+        from .compiled import check_compilable
+        from .speculative import check_speculative
+
+        given = req.model_fields_set & set(DECODING_FIELDS)
+        chosen = {name: getattr(req, name) if name in given else self.decoding.get(name)
+                  for name in DECODING_FIELDS}
+        out = {k: v for k, v in chosen.items() if v not in (None, False)}
+        if "num_draft_tokens" in out and "draft_loops" not in out:
+            if "num_draft_tokens" in given:
+                raise APIError(400, "num_draft_tokens: needs draft_loops.",
+                               param="num_draft_tokens")
+            del out["num_draft_tokens"]
+        cache = model.make_cache(rule.ut_steps, kv_mode=req.kv_mode)  # empty: no memory
+        groups = {"draft_loops": ("draft_loops", "num_draft_tokens"),
+                  "compile_step": ("compile_step",)}
+        for name, fields in groups.items():
+            if name not in out:
+                continue
+            try:
+                if name == "draft_loops":
+                    check_speculative(model, rule, cache, out["draft_loops"],
+                                      out.get("num_draft_tokens"), processors)
+                else:
+                    check_compilable(cache, rule.fixed_loops)
+            except ValueError as e:
+                if given & set(fields):  # asked for by the request itself
+                    param = "num_draft_tokens" if str(e).startswith("num_draft") else name
+                    raise APIError(400, str(e), param=param) from None
+                for f in fields:  # a server default this request cannot use
+                    out.pop(f, None)
+        return out
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -477,13 +533,14 @@ def sse(data: dict | str) -> str:
 
 def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | None = None,
                prompt_cache: PromptCache | None = None,
-               adapters: dict | None = None) -> FastAPI:
+               adapters: dict | None = None, decoding: dict | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` under ``model_id``. ``adapters``: name → the
     model with those adapters applied (same tokenizer), chosen per request by the
-    ``adapter`` field."""
+    ``adapter`` field. ``decoding``: default draft_loops / num_draft_tokens /
+    compile_step for the requests they fit (see the module's docstring)."""
     from .encoding import encode_chat, encode_text
 
-    server = Server(model, tokenizer, model_id, limits, prompt_cache, adapters)
+    server = Server(model, tokenizer, model_id, limits, prompt_cache, adapters, decoding)
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield

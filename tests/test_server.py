@@ -35,7 +35,7 @@ class Running:
     def __init__(self, model, tokenizer, **kwargs):
         self.model, self.tokenizer = model, tokenizer
         port = free_port()
-        app = create_app(model, tokenizer, **kwargs)
+        app = self.app = create_app(model, tokenizer, **kwargs)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -179,9 +179,10 @@ def test_prompt_cache_reused_by_the_next_turn(demo):
                                                           max_tokens=6)
 
 
-def raw_stream(url: str, prompt: str) -> tuple[str, dict, list[str]]:
+def raw_stream(url: str, prompt: str, **extra) -> tuple[str, dict, list[str]]:
     """Content, final usage and every data line of one streamed chat request."""
-    body = {"model": "ouro-demo", "messages": user(prompt), "max_tokens": 16, "stream": True}
+    body = {"model": "ouro-demo", "messages": user(prompt), "max_tokens": 16, "stream": True,
+            **extra}
     lines = []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
@@ -348,3 +349,144 @@ def test_adapters_are_chosen_by_name_never_by_path(tiny_dir, tmp_path):
         assert run.client.models.list().data[0].model_extra["adapters"] == ["mine"]
     finally:
         run.stop()
+
+
+FIXED = {"exit_threshold": 1.0}  # the demo model's own threshold (0.6) exits early
+FAST = [{"draft_loops": 2, "num_draft_tokens": 4}, {"draft_loops": 1}, {"compile_step": True}]
+
+
+def chat(run, messages, max_tokens=12, **extra):
+    return run.client.chat.completions.create(model="ouro-demo", messages=messages,
+                                              max_tokens=max_tokens, extra_body=extra)
+
+
+def test_fast_decoding_fields_give_the_same_text(demo):
+    for game in GAMES[:3]:
+        want = chat(demo, user(game), **FIXED)
+        for fast in FAST:
+            got = chat(demo, user(game), **FIXED, **fast)
+            assert got.choices[0].message.content == want.choices[0].message.content, fast
+            assert got.usage.completion_tokens == want.usage.completion_tokens
+            assert got.model_extra["ouro"] == want.model_extra["ouro"]
+            text, use, _ = raw_stream(demo.url, game, **FIXED, **fast)
+            assert text == want.choices[0].message.content
+            assert use["completion_tokens"] == want.usage.completion_tokens
+
+
+@pytest.mark.parametrize("fast", FAST[::2])
+def test_fast_decoding_default_and_prompt_cache_reuse(fast):
+    """A server default applies where it fits (else the request decodes plainly); the
+    cache it leaves (speculation may run past the eos; a compiled step hands its K/V
+    back on close) is stored with exactly the tokens handed out, and reused by the
+    conversation's next turn, which answers as a fresh generation does."""
+    model, tokenizer = load(str(model_path()))
+    run = Running(model, tokenizer, decoding=fast)
+    server = run.app.state.server
+    try:
+        from ouro_mlx.server import ChatRequest
+
+        opts = server.options(ChatRequest(messages=user("1"), **FIXED))
+        assert {k: opts[k] for k in fast} == fast
+        adaptive = server.options(ChatRequest(messages=user("1"), exit_threshold=0.5))
+        assert not set(fast) & set(adaptive)  # the default is left out, no error
+        off = server.options(ChatRequest(messages=user("1"), **FIXED,
+                                         **{k: None for k in fast}))
+        assert not set(fast) & set(off)  # null turns the default off
+        assert chat(run, user(GAMES[1]), exit_threshold=0.5).choices[0].message.content
+
+        messages = user(GAMES[0])  # drafts accepted past its eos: the cache runs ahead
+        first = chat(run, messages, **FIXED)
+        assert first.choices[0].finish_reason == "stop"
+        store = server.engine.prompt_cache
+        assert len(store) >= 1
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "1,2"}]
+        second = chat(run, messages, max_tokens=6, **FIXED)
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        assert second.choices[0].message.content == generate(model, tokenizer, ids,
+                                                              max_tokens=6, **FIXED)
+    finally:
+        run.stop()
+
+
+def test_fast_decoding_bad_values_are_400_naming_the_field(demo):
+    for extra, param, message in [
+        ({"draft_loops": 0}, "draft_loops", "draft_loops"),
+        ({"draft_loops": 65}, "draft_loops", "draft_loops"),
+        ({"num_draft_tokens": 0, "draft_loops": 1}, "num_draft_tokens", "num_draft_tokens"),
+        ({"num_draft_tokens": 65, "draft_loops": 1}, "num_draft_tokens", "num_draft_tokens"),
+        ({"num_draft_tokens": 3, **FIXED}, "num_draft_tokens", "needs draft_loops"),
+        ({"compile_step": [1]}, "compile_step", "compile_step"),
+        ({"draft_loops": 2}, "draft_loops", "draft_loops needs a fixed depth"),
+        ({"draft_loops": 2, "exit_threshold": 0.5}, "draft_loops", "needs a fixed depth"),
+        ({"draft_loops": 4, **FIXED}, "draft_loops", "in [1, 4)"),
+        ({"draft_loops": 2, "kv_mode": "last", **FIXED}, "draft_loops", "kv_mode 'full'"),
+        ({"draft_loops": 2, "repetition_penalty": 1.1, **FIXED}, "draft_loops",
+         "logits processors"),
+        ({"compile_step": True}, "compile_step", "needs a fixed depth"),
+        ({"compile_step": True, "kv_mode": "last", **FIXED}, "compile_step", "kv_mode 'full'"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(demo, user("1"), **extra)
+        err = e.value.body
+        assert (err["param"], e.value.status_code) == (param, 400), extra
+        assert message in err["message"] and "\n" not in err["message"], extra
+
+
+def test_serve_cli_decoding_flags():
+    import subprocess
+    import sys
+
+    serve = [sys.executable, "-m", "ouro_mlx", "serve"]
+    for flags, message in [(["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-loops"),
+                           (["--draft-loops", "4"], "--draft-loops must be below the model's 4"),
+                           (["--compile-step", "--no-compile"], "--compile-step cannot be")]:
+        bad = subprocess.run(serve + flags, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and f"ouro-mlx serve: error: {message}" in bad.stderr
+    port = free_port()
+    proc = subprocess.Popen(serve + ["--port", str(port), "--draft-loops", "2",
+                                     "--num-draft-tokens", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "ouro-mlx serve did not answer"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        model, tokenizer = load(str(model_path()))
+        ids = encode_chat(tokenizer, user(GAMES[0]), add_generation_prompt=True)
+        for extra in ({}, {"draft_loops": 1}, {"draft_loops": None, "compile_step": True}):
+            r = client.chat.completions.create(model="ouro-demo", messages=user(GAMES[0]),
+                                               max_tokens=8, extra_body={**FIXED, **extra})
+            assert r.choices[0].message.content == generate(model, tokenizer, ids,
+                                                            max_tokens=8, **FIXED)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "this model's default exit rule is adaptive" in err
+
+
+def test_prompt_cache_stores_exactly_the_tokens_handed_out(tiny_dir):
+    """Speculative decoding may leave accepted drafts past the last token handed out
+    (e.g. after an eos): store trims them, so the entry holds exactly its tokens."""
+    import mlx.core as mx
+
+    from ouro_mlx.generation import make_rule, prefill
+    from ouro_mlx.prompt_cache import PromptCache
+
+    model, _ = load(tiny_dir)
+    tokens = list(range(5, 25))
+    cache = model.make_cache()
+    prefill(model, mx.array([tokens]), cache, make_rule(model))
+    store = PromptCache()
+    store.store(("a", 4, "full"), tokens[:15], cache)  # 5 tokens ran ahead
+    assert len(store) == 1
+    got, held = store.fetch(("a", 4, "full"), tokens[:15] + [1, 2])
+    assert held == 15 and {c.offset for lc in got for c in lc.caches} == {15}

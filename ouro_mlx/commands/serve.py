@@ -2,8 +2,10 @@
 
 POST /v1/chat/completions and /v1/completions (streamed as SSE or whole), GET
 /v1/models, GET /health. Ouro options per request as extra body fields: ut_steps,
-exit_threshold, exit_at_step, min_loops, max_loops, kv_mode; every chunk and
-response carries "ouro": {"loops": [...], "avg_loops": ...}.
+exit_threshold, exit_at_step, min_loops, max_loops, kv_mode, draft_loops,
+num_draft_tokens, compile_step; every chunk and response carries "ouro": {"loops":
+[...], "avg_loops": ...}. --draft-loops / --compile-step set defaults for the requests
+at a fixed depth (exit_threshold 1.0 or exit_at_step); others decode plainly.
 Needs the server extra: pip install 'ouro-mlx[server]'.
 """
 
@@ -15,9 +17,12 @@ import sys
 
 from .options import (
     HelpFormatter,
+    add_compile_step_arg,
     add_model_args,
+    add_speculative_args,
     apply_compile_flag,
     apply_exit_gate,
+    decoding_kwargs,
     model_or_demo,
 )
 
@@ -37,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also serve the model with the adapters in PATH, chosen per request "
                         "by the body field \"adapter\": \"NAME\" (repeatable; each is a "
                         "full copy of the model in memory).")
+    add_speculative_args(p)
+    add_compile_step_arg(p)
     g = p.add_argument_group("limits")
     g.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="The most tokens one request may ask for.")
@@ -71,6 +78,22 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-prompt-tokens must be >= 1.")
 
 
+def decoding_note(model, decoding: dict) -> str | None:
+    """The server's decoding defaults against the model: an error if they can never
+    apply, a note if the model's own exit rule leaves them to explicit requests."""
+    from ..generation import make_rule
+
+    k = decoding.get("draft_loops")
+    if k is not None and k >= model.ut_steps:
+        raise ValueError(f"--draft-loops must be below the model's {model.ut_steps} loop "
+                         f"steps, got {k}.")
+    if decoding and make_rule(model).fixed_loops is None:
+        return ("note: --draft-loops/--compile-step apply to requests at a fixed depth "
+                "(exit_threshold 1.0 or exit_at_step); this model's default exit rule is "
+                "adaptive, so other requests decode plainly.")
+    return None
+
+
 def parse_adapters(items: list[str]) -> dict[str, str]:
     adapters: dict[str, str] = {}
     for item in items:
@@ -95,6 +118,7 @@ def is_loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    decoding = decoding_kwargs(args)
     adapter_paths = parse_adapters(args.adapter)
     try:
         import uvicorn
@@ -110,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     path = model_or_demo(args)
     model, tokenizer = load(path, dtype=args.dtype, adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
+    note = decoding_note(model, decoding)
     adapters = {}
     for name, adapter_path in adapter_paths.items():
         adapters[name], _ = load(path, dtype=args.dtype, adapter_path=adapter_path)
@@ -118,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     max_active=args.max_concurrency)
     app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
-                     limits=limits, adapters=adapters,
+                     limits=limits, adapters=adapters, decoding=decoding,
                      prompt_cache=PromptCache(args.prompt_cache_bytes, args.prompt_cache_size))
+    if note:
+        print(note, file=sys.stderr)
     if not is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach it can use the "
               "model (no authentication).", file=sys.stderr)

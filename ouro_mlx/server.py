@@ -370,7 +370,15 @@ class Server:
         if unknown:
             raise ValueError(f"decoding: unknown option {sorted(unknown)[0]!r} (known: "
                              f"{', '.join(DECODING_FIELDS)}).")
-        self.decoding = {k: v for k, v in (decoding or {}).items() if v not in (None, False)}
+        self.decoding = {k: v for k, v in (decoding or {}).items()
+                         if v is not None and v is not False}
+        for name in ("draft_loops", "num_draft_tokens"):
+            v = self.decoding.get(name)
+            if v is not None and (type(v) is not int or not 1 <= v <= 64):
+                raise ValueError(f"decoding: {name} must be an integer in [1, 64], got {v!r}.")
+        if self.decoding.get("compile_step", True) is not True:
+            raise ValueError("decoding: compile_step must be True or False, got "
+                             f"{self.decoding['compile_step']!r}.")
         self.limits = limits or Limits()
         positions = model.args.max_position_embeddings
         self.max_prompt = min(self.limits.max_prompt_tokens or positions - 1, positions - 1)
@@ -442,7 +450,7 @@ class Server:
         given = req.model_fields_set & set(DECODING_FIELDS)
         chosen = {name: getattr(req, name) if name in given else self.decoding.get(name)
                   for name in DECODING_FIELDS}
-        out = {k: v for k, v in chosen.items() if v not in (None, False)}
+        out = {k: v for k, v in chosen.items() if v is not None and v is not False}
         if "num_draft_tokens" in out and "draft_loops" not in out:
             if "num_draft_tokens" in given:
                 raise APIError(400, "num_draft_tokens: needs draft_loops.",

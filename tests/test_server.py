@@ -434,6 +434,16 @@ def test_fast_decoding_bad_values_are_400_naming_the_field(demo):
         assert message in err["message"] and "\n" not in err["message"], extra
 
 
+def test_bad_decoding_defaults_are_refused(tiny_dir):
+    model, tokenizer = load(tiny_dir)
+    for decoding, match in [({"draft_loop": 2}, "unknown option 'draft_loop'"),
+                            ({"draft_loops": 0}, "draft_loops must be"),
+                            ({"num_draft_tokens": 65}, "num_draft_tokens must be"),
+                            ({"compile_step": "yes"}, "compile_step must be")]:
+        with pytest.raises(ValueError, match=match):
+            create_app(model, tokenizer, decoding=decoding)
+
+
 def test_serve_cli_decoding_flags():
     import subprocess
     import sys

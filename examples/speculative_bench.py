@@ -7,7 +7,8 @@ Default: greedy, full depth, batch 1. Each round runs plain decoding, then every
 (draft_loops k, num_draft_tokens n) setting, fixed n and adaptive (fresh cache each,
 same prompt); the table shows each setting's acceptance, median decode tok/s and the
 median of its per-round ratios to the plain run of the same round. Every run must give
-the plain run's tokens.
+the plain run's tokens. ``--compile-step`` adds the same settings through compiled
+graphs, with their ratios to compiled plain decoding too.
 
 ``--verify-hidden H``: on a random model of hidden size H, the time of ONE call that
 runs n tokens through every loop step (what a verify does, at full depth) over the
@@ -36,18 +37,22 @@ def speed_table(args) -> None:
     model, tok = ouro_mlx.load(model_path())
     rule = make_rule(model, ut_steps=args.ut_steps, exit_threshold=1.0)
     prompt = mx.array(encode_text(tok, args.text), dtype=mx.int32)
-    settings = [(k, n, False) for k in (1, 2, 3) for n in (2, 4, 8)]
-    settings += [(k, 8, True) for k in (1, 2, 3)]
+    compiled = (False, True) if args.compile_step else (False,)
+    settings = [(k, n, False, c) for c in compiled for k in (1, 2, 3) for n in (2, 4, 8)]
+    settings += [(k, 8, True, c) for c in compiled for k in (1, 2, 3)]
+    if args.compile_step:
+        settings.insert(0, (0, 0, False, True))  # plain decoding, compiled
 
     def run(setting) -> tuple[float, list[int], float]:
         cache, stats = model.make_cache(rule.ut_steps), SpecStats()
-        if setting is None:
-            gen = generate_step(prompt, model, rule, cache, max_tokens=args.tokens + 1)
+        if setting is None or setting[0] == 0:
+            gen = generate_step(prompt, model, rule, cache, max_tokens=args.tokens + 1,
+                                compile_step=setting is not None)
         else:
-            k, n, adaptive = setting
+            k, n, adaptive, c = setting
             gen = speculative_step(prompt, model, rule, cache, draft_loops=k,
                                    num_draft_tokens=n, adaptive=adaptive,
-                                   max_tokens=args.tokens + 1, stats=stats)
+                                   max_tokens=args.tokens + 1, stats=stats, compile_step=c)
         tokens = []
         _, tps, _ = timed((tokens.append(t[0]) or t for t in gen), prompt.size, args.tokens)
         return tps, tokens, stats.acceptance
@@ -69,11 +74,18 @@ def speed_table(args) -> None:
     print(f"bundled demo model: {rule.ut_steps} loop steps, greedy, prompt {args.text!r} "
           f"({prompt.size} tokens), {args.tokens} tokens, {args.rounds} rounds")
     print(f"plain full depth: {med(plain):.0f} tok/s (median)\n")
-    print("| k | n | acceptance | tok/s | vs plain |\n|---|---|---|---|---|")
+    base = (0, 0, False, True)
+    print("| path | k | n | acceptance | tok/s | vs plain |"
+          + (" vs compiled plain |\n|---|---|---|---|---|---|---|" if args.compile_step
+             else "\n|---|---|---|---|---|---|"))
     for s in settings:
-        k, n, adaptive = s
-        print(f"| {k} | {'≤' if adaptive else ''}{n}{' adaptive' if adaptive else ''} | "
-              f"{acc[s]:.2f} | {med(tps[s]):.0f} | {med(ratios[s]):.2f}x |")
+        k, n, adaptive, c = s
+        row = (f"| {'compiled' if c else 'plain'} | {k or '-'} | "
+               f"{'≤' if adaptive else ''}{n or '-'}{' adaptive' if adaptive else ''} | "
+               f"{acc[s]:.2f} | {med(tps[s]):.0f} | {med(ratios[s]):.2f}x |")
+        if args.compile_step:
+            row += (f" {med(a / b for a, b in zip(tps[s], tps[base])):.2f}x |" if c else " |")
+        print(row)
 
 
 def verify_cost(args) -> None:
@@ -127,6 +139,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="decoded tokens per run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ut-steps", type=int, default=4)
+    p.add_argument("--compile-step", action="store_true",
+                   help="also compiled rows: plain decoding and every setting through "
+                        "compiled graphs (ouro_mlx.compiled)")
     p.add_argument("--verify-hidden", type=int, default=None,
                    help="measure the verify cost on a random model of this hidden size")
     p.add_argument("--layers", type=int, default=2, help="random model: layers")

@@ -44,10 +44,135 @@ def check_compilable(cache: list, fixed_loops: int | None, batch: int = 1) -> No
         raise ValueError("compile_step (--compile-step) needs a plain KVCache (no kv_bits).")
 
 
+class _Graphs(dict):
+    """A model's compiled functions, by (kind, loops, cache depth, draft loops). Kept
+    on the model so a new generation replays them instead of tracing again; a copy
+    of the model starts without them (a traced graph belongs to its own weights)."""
+
+    def __deepcopy__(self, memo):
+        return _Graphs()
+
+
+def _graph(model: Model, key: tuple, build):
+    """The compiled function ``key`` of ``model``, from ``build()`` the first time."""
+    graphs = model.__dict__.get("_ouro_compiled")
+    if graphs is None:  # not a Module attribute: it must not join the parameters
+        graphs = _Graphs()
+        object.__setattr__(model, "_ouro_compiled", graphs)
+    if key not in graphs:
+        graphs[key] = mx.compile(build(), inputs=[model.state])
+    return graphs[key]
+
+
+def _causal_mask(pos: mx.array, length: int, cap: int) -> mx.array:
+    """[1, 1, length, cap]: query i (at ``pos + i``) sees positions <= its own."""
+    q = pos + mx.arange(length)
+    return (mx.arange(cap)[None, :] <= q[:, None])[None, None]
+
+
+def _run_steps(model: Model, x, steps, buffers, pos, mask):
+    """Loop steps ``steps`` over ``x`` [1, L, H] at positions ``pos``.., writing each
+    step's K/V into ``buffers[t]``; returns the normalised state, the buffers and
+    the last step's per-layer (k, v)."""
+    inner = model.model
+    start = pos.reshape(1)
+    kvs = []
+    for t in steps:
+        kvs, row = [], []
+        for layer, buf in zip(inner.layers, buffers[t]):
+            x, kv, buf = _layer(layer, x, t, buf, pos, start, mask)
+            kvs.append(kv)
+            row.append(buf)
+        buffers[t] = row
+        x = inner.norm(x)
+    return x, buffers, kvs
+
+
+def _copy_skipped(buffers, steps, kvs, pos):
+    """Steps a fixed depth skips receive the last executed step's K/V."""
+    start = pos.reshape(1)
+    for t in steps:
+        buffers[t] = [tuple(mx.slice_update(b, a, start, axes=(2,)) for b, a in zip(buf, kv))
+                      for buf, kv in zip(buffers[t], kvs)]
+    return buffers
+
+
+def _layer(layer, x, t, buf, pos, start, mask):
+    """``DecoderLayer`` on ``x`` [1, L, H] with its K/V written into ``buf``."""
+    attn = layer.self_attn
+    L = x.shape[1]
+    h = layer.input_layernorm(x)
+    if attn.loop_keys:
+        q, k, v = (attn.project(n, h, t) for n in ("q_proj", "k_proj", "v_proj"))
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q = q.reshape(1, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = k.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = v.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k = attn.rope(q, offset=pos), attn.rope(k, offset=pos)
+    keys = mx.slice_update(buf[0], k, start, axes=(2,))
+    values = mx.slice_update(buf[1], v, start, axes=(2,))
+    o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+    o = o.transpose(0, 2, 1, 3).reshape(1, L, -1)
+    h = attn.project("o_proj", o, t) if attn.loop_keys else attn.o_proj(o)
+    x, h = add_norm_norm(x, h, layer.input_layernorm_2.weight,
+                         layer.post_attention_layernorm.weight, layer.eps)
+    x = add_norm(x, layer.mlp(h, t), layer.post_attention_layernorm_2.weight, layer.eps)
+    return x, (k, v), (keys, values)
+
+
+def _token_graph(model: Model, loops: int, depth: int, shadow: int = 0):
+    def token(y: mx.array, pos: mx.array, buffers: list):
+        """Token ``y`` [1, 1] at position ``pos`` through every step → logits [1, V]
+        (with ``shadow`` k: and the draft step k-1 would propose [1]) and the
+        updated buffers."""
+        mask = _causal_mask(pos, 1, buffers[0][0][0].shape[2])
+        x = model.model.embed_tokens(y)
+        buffers = list(buffers)
+        x, buffers, _ = _run_steps(model, x, range(shadow), buffers, pos, mask)
+        draft = mx.argmax(model.lm_head(x[:, -1]), axis=-1) if shadow else None
+        x, buffers, kvs = _run_steps(model, x, range(shadow, loops), buffers, pos, mask)
+        buffers = _copy_skipped(buffers, range(loops, depth), kvs, pos)
+        if shadow:
+            return model.lm_head(x[:, -1]), draft, buffers
+        return model.lm_head(x[:, -1]), buffers
+    return token
+
+
+def _draft_graph(model: Model, k: int):
+    def draft(y: mx.array, pos: mx.array, buffers: list):
+        """Token ``y`` [1, 1] through steps 0..k-1 (``buffers``: theirs) → its state
+        [1, 1, H], the argmax of step k-1's logits [1] (the draft), the buffers."""
+        mask = _causal_mask(pos, 1, buffers[0][0][0].shape[2])
+        x = model.model.embed_tokens(y)
+        x, buffers, _ = _run_steps(model, x, range(k), list(buffers), pos, mask)
+        return x, mx.argmax(model.lm_head(x[:, -1]), axis=-1), buffers
+    return draft
+
+
+def _verify_graph(model: Model, k: int, loops: int, depth: int):
+    def verify(x: mx.array, pos: mx.array, buffers: list):
+        """States ``x`` [1, L, H] after steps 0..k-1 through steps k..loops-1
+        (``buffers``: steps k..depth-1) → logits [L, V] and those buffers (steps
+        past ``loops`` get copies of the last one's K/V)."""
+        mask = _causal_mask(pos, x.shape[1], buffers[0][0][0].shape[2])
+        full = [None] * k + list(buffers)
+        x, full, kvs = _run_steps(model, x, range(k, loops), full, pos, mask)
+        full = _copy_skipped(full, range(loops, depth), kvs, pos)
+        return model.lm_head(x[0]), full[k:]
+    return verify
+
+
 class CompiledDecoder:
-    """Decode one token at a time at depth ``loops`` through a compiled graph whose
-    K/V live in fixed-capacity buffers; built from a prefilled ``cache`` (a list of
-    ``CacheList`` from ``Model.make_cache``, kv_mode "full")."""
+    """Decode at depth ``loops`` through compiled graphs whose K/V live in
+    fixed-capacity buffers; built from a prefilled ``cache`` (a list of ``CacheList``
+    from ``Model.make_cache``, kv_mode "full").
+
+    ``decoder(y)``: one token through every step. ``draft_and_verify(y, k, n)``: the
+    self-speculative round of ``ouro_mlx.speculative`` (n drafts from steps 0..k-1,
+    the block through steps k..loops-1 in one call), then ``rollback(r)`` drops the
+    r rejected positions: the buffers past the filled length are masked, so
+    dropping them is moving the offset back."""
 
     def __init__(self, model: Model, cache: list, loops: int, chunk: int = 256):
         check_compilable(cache, loops)
@@ -65,7 +190,9 @@ class CompiledDecoder:
                 row.append((self._grow(c.keys, cap), self._grow(c.values, cap))
                            if c.keys is not None else self._empty(cap))
             self.buffers.append(row)
-        self._step = mx.compile(self._token, inputs=[model.state])
+        # traced graphs close over the model and the depths only, never a decoder
+        self._step = _graph(model, ("token", loops, self.depth),
+                            lambda: _token_graph(model, loops, self.depth))
 
     def _capacity(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
@@ -87,60 +214,68 @@ class CompiledDecoder:
         pad = mx.zeros((*a.shape[:2], cap - a.shape[2], a.shape[3]), dtype=a.dtype)
         return mx.concatenate([a, pad], axis=2)
 
-    def _token(self, y: mx.array, pos: mx.array, buffers: list) -> tuple[mx.array, list]:
-        """The traced graph: token ``y`` [1, 1] at position ``pos`` → logits [1, V]
-        and the updated buffers."""
-        inner = self.model.model
-        cap = buffers[0][0][0].shape[2]
-        mask = (mx.arange(cap) <= pos)[None, None, None, :]  # the filled prefix + this
-        start = pos.reshape(1)
-        x = inner.embed_tokens(y)
-        out = [list(row) for row in buffers]
-        for t in range(self.loops):
-            kvs = []
-            for l, layer in enumerate(inner.layers):
-                x, kv, out[t][l] = self._layer(layer, x, t, out[t][l], pos, start, mask)
-                kvs.append(kv)
-            x = inner.norm(x)
-        for t in range(self.loops, self.depth):  # skipped steps copy the last one's K/V
-            out[t] = [tuple(mx.slice_update(b, a, start, axes=(2,)) for b, a in zip(buf, kv))
-                      for buf, kv in zip(out[t], kvs)]
-        return self.model.lm_head(x[:, -1]), out
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` more positions: grow every buffer by whole chunks (the
+        graphs are traced again for the new shape)."""
+        cap = self.buffers[0][0][0].shape[2]
+        if self.offset + n > cap:
+            cap = self._capacity(self.offset + n)
+            self.buffers = [[tuple(self._grow(a, cap) for a in kv) for kv in row]
+                            for row in self.buffers]
 
-    @staticmethod
-    def _layer(layer, x, t, buf, pos, start, mask):
-        """``DecoderLayer`` on one token with its K/V written into ``buf``."""
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        if attn.loop_keys:
-            q, k, v = (attn.project(n, h, t) for n in ("q_proj", "k_proj", "v_proj"))
-        else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q = q.reshape(1, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = attn.rope(q, offset=pos), attn.rope(k, offset=pos)
-        keys = mx.slice_update(buf[0], k, start, axes=(2,))
-        values = mx.slice_update(buf[1], v, start, axes=(2,))
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
-        o = o.transpose(0, 2, 1, 3).reshape(1, 1, -1)
-        h = attn.project("o_proj", o, t) if attn.loop_keys else attn.o_proj(o)
-        x, h = add_norm_norm(x, h, layer.input_layernorm_2.weight,
-                             layer.post_attention_layernorm.weight, layer.eps)
-        x = add_norm(x, layer.mlp(h, t), layer.post_attention_layernorm_2.weight, layer.eps)
-        return x, (k, v), (keys, values)
+    # -- decoding ----------------------------------------------------------------
 
     def __call__(self, y: mx.array) -> mx.array:
         """Logits [1, V] for token ``y`` [1, 1]; its K/V go into every step's buffer."""
-        cap = self.buffers[0][0][0].shape[2]
-        if self.offset + 1 > cap:  # full: grow by a chunk (the graph is traced again)
-            cap = self._capacity(self.offset + 1)
-            self.buffers = [[tuple(self._grow(a, cap) for a in kv) for kv in row]
-                            for row in self.buffers]
+        self._reserve(1)
         logits, self.buffers = self._step(y, self.pos, self.buffers)
         self.pos = self.pos + 1
         self.offset += 1
         return logits
+
+    def shadow(self, y: mx.array, k: int) -> tuple[mx.array, mx.array]:
+        """As ``decoder(y)``, also returning the draft steps 0..k-1 propose [1]:
+        what a round would have drafted, to estimate the acceptance for free."""
+        step = _graph(self.model, ("shadow", self.loops, self.depth, k),
+                      lambda: _token_graph(self.model, self.loops, self.depth, k))
+        self._reserve(1)
+        logits, draft, self.buffers = step(y, self.pos, self.buffers)
+        self.pos = self.pos + 1
+        self.offset += 1
+        return logits, draft
+
+    def draft_and_verify(self, y: mx.array, k: int, n: int) -> tuple[mx.array, mx.array]:
+        """One speculative round, lazily: the pending token ``y`` [1] and ``n``
+        drafts through steps 0..k-1, one compiled call per token, then the block
+        through steps k..loops-1 in one call. Returns the drafts [n] and the target
+        logits [n+1, V]; the n+1 positions count as filled until ``rollback``."""
+        key = (self.loops, self.depth, k)
+        draft = _graph(self.model, ("draft", *key), lambda: _draft_graph(self.model, k))
+        verify = _graph(self.model, ("verify", *key),
+                        lambda: _verify_graph(self.model, k, self.loops, self.depth))
+        self._reserve(n + 1)
+        head, states, drafts = self.buffers[:k], [], []
+        y = y[None]
+        for i in range(n + 1):
+            x, d, head = draft(y, self.pos + i, head)
+            states.append(x)
+            if i < n:
+                drafts.append(d)
+                y = d[None]
+        x = mx.concatenate(states, axis=1) if n else states[0]
+        logits, tail = verify(x, self.pos, self.buffers[k:])
+        self.buffers = head + tail
+        self.pos = self.pos + (n + 1)
+        self.offset += n + 1
+        d = mx.concatenate(drafts) if n else mx.zeros((0,), dtype=mx.int32)
+        return d, logits
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` positions (their buffer slots are masked and will
+        be overwritten)."""
+        if n:
+            self.offset -= n
+            self.pos = self.pos - n
 
     def sync(self) -> None:
         """Hand the buffers back to the ``KVCache`` list (a KVCache keeps spare

@@ -288,12 +288,11 @@ def stream_generate(
     if draft_loops is not None:  # self-speculative: see ouro_mlx.speculative
         from .speculative import speculative_step
 
-        if compile_step:
-            raise ValueError("draft_loops and compile_step cannot be combined yet.")
         steps = speculative_step(ids, model, rule, cache, draft_loops=draft_loops,
                                  num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
                                  sampler=sampler, logits_processors=logits_processors,
-                                 prefill_step_size=prefill_step_size)
+                                 prefill_step_size=prefill_step_size,
+                                 compile_step=compile_step)
     else:
         steps = generate_step(ids, model, rule, cache, max_tokens=max_tokens, sampler=sampler,
                               logits_processors=logits_processors,

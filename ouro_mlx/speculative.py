@@ -35,14 +35,23 @@ past the last one handed out, all of them what would have followed: trim it (e.g
 ``mlx_lm.models.cache.trim_prompt_cache``) before reusing it as a prompt cache. After a
 "length" finish it holds exactly what plain decoding leaves.
 
-``num_draft_tokens`` is the most drafts per round; by default n adapts, from 2: one more
-after a round that accepted every draft, the accepted count after a rejection, and
-plain, pipelined decoding (n = 0) for 8 tokens when nothing is accepted, then a
-probe with n = 1 (after a rejected probe, twice as many plain tokens, up to 64).
+``num_draft_tokens`` is the most drafts per round. By default n adapts, without paying
+for probes: decoding starts plainly (pipelined, as ``generate_step``), and every plain
+token also reads ``lm_head`` after step k-1 — its "shadow draft", what a round would
+have proposed, compared with the token itself. The last 32 outcomes (shadows and real
+drafts) estimate the acceptance alpha; before each round or stretch of 8 plain tokens,
+``draft_count`` picks the n with the best expected speed-up in loop-step units, and
+decodes plainly where none promises 1.1x. Where early loop steps rarely agree with the
+last (alpha at k = 1 below ~0.3 for depth 4), speculation never starts.
+
+``compile_step``: every draft, verify call and plain token runs through compiled graphs
+(``ouro_mlx.compiled.CompiledDecoder``); rejected tokens are rolled back by moving the
+buffers' offset.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -50,14 +59,14 @@ import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 
 from .exit import ExitRule
-from .model import Model, cache_depth
+from .model import Model, cache_depth, commit_kv
 
 Sampler = Callable[[mx.array], mx.array]
 
 MAX_DRAFT_TOKENS = 64
-PLAIN_TOKENS = 8  # with adaptive n at 0: plain tokens before drafting one again,
-START_DRAFT_TOKENS = 2  # adaptive n starts here, grows by one per full acceptance
-MAX_PLAIN_TOKENS = 64  # doubling up to this while the probes are rejected
+WINDOW = 32  # adaptive n: the acceptance estimate looks at this many recent outcomes
+PLAIN_TOKENS = 8  # plain tokens (with shadow drafts) between decisions
+MIN_GAIN = 1.1  # speculate only where the cost model promises at least this speed-up
 
 
 @dataclass
@@ -140,20 +149,54 @@ def settle_cache(cache: list, kvs: list, depth: int, kept: int, rejected: int) -
             c.update_and_fetch(k[:, :, :kept], v[:, :, :kept])
 
 
+def shadow_decode(model: Model, y: mx.array, cache: list, depth: int, k: int
+                  ) -> tuple[mx.array, mx.array]:
+    """``generation.decode`` at the fixed ``depth`` for token ``y`` [1, 1], also
+    returning the draft steps 0..k-1 propose [1] (one more ``lm_head``): whether it
+    equals the token decoded next is a free sample of the acceptance."""
+    inner = model.model
+    x = inner.embed_tokens(y)
+    mask = create_attention_mask(x, cache[0][0])
+    for t in range(depth):
+        x, _, kvs = inner.loop_step(x, t, cache, mask)
+        if t == k - 1:
+            draft = mx.argmax(model.lm_head(x[:, -1]), axis=-1)
+    commit_kv(cache, kvs, depth)
+    return model.lm_head(x[:, -1]), draft
+
+
+def draft_count(alpha: float, k: int, depth: int, n_max: int) -> int:
+    """The n that maximises the expected speed-up of a round over plain decoding,
+    or 0 where the best is below ``MIN_GAIN``. Cost model, in single-token loop
+    steps: a round runs n+1 tokens through steps 0..k-1 one by one and the block
+    through the other depth-k steps in one call (counted as one step each: what a
+    memory-bound decode costs); it yields (1 - alpha^(n+1)) / (1 - alpha) tokens,
+    each of which costs ``depth`` steps plainly."""
+    best, best_gain = 0, MIN_GAIN
+    for n in range(1, n_max + 1):
+        tokens = n + 1 if alpha >= 1 else (1 - alpha ** (n + 1)) / (1 - alpha)
+        gain = tokens * depth / ((n + 1) * k + depth - k)
+        if gain > best_gain:
+            best, best_gain = n, gain
+    return best
+
+
 def plain_decode(
-    model: Model, y: mx.array, cache: list, rule: ExitRule, sampler: Sampler, count: int
-) -> Iterator[tuple[mx.array, mx.array]]:
+    decode_one: Callable[[mx.array], tuple[mx.array, mx.array]], y: mx.array,
+    sampler: Sampler, count: int
+) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
     """``count`` tokens after the pending ``y`` [1] as ``generation.generate_step``
-    decodes them (each queued before the previous one is handed out); the last
-    one handed out is the new pending token."""
-    from .generation import decode
+    decodes them (each queued before the previous one is handed out);
+    ``decode_one(y)`` gives the logits [1, V] of token ``y`` and its shadow draft
+    [1]. Yields ``(token, logprobs, draft)``, the draft being what steps 0..k-1
+    proposed for that token; the last token handed out is the new pending one."""
 
     def step(y):
-        logits, _ = decode(model, y[None], cache, rule)
+        logits, draft = decode_one(y)
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         y = sampler(lp)
-        mx.async_eval(y, lp)
-        return y, lp
+        mx.async_eval(y, lp, draft)
+        return y, lp, draft
 
     nxt = step(y)
     for i in range(count):
@@ -177,13 +220,22 @@ def speculative_step(
     logits_processors: list | None = None,
     prefill_step_size: int = 2048,
     stats: SpecStats | None = None,
+    compile_step: bool = False,
 ) -> Iterator[tuple[int, mx.array, int]]:
     """Yield ``(token, logprobs, loops)`` like ``generation.generate_step``, drafting
-    with the first ``draft_loops`` steps (see the module's docstring)."""
+    with the first ``draft_loops`` steps (see the module's docstring).
+    ``compile_step``: drafts, verify calls and plain tokens run through compiled
+    graphs (``ouro_mlx.compiled.CompiledDecoder``), rejected tokens are rolled back
+    by moving its offset; the prompt cache is brought up to date when the
+    generator ends or is closed."""
     from .generation import prefill
 
     depth, n_max = check_speculative(model, rule, cache, draft_loops, num_draft_tokens,
                                      logits_processors)
+    if compile_step:
+        from .compiled import check_compilable
+
+        check_compilable(cache, depth)
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     stats = stats if stats is not None else SpecStats()
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
@@ -191,18 +243,56 @@ def speculative_step(
     y = sampler(logprobs)
     mx.eval(y, logprobs)
     yield y.item(), logprobs[0], depth
-    emitted, stretch = 1, PLAIN_TOKENS
-    n = min(n_max, START_DRAFT_TOKENS) if adaptive else n_max
+    if compile_step:
+        from .compiled import CompiledDecoder
+
+        dec = CompiledDecoder(model, cache, depth)
+        decode_one = lambda y: dec.shadow(y[None], draft_loops)  # noqa: E731
+
+        def round_(y, m):
+            drafts, logits = dec.draft_and_verify(y, draft_loops, m)
+            return drafts, logits, ()
+
+        def settle(kvs, kept, rejected):
+            dec.rollback(rejected)
+    else:
+        dec = None
+        decode_one = lambda y: shadow_decode(model, y[None], cache, depth,  # noqa: E731
+                                             draft_loops)
+
+        def round_(y, m):
+            return draft_and_verify(model, y, cache, draft_loops, depth, m)
+
+        def settle(kvs, kept, rejected):
+            settle_cache(cache, kvs, depth, kept, rejected)
+    try:
+        yield from _rounds(y, sampler, stats, draft_loops, depth, n_max, adaptive,
+                           max_tokens, decode_one, round_, settle)
+    finally:
+        if dec is not None:
+            dec.sync()
+
+
+def _rounds(y, sampler, stats, k, depth, n_max, adaptive, max_tokens, decode_one, round_,
+            settle):
+    """The decode loop of ``speculative_step`` after the first token."""
+    seen: deque[bool] = deque(maxlen=WINDOW)  # recent drafts: accepted or not
+    emitted = 1
     while emitted < max_tokens:
-        if n == 0:  # drafts were poor: plain, pipelined decoding for a while
-            count = min(stretch, max_tokens - emitted)
-            for y, lp in plain_decode(model, y, cache, rule, sampler, count):
-                yield y.item(), lp[0], depth
+        n = n_max
+        if adaptive:  # plain until the estimate stands on PLAIN_TOKENS outcomes
+            alpha = (sum(seen) + 1) / (len(seen) + 2)
+            n = draft_count(alpha, k, depth, n_max) if len(seen) >= PLAIN_TOKENS else 0
+        if n == 0:  # plain, pipelined decoding; each token's shadow draft is scored
+            count = min(PLAIN_TOKENS, max_tokens - emitted)
+            for y, lp, draft in plain_decode(decode_one, y, sampler, count):
+                token = y.item()
+                seen.append(draft.item() == token)
+                yield token, lp[0], depth
             emitted += count
-            n, stretch = 1, min(2 * stretch, MAX_PLAIN_TOKENS)  # probe; longer if it fails
             continue
         m = min(n, max_tokens - emitted - 1)
-        drafts, logits, kvs = draft_and_verify(model, y, cache, draft_loops, depth, m)
+        drafts, logits, kvs = round_(y, m)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         targets = sampler(logprobs)
         mx.eval(drafts, targets, logprobs, kvs)
@@ -210,17 +300,14 @@ def speculative_step(
         a = 0
         while a < m and d[a] == t[a]:
             a += 1
-        settle_cache(cache, kvs, depth, a + 1, m - a)
+        settle(kvs, a + 1, m - a)
         stats.rounds += 1
         stats.drafted += m
         stats.accepted += a
+        seen.extend([True] * a + [False] * (a < m))
         y = targets[a:a + 1]
         for i in range(a + 1):
             yield t[i], logprobs[i], depth
         emitted += a + 1
-        if adaptive and m == n:
-            n = min(n_max, n + 1) if a == m else a
-            if a:
-                stretch = PLAIN_TOKENS
         if emitted % 256 < a + 1:
             mx.clear_cache()

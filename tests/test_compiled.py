@@ -110,8 +110,7 @@ def test_generate_cli_flag_gives_the_same_text(capsys):
 
 
 @pytest.mark.parametrize("flags,message", [(["--kv-mode", "last"], "--kv-mode last"),
-                                           (["--no-compile"], "--no-compile"),
-                                           (["--draft-loops", "1"], "--draft-loops")])
+                                           (["--no-compile"], "--no-compile")])
 def test_generate_cli_refusals(flags, message):
     from ouro_mlx.commands.generate import main
 

@@ -38,6 +38,19 @@ def tiny(tiny_dir):
 
 
 @pytest.fixture(scope="module")
+def agreeing(tiny_dir):
+    """The tiny model with its sub-layer outputs scaled by 0.05 (the ``_2`` norms'
+    weights) and a unit final norm: loop steps change the state a little, so early
+    steps' drafts are often but not always accepted (about 0.4-0.8)."""
+    model, _ = ouro_mlx.load(tiny_dir)
+    model.model.norm.weight = mx.ones_like(model.model.norm.weight)
+    for layer in model.model.layers:
+        layer.input_layernorm_2.weight = 0.05 * layer.input_layernorm_2.weight
+        layer.post_attention_layernorm_2.weight = 0.05 * layer.post_attention_layernorm_2.weight
+    return model
+
+
+@pytest.fixture(scope="module")
 def bundled():
     return ouro_mlx.load(demo.model_path())
 
@@ -66,7 +79,7 @@ def test_tiny_greedy_and_caches_are_identical(tiny, opts, adaptive):
                                     adaptive=adaptive, max_tokens=40, stats=stats))
         assert [t for t, _, _ in got] == want
         assert {loops for _, _, loops in got} == {rule.fixed_loops}
-        assert stats.rounds > 0 and 0 <= stats.accepted <= stats.drafted
+        assert (stats.rounds > 0 or adaptive) and 0 <= stats.accepted <= stats.drafted
         for lc, plc in zip(cache, plain_cache):
             for c, pc in zip(lc.caches, plc.caches):
                 assert c.offset == pc.offset
@@ -74,18 +87,148 @@ def test_tiny_greedy_and_caches_are_identical(tiny, opts, adaptive):
                     np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
 
 
-def test_adaptive_n_backs_off_to_plain_decoding(tiny):
-    """Step-0 drafts of a random model are all rejected: after the first round the
-    generator decodes plainly, probing with one draft after 8, 16, 32 tokens."""
+@pytest.mark.parametrize("opts", [dict(), dict(exit_at_step=2), dict(ut_steps=3)])
+def test_compiled_rounds_give_the_same_tokens_and_caches(tiny, opts):
+    """compile_step: drafts, verify calls and plain stretches through compiled graphs,
+    rollback by offset; tokens, logprobs and (after sync) every step's cache as plain
+    decoding leaves them."""
+    rule = make_rule(tiny, **opts)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    plain_cache = tiny.make_cache(rule.ut_steps)
+    want = list(generate_step(ids, tiny, rule, plain_cache, max_tokens=40))
+    for k in range(1, rule.fixed_loops):
+        for adaptive in (False, True):
+            cache, stats = tiny.make_cache(rule.ut_steps), SpecStats()
+            got = list(speculative_step(ids, tiny, rule, cache, draft_loops=k,
+                                        num_draft_tokens=5, adaptive=adaptive, max_tokens=40,
+                                        stats=stats, compile_step=True))
+            assert [t for t, _, _ in got] == [t for t, _, _ in want]
+            for (_, a, _), (_, b, _) in zip(got, want):
+                np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+            for lc, plc in zip(cache, plain_cache):
+                for c, pc in zip(lc.caches, plc.caches):
+                    assert c.offset == pc.offset
+                    n = c.offset
+                    for a, b in zip(c.state[:2], pc.state[:2]):
+                        np.testing.assert_allclose(np.array(a[:, :, :n]),
+                                                   np.array(b[:, :, :n]), atol=1e-5)
+
+
+@pytest.mark.parametrize("k,n", [(1, 4), (2, 3), (3, 8)])
+def test_bundled_fixed_n_greedy_is_identical(bundled, k, n):
+    """Fixed n (adaptive n does not speculate on this model): rounds with accepted
+    and rejected drafts, plain and through compiled graphs."""
+    model, tok = bundled
+    rule = make_rule(model, exit_threshold=1.0)
+    ids = mx.array(tok.encode("Once upon a time"), dtype=mx.int32)
+    want = [t for t, _, _ in generate_step(ids, model, rule, model.make_cache(), max_tokens=40)]
+    for compiled in (False, True):
+        stats = SpecStats()
+        got = [t for t, _, _ in speculative_step(ids, model, rule, model.make_cache(),
+                                                 draft_loops=k, num_draft_tokens=n,
+                                                 adaptive=False, max_tokens=40, stats=stats,
+                                                 compile_step=compiled)]
+        assert got == want and 0 < stats.accepted < stats.drafted
+
+
+def test_compiled_rounds_across_a_growing_buffer(tiny):
+    """Chunk of 8 positions: rounds that straddle a chunk boundary grow the buffers
+    (new traces), and rollback across the boundary keeps the right tokens."""
+    from ouro_mlx.compiled import CompiledDecoder
+
+    rule = make_rule(tiny)
+    plain = tiny.make_cache()
+    spec = tiny.make_cache()
+    ids = mx.array([PROMPT])
+    tiny(ids, plain)
+    tiny(ids, spec)
+    dec = CompiledDecoder(tiny, spec, rule.fixed_loops, chunk=8)
+    y = mx.array([3])
+    for i in range(6):
+        drafts, logits = dec.draft_and_verify(y, 2, 4)
+        block = mx.concatenate([y, drafts])  # the plain path decodes the same block
+        want = [tiny(block[None, j:j + 1], plain)[:, -1] for j in range(5)]
+        np.testing.assert_allclose(np.array(logits), np.array(mx.concatenate(want)),
+                                   atol=1e-4)
+        for c in plain:  # keep 2 of the 5 positions on both sides
+            for s in c.caches:
+                s.trim(3)
+        dec.rollback(3)
+        y = mx.argmax(want[1], axis=-1)
+    assert dec.offset == len(PROMPT) + 12 and dec.buffers[0][0][0].shape[2] == 24
+    dec.sync()
+    for pc, sc in zip(plain, spec):
+        for a, b in zip(pc.caches, sc.caches):
+            assert a.offset == b.offset
+            for x, z in zip(a.keys_and_values(), b.keys_and_values()):
+                np.testing.assert_allclose(np.array(x), np.array(z), atol=1e-5)
+
+
+def test_compiled_graphs_are_kept_across_generations(tiny):
+    """A second generation replays the graphs traced by the first (kept on the model),
+    and a deep copy of the model starts without them."""
+    import copy
+
+    from ouro_mlx.compiled import _graph
+
+    rule = make_rule(tiny)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    list(speculative_step(ids, tiny, rule, tiny.make_cache(), draft_loops=2, max_tokens=6,
+                          compile_step=True))
+    graphs = dict(tiny._ouro_compiled)
+    assert {key[0] for key in graphs} >= {"token", "draft", "verify"}
+    list(speculative_step(ids, tiny, rule, tiny.make_cache(), draft_loops=2, max_tokens=6,
+                          compile_step=True))
+    assert all(tiny._ouro_compiled[key] is fn for key, fn in graphs.items())
+    assert _graph(tiny, next(iter(graphs)), None) is graphs[next(iter(graphs))]
+    assert not copy.deepcopy(tiny)._ouro_compiled
+    assert "_ouro_compiled" not in dict(tiny.parameters())
+
+
+def test_adaptive_n_never_speculates_on_poor_drafts(tiny):
+    """A random model's early steps almost never agree with its last: the shadow
+    drafts of plain decoding show it, so no round is ever paid for."""
     rule = make_rule(tiny)
     ids = mx.array(PROMPT, dtype=mx.int32)
     want = [t for t, _, _ in generate_step(ids, tiny, rule, tiny.make_cache(), max_tokens=60)]
-    stats = SpecStats()
-    got = [t for t, _, _ in speculative_step(ids, tiny, rule, tiny.make_cache(), draft_loops=1,
-                                             num_draft_tokens=5, max_tokens=60, stats=stats)]
-    assert got == want
-    # adaptive n starts at 2, then probes with 1 after 8 and 16 plain tokens
-    assert stats.accepted == 0 and stats.rounds == 3 and stats.drafted == 2 + 1 + 1
+    for compiled in (False, True):
+        stats = SpecStats()
+        got = [t for t, _, _ in speculative_step(ids, tiny, rule, tiny.make_cache(),
+                                                 draft_loops=1, num_draft_tokens=5,
+                                                 max_tokens=60, stats=stats,
+                                                 compile_step=compiled)]
+        assert got == want and stats.rounds == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_adaptive_n_speculates_when_drafts_agree(agreeing, compiled):
+    """Drafts that agree often: after the first plain stretch, rounds run with
+    several drafts, some rejected; tokens and caches stay those of plain decoding."""
+    rule = make_rule(agreeing)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    plain_cache = agreeing.make_cache()
+    want = [t for t, _, _ in generate_step(ids, agreeing, rule, plain_cache, max_tokens=60)]
+    for k in (1, 2, 3):
+        cache, stats = agreeing.make_cache(), SpecStats()
+        got = [t for t, _, _ in speculative_step(ids, agreeing, rule, cache, draft_loops=k,
+                                                 num_draft_tokens=6, max_tokens=60,
+                                                 stats=stats, compile_step=compiled)]
+        assert got == want
+        assert stats.rounds > 0 and 0 < stats.accepted < stats.drafted, (k, stats)
+        assert stats.drafted > stats.rounds  # n grew past one draft
+        for lc, plc in zip(cache, plain_cache):
+            for c, pc in zip(lc.caches, plc.caches):
+                assert c.offset == pc.offset
+
+
+def test_draft_count_follows_the_cost_model():
+    from ouro_mlx.speculative import draft_count
+
+    assert draft_count(0.0, 1, 4, 8) == 0
+    assert draft_count(1.0, 1, 4, 8) == 8  # every draft accepted: the most
+    assert draft_count(0.14, 1, 4, 8) == 0  # the bundled model's step-1 drafts
+    assert draft_count(0.8, 3, 4, 8) == 0  # at most 1/4 of the steps to save: < 1.1x
+    assert 2 <= draft_count(0.7, 1, 4, 8) < 8  # pays, with a bounded block
 
 
 def test_drafts_are_accepted_and_rejected(bundled):
@@ -167,7 +310,6 @@ def test_sampling_keeps_the_target_distribution():
     (dict(draft_loops=1, num_draft_tokens=0), "num_draft_tokens must be"),
     (dict(draft_loops=1, num_draft_tokens=65), "num_draft_tokens must be"),
     (dict(draft_loops=1, logits_processors=[lambda t, x: x]), "logits processors"),
-    (dict(draft_loops=1, compile_step=True), "cannot be combined"),
 ])
 def test_refusals(tiny, opts, message):
     with pytest.raises(ValueError, match=message):
@@ -216,6 +358,13 @@ def test_quantized_kv_greedy_is_identical(small_dir, bits):
                                              draft_loops=2, num_draft_tokens=4, adaptive=False,
                                              max_tokens=30, stats=stats)]
     assert got == want and stats.accepted > 0
+
+
+def test_compiled_rounds_refuse_a_quantized_cache(small_dir):
+    model, _ = ouro_mlx.load(small_dir)
+    with pytest.raises(ValueError, match="no kv_bits"):
+        tokens(model, IdsOnly(), PROMPT, 4, exit_threshold=1.0, draft_loops=1,
+               compile_step=True, kv_bits=8)
 
 
 def test_mlx_lm_draft_model_runs_with_ouro(tiny_dir, tmp_path):

@@ -193,6 +193,7 @@ class CompiledDecoder:
         # traced graphs close over the model and the depths only, never a decoder
         self._step = _graph(model, ("token", loops, self.depth),
                             lambda: _token_graph(model, loops, self.depth))
+        self._shadows: dict = {}
 
     def _capacity(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
@@ -236,8 +237,11 @@ class CompiledDecoder:
     def shadow(self, y: mx.array, k: int) -> tuple[mx.array, mx.array]:
         """As ``decoder(y)``, also returning the draft steps 0..k-1 propose [1]:
         what a round would have drafted, to estimate the acceptance for free."""
-        step = _graph(self.model, ("shadow", self.loops, self.depth, k),
-                      lambda: _token_graph(self.model, self.loops, self.depth, k))
+        step = self._shadows.get(k)
+        if step is None:
+            step = self._shadows[k] = _graph(
+                self.model, ("shadow", self.loops, self.depth, k),
+                lambda: _token_graph(self.model, self.loops, self.depth, k))
         self._reserve(1)
         logits, draft, self.buffers = step(y, self.pos, self.buffers)
         self.pos = self.pos + 1

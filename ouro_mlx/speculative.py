@@ -51,6 +51,7 @@ buffers' offset.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -67,6 +68,11 @@ MAX_DRAFT_TOKENS = 64
 WINDOW = 32  # adaptive n: the acceptance estimate looks at this many recent outcomes
 PLAIN_TOKENS = 8  # plain tokens (with shadow drafts) between decisions
 MIN_GAIN = 1.1  # speculate only where the cost model promises at least this speed-up
+CHECK_ROUNDS = 4  # rounds between checks of their measured speed against plain decoding
+BACKOFF_TOKENS = 32  # plain tokens after rounds measured slower; doubles while they are
+MAX_BACKOFF = 512
+HALF_LIFE = 64  # tokens: the speed meters forget older work at this rate
+clock = time.perf_counter  # the speed meters' clock (a test replaces it)
 
 
 @dataclass
@@ -183,13 +189,17 @@ def draft_count(alpha: float, k: int, depth: int, n_max: int) -> int:
 
 def plain_decode(
     decode_one: Callable[[mx.array], tuple[mx.array, mx.array]], y: mx.array,
-    sampler: Sampler, count: int
-) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
-    """``count`` tokens after the pending ``y`` [1] as ``generation.generate_step``
-    decodes them (each queued before the previous one is handed out);
-    ``decode_one(y)`` gives the logits [1, V] of token ``y`` and its shadow draft
-    [1]. Yields ``(token, logprobs, draft)``, the draft being what steps 0..k-1
-    proposed for that token; the last token handed out is the new pending one."""
+    sampler: Sampler, more: Callable[[], bool], first: mx.array | None = None
+) -> Iterator[tuple[mx.array, mx.array, mx.array | None]]:
+    """Tokens after the pending ``y`` [1] as ``generation.generate_step`` decodes
+    them: each queued before the previous one is handed out, for as long as
+    ``more()`` says so when a token is about to be handed out (the pipeline runs
+    on across decisions); ``decode_one(y)`` gives the logits [1, V] of token ``y``
+    and its shadow draft [1]. Yields ``(token, logprobs, draft)``, ``draft`` [1]
+    what steps 0..k-1 proposed for that token; the last token handed out is the
+    new pending one. ``first``: the logprobs of ``y`` when ``y`` itself is still to
+    be handed out (the prompt's token: its successor is queued first; its draft is
+    None)."""
 
     def step(y):
         logits, draft = decode_one(y)
@@ -198,12 +208,16 @@ def plain_decode(
         mx.async_eval(y, lp, draft)
         return y, lp, draft
 
-    nxt = step(y)
-    for i in range(count):
-        cur = nxt
-        if i + 1 < count:
-            nxt = step(cur[0])
-        yield cur
+    cur = (y, first, None) if first is not None else step(y)
+    while True:
+        go_on = more()
+        if go_on:
+            cur, nxt = step(cur[0]), cur
+        else:
+            nxt = cur
+        yield nxt
+        if not go_on:
+            return
 
 
 def speculative_step(
@@ -241,8 +255,7 @@ def speculative_step(
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     y = sampler(logprobs)
-    mx.eval(y, logprobs)
-    yield y.item(), logprobs[0], depth
+    mx.async_eval(y, logprobs)
     if compile_step:
         from .compiled import CompiledDecoder
 
@@ -266,31 +279,107 @@ def speculative_step(
         def settle(kvs, kept, rejected):
             settle_cache(cache, kvs, depth, kept, rejected)
     try:
-        yield from _rounds(y, sampler, stats, draft_loops, depth, n_max, adaptive,
+        yield from _rounds(y, logprobs, sampler, stats, draft_loops, depth, n_max, adaptive,
                            max_tokens, decode_one, round_, settle)
     finally:
         if dec is not None:
             dec.sync()
 
 
-def _rounds(y, sampler, stats, k, depth, n_max, adaptive, max_tokens, decode_one, round_,
-            settle):
-    """The decode loop of ``speculative_step`` after the first token."""
-    seen: deque[bool] = deque(maxlen=WINDOW)  # recent drafts: accepted or not
-    emitted = 1
+class _Meter:
+    """Wall seconds per handed-out token of one way of decoding, over recent work
+    (older work's weight halves every ``HALF_LIFE`` tokens)."""
+
+    def __init__(self):
+        self.seconds = self.tokens = 0.0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        keep = 0.5 ** (tokens / HALF_LIFE)
+        self.seconds = keep * self.seconds + seconds
+        self.tokens = keep * self.tokens + tokens
+
+    def per_token(self) -> float | None:
+        return self.seconds / self.tokens if self.tokens else None
+
+
+class _Policy:
+    """Adaptive n: the acceptance estimate from recent outcomes (plain tokens'
+    shadow drafts and real drafts) chooses n through ``draft_count``; measured
+    speed has the last word: rounds slower per token than plain decoding (e.g.
+    a per-round cost the loop-step model does not see) back off to plain decoding
+    for ``backoff`` tokens, doubling while it keeps happening."""
+
+    def __init__(self, k: int, depth: int, n_max: int, adaptive: bool):
+        self.k, self.depth, self.n_max, self.adaptive = k, depth, n_max, adaptive
+        self.seen: deque[bool] = deque(maxlen=WINDOW)  # recent drafts: accepted or not
+        self.shadows: list[tuple[mx.array, int]] = []  # (shadow draft, token), read lazily
+        self.plain, self.spec = _Meter(), _Meter()
+        self.rounds = 0  # since the last check of the rounds' speed
+        self.backoff, self.resume_at = BACKOFF_TOKENS, 0  # plain until this token
+
+    def flush(self) -> None:  # the drafts are computed already: reading them does not wait
+        if self.shadows:
+            drafts = mx.concatenate([d for d, _ in self.shadows]).tolist()
+            self.seen.extend(d == t for d, (_, t) in zip(drafts, self.shadows))
+            self.shadows.clear()
+
+    def choose(self, emitted: int) -> int:
+        if not self.adaptive:
+            return self.n_max
+        if len(self.seen) < PLAIN_TOKENS or emitted < self.resume_at:
+            return 0
+        alpha = (sum(self.seen) + 1) / (len(self.seen) + 2)
+        return draft_count(alpha, self.k, self.depth, self.n_max)
+
+    def round_done(self, seconds: float, tokens: int, emitted: int) -> None:
+        self.spec.add(seconds, tokens)
+        self.rounds += 1
+        plain, spec = self.plain.per_token(), self.spec.per_token()
+        if self.adaptive and self.rounds >= CHECK_ROUNDS and plain is not None:
+            if spec > plain:
+                self.resume_at = emitted + self.backoff
+                self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+                self.spec = _Meter()
+            else:
+                self.backoff = BACKOFF_TOKENS
+            self.rounds = 0
+
+
+def _rounds(y, logprobs, sampler, stats, k, depth, n_max, adaptive, max_tokens, decode_one,
+            round_, settle):
+    """The decode loop of ``speculative_step``, from the prompt's token ``y`` (not
+    handed out yet) and its ``logprobs``."""
+    policy = _Policy(k, depth, n_max, adaptive)
+    emitted, first = 0, logprobs
+
+    def more() -> bool:  # plain decoding goes on: decided every PLAIN_TOKENS tokens
+        if emitted + 1 >= max_tokens:
+            return False
+        if emitted % PLAIN_TOKENS:
+            return True
+        policy.flush()
+        return policy.choose(emitted) == 0
+
     while emitted < max_tokens:
-        n = n_max
-        if adaptive:  # plain until the estimate stands on PLAIN_TOKENS outcomes
-            alpha = (sum(seen) + 1) / (len(seen) + 2)
-            n = draft_count(alpha, k, depth, n_max) if len(seen) >= PLAIN_TOKENS else 0
-        if n == 0:  # plain, pipelined decoding; each token's shadow draft is scored
-            count = min(PLAIN_TOKENS, max_tokens - emitted)
-            for y, lp, draft in plain_decode(decode_one, y, sampler, count):
-                token = y.item()
-                seen.append(draft.item() == token)
-                yield token, lp[0], depth
-            emitted += count
+        n = policy.choose(emitted)
+        if n and first is not None:  # rounds start from a handed-out token
+            yield y.item(), first[0], depth
+            emitted, first = 1, None
             continue
+        tic, start = clock(), emitted
+        if n == 0:  # plain, pipelined decoding; each token's shadow draft is scored
+            for y, lp, draft in plain_decode(decode_one, y, sampler, more, first):
+                token = y.item()
+                if draft is not None:
+                    policy.shadows.append((draft, token))
+                first = None
+                emitted += 1
+                yield token, lp[0], depth
+                if emitted % 256 == 0:
+                    mx.clear_cache()
+            policy.plain.add(clock() - tic, emitted - start)
+            continue
+        policy.flush()
         m = min(n, max_tokens - emitted - 1)
         drafts, logits, kvs = round_(y, m)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -304,10 +393,11 @@ def _rounds(y, sampler, stats, k, depth, n_max, adaptive, max_tokens, decode_one
         stats.rounds += 1
         stats.drafted += m
         stats.accepted += a
-        seen.extend([True] * a + [False] * (a < m))
+        policy.seen.extend([True] * a + [False] * (a < m))
         y = targets[a:a + 1]
         for i in range(a + 1):
             yield t[i], logprobs[i], depth
         emitted += a + 1
+        policy.round_done(clock() - tic, a + 1, emitted)
         if emitted % 256 < a + 1:
             mx.clear_cache()

@@ -15,6 +15,7 @@ import ouro_mlx
 from ouro_mlx import demo, stream_generate
 from ouro_mlx.generation import generate_step, make_rule
 from ouro_mlx.model import Model, ModelArgs
+from ouro_mlx import speculative
 from ouro_mlx.speculative import SpecStats, speculative_step
 from tests.conftest import REFERENCE, needs_reference
 
@@ -201,9 +202,11 @@ def test_adaptive_n_never_speculates_on_poor_drafts(tiny):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_adaptive_n_speculates_when_drafts_agree(agreeing, compiled):
+def test_adaptive_n_speculates_when_drafts_agree(agreeing, compiled, monkeypatch):
     """Drafts that agree often: after the first plain stretch, rounds run with
-    several drafts, some rejected; tokens and caches stay those of plain decoding."""
+    several drafts, some rejected; tokens and caches stay those of plain decoding.
+    (A stopped clock: the measured-speed check never backs off here.)"""
+    monkeypatch.setattr(speculative, "clock", lambda: 0.0)
     rule = make_rule(agreeing)
     ids = mx.array(PROMPT, dtype=mx.int32)
     plain_cache = agreeing.make_cache()
@@ -219,6 +222,32 @@ def test_adaptive_n_speculates_when_drafts_agree(agreeing, compiled):
         for lc, plc in zip(cache, plain_cache):
             for c, pc in zip(lc.caches, plc.caches):
                 assert c.offset == pc.offset
+
+
+def test_rounds_measured_slower_than_plain_back_off(agreeing, monkeypatch):
+    """Whatever the cost model promises, rounds that take longer per token than plain
+    decoding (here: a clock on which every round takes a second) stop after
+    CHECK_ROUNDS, for BACKOFF_TOKENS plain tokens, then twice as many."""
+    now = [0.0]
+    real_round = speculative.draft_and_verify
+
+    def slow_round(*a, **kw):
+        now[0] += 1.0
+        return real_round(*a, **kw)
+
+    monkeypatch.setattr(speculative, "clock", lambda: now[0])
+    monkeypatch.setattr(speculative, "draft_and_verify", slow_round)
+    rule = make_rule(agreeing)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    want = [t for t, _, _ in generate_step(ids, agreeing, rule, agreeing.make_cache(),
+                                           max_tokens=120)]
+    stats = SpecStats()
+    got = [t for t, _, _ in speculative_step(ids, agreeing, rule, agreeing.make_cache(),
+                                             draft_loops=1, num_draft_tokens=6,
+                                             max_tokens=120, stats=stats)]
+    assert got == want
+    # 8 plain, 4 rounds, 32 plain, 4 rounds, 64 plain: the rest
+    assert stats.rounds == 2 * speculative.CHECK_ROUNDS
 
 
 def test_draft_count_follows_the_cost_model():

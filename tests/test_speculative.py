@@ -354,6 +354,8 @@ def test_cli_generate_draft_loops(tiny_dir, capsys):
     want = capsys.readouterr().out
     assert main(base + ["--draft-loops", "2", "--num-draft-tokens", "3"]) == 0
     assert capsys.readouterr().out == want
+    assert main(base + ["--draft-loops", "2", "--compile-step"]) == 0
+    assert capsys.readouterr().out == want
 
 
 @pytest.mark.parametrize("flags,message", [

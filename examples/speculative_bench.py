@@ -28,7 +28,7 @@ from ouro_mlx.demo import model_path
 from ouro_mlx.encoding import encode_text
 from ouro_mlx.generation import decode, generate_step, make_rule, prefill
 from ouro_mlx.random_model import SHAPES, hf_config
-from ouro_mlx.speculative import SpecStats, speculative_step
+from ouro_mlx.speculative import SpecStats, round_gain, shadow_decode, speculative_step
 
 med = statistics.median
 
@@ -74,6 +74,14 @@ def speed_table(args) -> None:
     print(f"bundled demo model: {rule.ut_steps} loop steps, greedy, prompt {args.text!r} "
           f"({prompt.size} tokens), {args.tokens} tokens, {args.rounds} rounds")
     print(f"plain full depth: {med(plain):.0f} tok/s (median)\n")
+    print("\nper-token acceptance of k-step drafts (shadow drafts over a plain run) and the "
+          "best expected speed-up any round could give with a free verify call:")
+    print("| k | acceptance | best n | bound |\n|---|---|---|---|")
+    for k in (1, 2, 3):
+        alpha = shadow_acceptance(model, rule, prompt, k, args.tokens)
+        n = max(range(1, 9), key=lambda n: round_gain(alpha, k, rule.ut_steps, n))
+        print(f"| {k} | {alpha:.2f} | {n} | {round_gain(alpha, k, rule.ut_steps, n):.2f}x |")
+    print()
     base = (0, 0, False, True)
     print("| path | k | n | acceptance | tok/s | vs plain |"
           + (" vs compiled plain |\n|---|---|---|---|---|---|---|" if args.compile_step
@@ -86,6 +94,19 @@ def speed_table(args) -> None:
         if args.compile_step:
             row += (f" {med(a / b for a, b in zip(tps[s], tps[base])):.2f}x |" if c else " |")
         print(row)
+
+
+def shadow_acceptance(model, rule, prompt, k: int, n: int) -> float:
+    """How often steps 0..k-1 propose the token full depth decodes, over n greedy
+    tokens: the per-position acceptance of k-step drafts."""
+    cache = model.make_cache(rule.ut_steps)
+    logits, _ = prefill(model, prompt[None], cache, rule)
+    y, hits = mx.argmax(logits, axis=-1), 0
+    for _ in range(n):
+        logits, draft = shadow_decode(model, y[None], cache, rule.ut_steps, k)
+        y = mx.argmax(logits, axis=-1)
+        hits += int(draft.item() == y.item())
+    return hits / n
 
 
 def verify_cost(args) -> None:

@@ -171,17 +171,24 @@ def shadow_decode(model: Model, y: mx.array, cache: list, depth: int, k: int
     return model.lm_head(x[:, -1]), draft
 
 
-def draft_count(alpha: float, k: int, depth: int, n_max: int) -> int:
-    """The n that maximises the expected speed-up of a round over plain decoding,
-    or 0 where the best is below ``MIN_GAIN``. Cost model, in single-token loop
-    steps: a round runs n+1 tokens through steps 0..k-1 one by one and the block
+def round_gain(alpha: float, k: int, depth: int, n: int) -> float:
+    """Expected speed-up of a round of n drafts over plain decoding, in loop-step
+    units: a round runs n+1 tokens through steps 0..k-1 one by one and the block
     through the other depth-k steps in one call (counted as one step each: what a
-    memory-bound decode costs); it yields (1 - alpha^(n+1)) / (1 - alpha) tokens,
-    each of which costs ``depth`` steps plainly."""
+    memory-bound decode costs, and no more than any backend); it yields
+    (1 - alpha^(n+1)) / (1 - alpha) tokens, each of which costs ``depth`` steps
+    plainly. An upper bound where a verify call of n+1 tokens costs more than one
+    step, or a round has costs of its own (a sync)."""
+    tokens = n + 1 if alpha >= 1 else (1 - alpha ** (n + 1)) / (1 - alpha)
+    return tokens * depth / ((n + 1) * k + depth - k)
+
+
+def draft_count(alpha: float, k: int, depth: int, n_max: int) -> int:
+    """The n in 1..n_max with the best ``round_gain``, or 0 where the best is
+    below ``MIN_GAIN``."""
     best, best_gain = 0, MIN_GAIN
     for n in range(1, n_max + 1):
-        tokens = n + 1 if alpha >= 1 else (1 - alpha ** (n + 1)) / (1 - alpha)
-        gain = tokens * depth / ((n + 1) * k + depth - k)
+        gain = round_gain(alpha, k, depth, n)
         if gain > best_gain:
             best, best_gain = n, gain
     return best

@@ -135,7 +135,7 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
         stats = SpecStats()
         gen = speculative_step(prompt, model, rule, cache, draft_loops=draft_loops,
                                num_draft_tokens=num_draft_tokens, max_tokens=n_gen + 1,
-                               stats=stats)
+                               stats=stats, compile_step=compile_step)
     else:
         gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen + 1,
                             compile_step=compile_step)

@@ -446,3 +446,17 @@ def test_mlx_lm_samplers_filter_each_verified_row(tiny):
     sampler = make_sampler(temp=0.9, top_k=1, top_p=0.95, min_p=0.01)
     assert tokens(tiny, IdsOnly(), PROMPT, 20, draft_loops=2, num_draft_tokens=3,
                   sampler=sampler) == want
+
+
+def test_bench_reports_draft_rows_plain_and_compiled(tmp_path, capsys):
+    from ouro_mlx.commands import bench as cmd
+
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "8", "--exits", "", "--no-fixed", "--repeats", "1",
+                     "--compile-step", "--draft-loops", "1,2", "--json-out", str(out)]) == 0
+    names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
+    for k in (1, 2):
+        assert any(n.startswith(f"ouro draft {k} loops, acc") for n in names)
+        assert any(n.startswith(f"ouro draft {k} loops compiled, acc") for n in names)
+    assert "ouro draft 2 loops compiled" in capsys.readouterr().out

@@ -247,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                     name=f"ouro exit at step {k}", **kw)
                 rows.append(B.as_dict(r))
             for k in draft_ks:
-                r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
-                               name=f"ouro draft {k} loops", draft_loops=k,
-                               num_draft_tokens=args.num_draft_tokens, **kw)
-                rows.append(B.as_dict(r))
+                for compiled in (False, True) if args.compile_step else (False,):
+                    r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
+                                   name=f"ouro draft {k} loops{' compiled' if compiled else ''}",
+                                   draft_loops=k, num_draft_tokens=args.num_draft_tokens,
+                                   compile_step=compiled, **kw)
+                    rows.append(B.as_dict(r))
             overheads = {}
             for spec in [s.strip() for s in args.exits.split(",") if s.strip()]:
                 r = B.run_ouro(model, parse_exit(spec, T), ids, args.gen_tokens,

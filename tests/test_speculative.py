@@ -460,3 +460,23 @@ def test_bench_reports_draft_rows_plain_and_compiled(tmp_path, capsys):
         assert any(n.startswith(f"ouro draft {k} loops, acc") for n in names)
         assert any(n.startswith(f"ouro draft {k} loops compiled, acc") for n in names)
     assert "ouro draft 2 loops compiled" in capsys.readouterr().out
+
+
+def test_compiled_rounds_sample_like_plain_rounds(agreeing):
+    """With sampling, the compiled rounds call the sampler on the same logits in the
+    same order as the plain ones: one seed, the same tokens (the distribution test
+    above covers the plain rounds)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    rule = make_rule(agreeing)
+    ids = mx.array(PROMPT, dtype=mx.int32)
+    runs = []
+    for compiled in (False, True):
+        mx.random.seed(3)
+        stats = SpecStats()
+        runs.append([t for t, _, _ in speculative_step(
+            ids, agreeing, rule, agreeing.make_cache(), draft_loops=1, num_draft_tokens=4,
+            adaptive=False, max_tokens=40, sampler=make_sampler(temp=0.8), stats=stats,
+            compile_step=compiled)])
+        assert 0 < stats.accepted < stats.drafted
+    assert runs[0] == runs[1]

@@ -31,6 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(proc, port: int) -> str:
+    """The base URL of the ``ouro-mlx serve`` process ``proc`` once /health answers."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "ouro-mlx serve did not answer"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 class Running:
     def __init__(self, model, tokenizer, **kwargs):
         self.model, self.tokenizer = model, tokenizer
@@ -263,16 +277,7 @@ def test_serve_cli_starts_on_loopback_and_refuses_bad_flags():
     proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "serve", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "ouro-mlx serve did not answer"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        url = wait_for_health(proc, port)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="ouro-demo", messages=user(GAMES[0]),
                                            max_tokens=8)
@@ -459,16 +464,7 @@ def test_serve_cli_decoding_flags():
                                      "--num-draft-tokens", "4"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "ouro-mlx serve did not answer"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        url = wait_for_health(proc, port)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         model, tokenizer = load(str(model_path()))
         ids = encode_chat(tokenizer, user(GAMES[0]), add_generation_prompt=True)

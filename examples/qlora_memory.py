@@ -12,10 +12,13 @@ the time to measure one directly).
 
     python examples/qlora_memory.py                    # layers 1 2 4
     python examples/qlora_memory.py --layers 1 2 --json
+    python examples/qlora_memory.py --dtype float32 --layers 1 2 3 --baseline-layers 1 2
 
-Run it on Apple silicon. MLX's CPU backend multiplies 4-bit weights at well under
-1 GFLOP/s: on a 2-core Linux CPU one step of a 1-layer model at this width took 9 minutes
-at 64 tokens (a 512-token point would take over an hour).
+Run it on Apple silicon. MLX's CPU backend multiplies 4-bit weights with bfloat16
+activations about 8x slower than with float32 ones (a 512-token point at bfloat16 takes
+over an hour on a 2-core Linux CPU). There, --dtype float32 converts the model to float32
+scales so the activations are float32: the peak is then an UPPER BOUND for the bfloat16
+run (the activations take twice the bytes; the 4-bit weights are the same).
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ def ouro(*args: str) -> str:
     return out
 
 
-def quantized_model(tmp: Path, layers: int) -> Path:
+def quantized_model(tmp: Path, layers: int, dtype: str) -> Path:
     src = make_random_checkpoint(tmp / f"hf{layers}", {**WIDTH, "num_hidden_layers": layers},
                                  dtype="bfloat16", seed=layers)
     dst = tmp / f"q4-{layers}"
-    ouro("convert", "--hf-path", str(src), "--mlx-path", str(dst), "-q", "--q-bits", "4",
-         "--q-group-size", "64")
+    ouro("convert", "--hf-path", str(src), "--mlx-path", str(dst), "--dtype", dtype,
+         "-q", "--q-bits", "4", "--q-group-size", "64")
     return dst
 
 
@@ -84,11 +87,20 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4],
                    help="physical layer counts to measure (at least two)")
     p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--iters", type=int, default=2, help="steps per run (the first compiles)")
+    p.add_argument("--baseline-layers", type=int, nargs="*", default=None,
+                   help="layer counts to measure without --grad-checkpoint (default: "
+                        "--layers; none to skip those runs)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="activation and scale dtype; float32 is an upper bound for bfloat16")
+    # The peak is reached within the first step (forward + backward); more only add time.
+    p.add_argument("--iters", type=int, default=1, help="steps per run")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if len(set(a.layers)) < 2:
         p.error("--layers needs at least two different counts for the fit")
+    baseline = set(a.layers if a.baseline_layers is None else a.baseline_layers)
+    if len(baseline) == 1:
+        p.error("--baseline-layers needs at least two different counts for the fit (or none)")
 
     measured = {"grad_checkpoint": {}, "no_grad_checkpoint": {}}
     seconds = {}
@@ -99,9 +111,11 @@ def main() -> None:
         rng = random.Random(0)  # byte tokenizer: one character, one token (+ eos)
         row = "".join(rng.choice("abcdefghij klmnopqrstuvwxyz") for _ in range(a.tokens - 1))
         (data / "train.jsonl").write_text(json.dumps({"text": row}) + "\n")
-        for n in sorted(set(a.layers)):
-            model = quantized_model(tmp, n)
+        for n in sorted(set(a.layers) | baseline):
+            model = quantized_model(tmp, n, a.dtype)
             for key, gc in (("grad_checkpoint", True), ("no_grad_checkpoint", False)):
+                if n not in (baseline if key == "no_grad_checkpoint" else a.layers):
+                    continue
                 gb, s = peak_gb(model, data, tmp / f"ad-{n}-{key}", a, gc)
                 measured[key][n] = gb
                 seconds[f"{n}-{key}"] = round(s, 1)
@@ -110,8 +124,9 @@ def main() -> None:
 
     result = {"setup": {"width": WIDTH, "batch": 1, "tokens": a.tokens, "ut_steps": 4,
                         "bits": 4, "group_size": 64, "rank": 8, "loss": "ouro",
-                        "iters": a.iters},
+                        "iters": a.iters, "dtype": a.dtype},
               "measured_gb": measured, "seconds": seconds, "fit": {}, "extrapolated_gb": {}}
+    measured = {k: v for k, v in measured.items() if v}
     for key, pts in measured.items():
         a0, b = fit(pts)
         result["fit"][key] = {"intercept_gb": round(a0, 3), "per_layer_gb": round(b, 4)}
@@ -121,7 +136,9 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"QLoRA 4-bit, batch 1 x {a.tokens} tokens, T = 4, rank 8 on every layer "
-          "(peak memory as ouro-mlx lora reports it)")
+          f"(peak memory as ouro-mlx lora reports it), {a.dtype} activations")
+    if a.dtype == "float32":
+        print("float32 activations: an upper bound for a bfloat16 run (same 4-bit weights)")
     for key in measured:
         pts = ", ".join(f"{n} layers {gb:.2f} GB" for n, gb in measured[key].items())
         f = result["fit"][key]

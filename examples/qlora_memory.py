@@ -13,6 +13,7 @@ the time to measure one directly).
     python examples/qlora_memory.py                    # layers 1 2 4
     python examples/qlora_memory.py --layers 1 2 --json
     python examples/qlora_memory.py --dtype float32 --layers 1 2 3 --baseline-layers 1 2
+    python examples/qlora_memory.py --dtype float32 --layers 24 --baseline-layers  # direct
 
 Run it on Apple silicon. MLX's CPU backend multiplies 4-bit weights with bfloat16
 activations about 8x slower than with float32 ones (a 512-token point at bfloat16 takes
@@ -85,7 +86,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4],
-                   help="physical layer counts to measure (at least two)")
+                   help="physical layer counts to measure (two or more: also a fit and "
+                        "the extrapolation to 24/48 layers; --layers 24: Ouro-1.4B itself)")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--baseline-layers", type=int, nargs="*", default=None,
                    help="layer counts to measure without --grad-checkpoint (default: "
@@ -96,11 +98,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=1, help="steps per run")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    if len(set(a.layers)) < 2:
-        p.error("--layers needs at least two different counts for the fit")
     baseline = set(a.layers if a.baseline_layers is None else a.baseline_layers)
-    if len(baseline) == 1:
-        p.error("--baseline-layers needs at least two different counts for the fit (or none)")
 
     measured = {"grad_checkpoint": {}, "no_grad_checkpoint": {}}
     seconds = {}
@@ -128,6 +126,8 @@ def main() -> None:
               "measured_gb": measured, "seconds": seconds, "fit": {}, "extrapolated_gb": {}}
     measured = {k: v for k, v in measured.items() if v}
     for key, pts in measured.items():
+        if len(pts) < 2:  # one count (e.g. --layers 24): a measurement, nothing to fit
+            continue
         a0, b = fit(pts)
         result["fit"][key] = {"intercept_gb": round(a0, 3), "per_layer_gb": round(b, 4)}
         result["extrapolated_gb"][key] = {name: round(a0 + b * L, 2)
@@ -141,6 +141,9 @@ def main() -> None:
         print("float32 activations: an upper bound for a bfloat16 run (same 4-bit weights)")
     for key in measured:
         pts = ", ".join(f"{n} layers {gb:.2f} GB" for n, gb in measured[key].items())
+        if key not in result["fit"]:
+            print(f"{key.replace('_', ' ')}: measured {pts}")
+            continue
         f = result["fit"][key]
         ext = ", ".join(f"{k} ({L} layers) {result['extrapolated_gb'][key][k]:.2f} GB"
                         for k, L in TARGETS.items())

@@ -17,12 +17,11 @@ from .options import (
     check_kv_args,
     check_loop_args,
     cli_text,
-    compile_step_kwargs,
+    decoding_kwargs,
     loop_kwargs,
     model_or_demo,
     rate,
     sampling_kwargs,
-    speculative_kwargs,
 )
 
 
@@ -80,8 +79,7 @@ def read_stdin() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_kwargs(args)
-    speculative = speculative_kwargs(args)
-    speculative.update(compile_step_kwargs(args))
+    speculative = decoding_kwargs(args)
     check_loop_args(args)
     apply_compile_flag(args)
     prompt = read_stdin() if args.prompt == "-" else args.prompt

@@ -219,11 +219,9 @@ def compile_step_kwargs(args: argparse.Namespace) -> dict:
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:
-    """draft_loops / num_draft_tokens / compile_step from the flags, for ChatSession's
-    ``decoding`` and the server's defaults. --draft-loops with --compile-step is left
-    to stream_generate to accept or refuse."""
-    compiled = compile_step_kwargs(argparse.Namespace(**{**vars(args), "draft_loops": None}))
-    return {**speculative_kwargs(args), **compiled}
+    """draft_loops / num_draft_tokens / compile_step from the flags, checked: for
+    ``stream_generate``, ChatSession's ``decoding`` and the server's defaults."""
+    return {**speculative_kwargs(args), **compile_step_kwargs(args)}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

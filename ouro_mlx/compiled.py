@@ -178,8 +178,7 @@ class CompiledDecoder:
         check_compilable(cache, loops)
         self.model, self.cache, self.loops, self.chunk = model, cache, loops, chunk
         self.depth = cache_depth(cache)
-        self.offset = cache[0][0].offset  # host copy of the filled length
-        self.pos = mx.array(self.offset, dtype=mx.int32)
+        self.offset = cache[0][0].offset  # the filled length
         cap = self._capacity(self.offset + 1)
         # buffers[t][l] = (keys, values) [1, kv_heads, cap, head_dim]
         self.buffers = []
@@ -193,7 +192,6 @@ class CompiledDecoder:
         # traced graphs close over the model and the depths only, never a decoder
         self._step = _graph(model, ("token", loops, self.depth),
                             lambda: _token_graph(model, loops, self.depth))
-        self._shadows: dict = {}
 
     def _capacity(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
@@ -226,25 +224,25 @@ class CompiledDecoder:
 
     # -- decoding ----------------------------------------------------------------
 
+    def _pos(self, i: int = 0) -> mx.array:
+        """Position ``offset + i`` as the array the graphs take (a traced constant
+        would change the graph every token)."""
+        return mx.array(self.offset + i, dtype=mx.int32)
+
     def __call__(self, y: mx.array) -> mx.array:
         """Logits [1, V] for token ``y`` [1, 1]; its K/V go into every step's buffer."""
         self._reserve(1)
-        logits, self.buffers = self._step(y, self.pos, self.buffers)
-        self.pos = self.pos + 1
+        logits, self.buffers = self._step(y, self._pos(), self.buffers)
         self.offset += 1
         return logits
 
     def shadow(self, y: mx.array, k: int) -> tuple[mx.array, mx.array]:
         """As ``decoder(y)``, also returning the draft steps 0..k-1 propose [1]:
         what a round would have drafted, to estimate the acceptance for free."""
-        step = self._shadows.get(k)
-        if step is None:
-            step = self._shadows[k] = _graph(
-                self.model, ("shadow", self.loops, self.depth, k),
-                lambda: _token_graph(self.model, self.loops, self.depth, k))
+        step = _graph(self.model, ("shadow", self.loops, self.depth, k),
+                      lambda: _token_graph(self.model, self.loops, self.depth, k))
         self._reserve(1)
-        logits, draft, self.buffers = step(y, self.pos, self.buffers)
-        self.pos = self.pos + 1
+        logits, draft, self.buffers = step(y, self._pos(), self.buffers)
         self.offset += 1
         return logits, draft
 
@@ -261,15 +259,14 @@ class CompiledDecoder:
         head, states, drafts = self.buffers[:k], [], []
         y = y[None]
         for i in range(n + 1):
-            x, d, head = draft(y, self.pos + i, head)
+            x, d, head = draft(y, self._pos(i), head)
             states.append(x)
             if i < n:
                 drafts.append(d)
                 y = d[None]
         x = mx.concatenate(states, axis=1) if n else states[0]
-        logits, tail = verify(x, self.pos, self.buffers[k:])
+        logits, tail = verify(x, self._pos(), self.buffers[k:])
         self.buffers = head + tail
-        self.pos = self.pos + (n + 1)
         self.offset += n + 1
         d = mx.concatenate(drafts) if n else mx.zeros((0,), dtype=mx.int32)
         return d, logits
@@ -277,9 +274,7 @@ class CompiledDecoder:
     def rollback(self, n: int) -> None:
         """Forget the last ``n`` positions (their buffer slots are masked and will
         be overwritten)."""
-        if n:
-            self.offset -= n
-            self.pos = self.pos - n
+        self.offset -= n
 
     def sync(self) -> None:
         """Hand the buffers back to the ``KVCache`` list (a KVCache keeps spare

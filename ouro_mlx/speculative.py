@@ -218,13 +218,11 @@ def plain_decode(
     cur = (y, first, None) if first is not None else step(y)
     while True:
         go_on = more()
-        if go_on:
-            cur, nxt = step(cur[0]), cur
-        else:
-            nxt = cur
-        yield nxt
+        nxt = step(cur[0]) if go_on else None  # queued before cur is handed out
+        yield cur
         if not go_on:
             return
+        cur = nxt
 
 
 def speculative_step(

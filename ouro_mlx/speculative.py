@@ -269,23 +269,19 @@ def speculative_step(
 
         def round_(y, m):
             drafts, logits = dec.draft_and_verify(y, draft_loops, m)
-            return drafts, logits, ()
-
-        def settle(kvs, kept, rejected):
-            dec.rollback(rejected)
+            return drafts, logits, lambda kept, rejected: dec.rollback(rejected)
     else:
         dec = None
         decode_one = lambda y: shadow_decode(model, y[None], cache, depth,  # noqa: E731
                                              draft_loops)
 
         def round_(y, m):
-            return draft_and_verify(model, y, cache, draft_loops, depth, m)
-
-        def settle(kvs, kept, rejected):
-            settle_cache(cache, kvs, depth, kept, rejected)
+            drafts, logits, kvs = draft_and_verify(model, y, cache, draft_loops, depth, m)
+            return drafts, logits, lambda kept, rejected: settle_cache(cache, kvs, depth,
+                                                                       kept, rejected)
     try:
         yield from _rounds(y, logprobs, sampler, stats, draft_loops, depth, n_max, adaptive,
-                           max_tokens, decode_one, round_, settle)
+                           max_tokens, decode_one, round_)
     finally:
         if dec is not None:
             dec.sync()
@@ -351,9 +347,10 @@ class _Policy:
 
 
 def _rounds(y, logprobs, sampler, stats, k, depth, n_max, adaptive, max_tokens, decode_one,
-            round_, settle):
+            round_):
     """The decode loop of ``speculative_step``, from the prompt's token ``y`` (not
-    handed out yet) and its ``logprobs``."""
+    handed out yet) and its ``logprobs``. ``round_(y, m)`` gives the drafts, the
+    target logits and ``settle(kept, rejected)``, which fixes the caches up."""
     policy = _Policy(k, depth, n_max, adaptive)
     emitted, first = 0, logprobs
 
@@ -386,15 +383,15 @@ def _rounds(y, logprobs, sampler, stats, k, depth, n_max, adaptive, max_tokens, 
             continue
         policy.flush()
         m = min(n, max_tokens - emitted - 1)
-        drafts, logits, kvs = round_(y, m)
+        drafts, logits, settle = round_(y, m)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         targets = sampler(logprobs)
-        mx.eval(drafts, targets, logprobs, kvs)
+        mx.eval(drafts, targets, logprobs)
         d, t = drafts.tolist(), targets.tolist()
         a = 0
         while a < m and d[a] == t[a]:
             a += 1
-        settle(kvs, a + 1, m - a)
+        settle(a + 1, m - a)
         stats.rounds += 1
         stats.drafted += m
         stats.accepted += a

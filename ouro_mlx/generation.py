@@ -245,6 +245,7 @@ def stream_generate(
     prompt_cache: list | None = None,
     prefill_step_size: int = 2048,
     compile_step: bool = False,
+    pipeline: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt`` (text or token ids), one response per token.
 
@@ -259,7 +260,10 @@ def stream_generate(
     ``draft_loops`` k: self-speculative decoding, drafting up to ``num_draft_tokens``
     (default 4, adapted to the acceptance) with the first k loop steps and verifying
     them at the full fixed depth in one call; greedy output is unchanged (see
-    ``ouro_mlx.speculative``)."""
+    ``ouro_mlx.speculative``). ``pipeline``: instead, one pass of the layers runs
+    each loop step on a different token, the next token entering on a draft read
+    from step ``draft_loops`` - 1 (default 1) on; greedy output is unchanged (see
+    ``ouro_mlx.pipeline``)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
     rule = make_rule(model, ut_steps, exit_threshold, exit_at_step, min_loops,
@@ -285,7 +289,17 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     total_loops = 0
-    if draft_loops is not None:  # self-speculative: see ouro_mlx.speculative
+    if pipeline:  # see ouro_mlx.pipeline
+        from .pipeline import pipelined_step
+
+        if num_draft_tokens is not None:
+            raise ValueError("num_draft_tokens does not apply to pipeline (the pipeline "
+                             "holds one token per loop step).")
+        steps = pipelined_step(ids, model, rule, cache, draft_loops=draft_loops or 1,
+                               max_tokens=max_tokens, sampler=sampler,
+                               logits_processors=logits_processors,
+                               prefill_step_size=prefill_step_size, compile_step=compile_step)
+    elif draft_loops is not None:  # self-speculative: see ouro_mlx.speculative
         from .speculative import speculative_step
 
         steps = speculative_step(ids, model, rule, cache, draft_loops=draft_loops,

@@ -1,0 +1,263 @@
+"""Pipelined loop decoding: every loop step busy with a different token, in one pass.
+
+A looped model applies the same layers at every loop step, so one pass of the stack
+can run token p at step 3, token p+1 at step 2, p+2 at step 1 and p+3 at step 0 —
+as a batch of rows, each attending to its own step's KV cache. A "tick" is one such
+pass: every row advances one step. Token p+1 enters the pipeline before token p has
+finished, with a draft: what token p's state after its latest step reads through
+``lm_head`` (from step ``draft_loops`` - 1 on). The draft is checked after every
+later step of p, and against p's final token:
+
+- while p's readouts agree with the draft, p+1 (and the rows it started) go on;
+- when they disagree, p+1 and every younger row are dropped and p+1 restarts at step
+  0 with the new readout; the final step's token is always the one kept.
+
+Every token that is handed out ran all its loop steps on the right input, over K/V
+that the right tokens wrote: greedy output is the plain decoding's, token for token.
+With a sampler, the final step's token is drawn from the target's distribution (fresh
+randomness every tick), so the output distribution is the target's.
+
+Plain decoding spends ``loops`` passes per token. Here a token whose draft held from
+step s on costs s + 1 ticks; a tick costs about one pass where running a few rows
+costs as much as one: small models (kernel launches and graph building dominate) and
+decode on Metal (memory bandwidth dominates). Where each row costs its own compute —
+a large model on the CPU — a tick costs up to ``loops`` passes and this is slower.
+
+The K/V live in one buffer per layer with the loop step as the batch axis
+([loops, kv_heads, capacity, head_dim]); a tick writes row s's K/V at its position
+(invalid rows write to the last, never-attended slot) and attends over the capacity
+with a per-row causal mask. Positions past a row are masked, so what a dropped row
+wrote is never read before the row that replaces it rewrites it. The pipeline's
+state (positions, validity, input tokens, states) stays on the device, so ticks are
+queued without waiting: the host reads each tick's "token finished" flag one tick
+behind. ``compile_step``: each tick is one ``mx.compile``d graph.
+
+Needs what speculation needs (a fixed depth, kv_mode "full", no logits processors),
+a plain KVCache (no kv_bits), batch 1 and no per-loop adapters.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from .compiled import _graph
+from .exit import ExitRule
+from .model import Model, add_norm, add_norm_norm, cache_depth
+from .speculative import check_speculative
+
+Sampler = Callable[[mx.array], mx.array]
+
+_NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
+
+
+@dataclass
+class PipelineStats:
+    """``ticks`` passes run for ``tokens`` decoded tokens (the prompt's first token
+    excluded): plain decoding runs ``loops`` passes per token."""
+
+    ticks: int = 0
+    tokens: int = 0
+
+    @property
+    def ticks_per_token(self) -> float:
+        return self.ticks / self.tokens if self.tokens else 0.0
+
+
+def check_pipeline(model: Model, rule: ExitRule, cache: list, draft_loops: int,
+                   logits_processors: list | None = None) -> int:
+    """The depth (loop steps per token) if pipelining applies, else a one-line
+    ValueError."""
+    depth, _ = check_speculative(model, rule, cache, draft_loops, None, logits_processors)
+    if any(type(c) is not KVCache for lc in cache for c in lc.caches):
+        raise ValueError("pipeline needs a plain KVCache (no kv_bits).")
+    if any(layer.self_attn.loop_keys or layer.mlp.loop_keys for layer in model.layers):
+        raise ValueError("pipeline does not support per-loop adapters: its rows run "
+                         "different loop steps in one pass.")
+    return depth
+
+
+def _tick_layer(layer, x, buf, pos, wpos, mask):
+    """``DecoderLayer`` on rows ``x`` [R, 1, H], row r at position ``pos[r]``, with
+    its K/V written into row r of ``buf`` at ``wpos[r]``."""
+    attn = layer.self_attn
+    R = x.shape[0]
+    h = layer.input_layernorm(x)
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q = q.reshape(R, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = k.reshape(R, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = v.reshape(R, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k = attn.rope(q, offset=pos), attn.rope(k, offset=pos)
+    at = mx.broadcast_to(wpos[:, None, None, None], k.shape)
+    keys = mx.put_along_axis(buf[0], at, k, axis=2)
+    values = mx.put_along_axis(buf[1], at, v, axis=2)
+    o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+    h = attn.o_proj(o.transpose(0, 2, 1, 3).reshape(R, 1, -1))
+    x, h = add_norm_norm(x, h, layer.input_layernorm_2.weight,
+                         layer.post_attention_layernorm.weight, layer.eps)
+    x = add_norm(x, layer.mlp(h), layer.post_attention_layernorm_2.weight, layer.eps)
+    return x, (keys, values)
+
+
+def _tick_graph(model: Model, loops: int, k: int, sampler: Sampler | None):
+    inner = model.model
+    last = loops - 1
+
+    def tick(x, pos, valid, tok, buffers):
+        """One pass: row s (its input state ``x[s]``, at ``pos[s]``, ``valid[s]``,
+        input token ``tok[s]``) runs loop step s. Returns the next tick's rows, the
+        finished row's flag, token and logprobs, and the buffers."""
+        steps = mx.arange(loops)
+        cap = buffers[0][0].shape[2]
+        wpos = mx.where(valid, pos, cap - 1)
+        mask = (mx.arange(cap)[None, :] <= pos[:, None])[:, None, None, :]
+        out = []
+        for layer, buf in zip(inner.layers, buffers):
+            x, buf = _tick_layer(layer, x, buf, pos, wpos, mask)
+            out.append(buf)
+        x = inner.norm(x)
+        logits = model.lm_head(x[:, 0])
+        logprobs = logits[last] - mx.logsumexp(logits[last])
+        read = mx.argmax(logits, axis=-1).astype(mx.int32)  # each row's draft
+        if sampler is not None:  # the finished row's token is the target's draw
+            final = sampler(logprobs[None]).reshape(()).astype(mx.int32)
+            read = mx.where(steps == last, final, read)
+        # a row's successor: the valid row one position later (it lags >= 1 step)
+        succ = valid[:, None] & valid[None, :] & (pos[None, :] == pos[:, None] + 1)
+        wrong = (valid & succ.any(axis=1) & ((succ * tok[None, :]).sum(axis=1) != read)
+                 & (steps >= k - 1))
+        first = mx.where(wrong, pos, _NONE)
+        restart = first.min() < _NONE  # the oldest wrong successor and all after it go
+        valid = valid & ~(restart & (pos > first.min()))
+        youngest = mx.argmax(mx.where(valid, pos, -1))
+        src = mx.where(restart, mx.argmin(first), youngest)
+        enter = restart | (youngest >= k - 1)  # the new row's source read at step >= k-1
+        new_tok = read[src]
+        x = mx.concatenate([inner.embed_tokens(new_tok[None])[None], x[:-1]])
+        pos = mx.concatenate([(pos[src] + 1)[None], pos[:-1]])
+        finished, token = valid[last], read[last]
+        valid = mx.concatenate([enter[None], valid[:-1]])
+        tok = mx.concatenate([new_tok[None], tok[:-1]])
+        return x, pos, valid, tok, finished, token, logprobs, out
+
+    return tick
+
+
+class PipelinedDecoder:
+    """The pipeline over a prefilled ``cache`` (kv_mode "full"), starting from the
+    pending token ``y`` [1]: :meth:`tick` queues one pass, :meth:`sync` writes the K/V
+    of the first ``n`` handed-out tokens back into ``cache``."""
+
+    def __init__(self, model: Model, cache: list, loops: int, draft_loops: int,
+                 y: mx.array, sampler: Sampler | None = None, compile_step: bool = False,
+                 chunk: int = 256):
+        self.model, self.cache, self.loops, self.chunk = model, cache, loops, chunk
+        self.start = cache[0][0].offset
+        cap = self._capacity(self.start + loops + 2)
+        self.buffers = [tuple(self._grow(mx.concatenate(
+            [getattr(lc[t], name)[:, :, :self.start] for t in range(loops)]), cap)
+            for name in ("keys", "values")) for lc in cache]
+        tick = _tick_graph(model, loops, draft_loops, sampler)
+        if not compile_step:
+            self._tick = tick
+        elif sampler is None:  # kept with the model: later generations replay it
+            self._tick = _graph(model, ("pipeline", loops, draft_loops), lambda: tick)
+        else:  # a sampler belongs to one generation, and draws random numbers
+            self._tick = mx.compile(tick, inputs=[model.state, mx.random.state],
+                                    outputs=[mx.random.state])
+        H = model.args.hidden_size
+        x0 = model.model.embed_tokens(y[None])
+        self.x = mx.concatenate([x0, mx.zeros((loops - 1, 1, H), dtype=x0.dtype)])
+        self.pos = mx.array([self.start] + [0] * (loops - 1), dtype=mx.int32)
+        self.valid = mx.array([True] + [False] * (loops - 1))
+        self.tok = mx.concatenate([y.astype(mx.int32), mx.zeros((loops - 1,), mx.int32)])
+        self.ticks = 0
+
+    def _capacity(self, n: int) -> int:
+        return -(-n // self.chunk) * self.chunk
+
+    @staticmethod
+    def _grow(a: mx.array, cap: int) -> mx.array:
+        pad = mx.zeros((*a.shape[:2], cap - a.shape[2], a.shape[3]), dtype=a.dtype)
+        return mx.concatenate([a, pad], axis=2)
+
+    def tick(self, finished: int, unread: int) -> tuple[mx.array, mx.array, mx.array]:
+        """Queue one pass. ``finished``: decoded tokens seen leaving the pipeline,
+        ``unread``: queued passes not looked at yet (a bound on the positions).
+        Returns, lazily, whether a token finished, which, and its logprobs [V]."""
+        # The oldest row is at start + (tokens finished); at most `loops` consecutive
+        # rows follow it, then the new one; the last slot is the scratch slot.
+        need = self.start + finished + unread + 1 + self.loops + 2
+        cap = self.buffers[0][0].shape[2]
+        if need > cap:
+            cap = self._capacity(need)
+            self.buffers = [tuple(self._grow(a, cap) for a in kv) for kv in self.buffers]
+        (self.x, self.pos, self.valid, self.tok, finished_, token, logprobs,
+         self.buffers) = self._tick(self.x, self.pos, self.valid, self.tok, self.buffers)
+        self.ticks += 1
+        mx.async_eval(self.x, self.pos, self.valid, self.tok, finished_, token, logprobs,
+                      self.buffers)
+        return finished_, token, logprobs
+
+    def sync(self, n: int) -> None:
+        """Hand the K/V of the prompt and the first ``n`` - 1 decoded tokens (those
+        whose successor was handed out: what plain decoding has cached after handing
+        out ``n``) back to the ``KVCache`` list; the steps past ``loops`` get copies
+        of the last step's K/V for them, as plain decoding gives them."""
+        end = self.start + n - 1
+        for (keys, values), lc in zip(self.buffers, self.cache):
+            for t, c in enumerate(lc.caches):
+                if t < self.loops:
+                    c.state = (keys[t:t + 1], values[t:t + 1], end)
+                else:
+                    c.state = tuple(mx.concatenate([old[:, :, :self.start],
+                                                    new[-1:, :, self.start:end]], axis=2)
+                                    for old, new in ((c.keys, keys), (c.values, values))
+                                    ) + (end,)
+
+
+def pipelined_step(
+    prompt: mx.array,
+    model: Model,
+    rule: ExitRule,
+    cache: list,
+    *,
+    draft_loops: int = 1,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list | None = None,
+    prefill_step_size: int = 2048,
+    compile_step: bool = False,
+    stats: PipelineStats | None = None,
+) -> Iterator[tuple[int, mx.array, int]]:
+    """Yield ``(token, logprobs, loops)`` like ``generation.generate_step``, decoding
+    through the pipeline (see the module's docstring); the prompt cache is brought up
+    to date when the generator ends or is closed."""
+    from .generation import prefill
+
+    depth = check_pipeline(model, rule, cache, draft_loops, logits_processors)
+    stats = stats if stats is not None else PipelineStats()
+    logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    y = (sampler or (lambda lp: mx.argmax(lp, axis=-1)))(logprobs)
+    dec = PipelinedDecoder(model, cache, depth, draft_loops, y, sampler, compile_step)
+    handed, queued = 1, deque()
+    try:
+        if max_tokens > 1:
+            queued.append(dec.tick(0, 0))
+        yield y.item(), logprobs[0], depth
+        while handed < max_tokens:
+            queued.append(dec.tick(handed - 1, len(queued)))  # runs while we look
+            finished, token, lp = queued.popleft()
+            if finished.item():
+                handed += 1
+                yield token.item(), lp, depth
+            if dec.ticks % 1024 == 0:
+                mx.clear_cache()
+    finally:
+        stats.ticks, stats.tokens = dec.ticks - len(queued), handed - 1
+        dec.sync(handed)

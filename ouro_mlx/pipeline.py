@@ -53,6 +53,7 @@ from .speculative import check_speculative
 Sampler = Callable[[mx.array], mx.array]
 
 _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
+CHUNK = 256  # the K/V buffers grow by this many positions
 
 
 @dataclass
@@ -154,8 +155,9 @@ class PipelinedDecoder:
 
     def __init__(self, model: Model, cache: list, loops: int, draft_loops: int,
                  y: mx.array, sampler: Sampler | None = None, compile_step: bool = False,
-                 chunk: int = 256):
-        self.model, self.cache, self.loops, self.chunk = model, cache, loops, chunk
+                 chunk: int | None = None):
+        self.model, self.cache, self.loops = model, cache, loops
+        self.chunk = chunk or CHUNK
         self.start = cache[0][0].offset
         cap = self._capacity(self.start + loops + 2)
         self.buffers = [tuple(self._grow(mx.concatenate(

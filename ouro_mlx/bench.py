@@ -121,15 +121,23 @@ def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = 
 
 def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_mode="full",
              kv_bits=None, context=0, name="ouro", compile_step=False,
-             draft_loops=None, num_draft_tokens=None) -> Run:
+             draft_loops=None, num_draft_tokens=None, pipeline=False) -> Run:
     """``draft_loops``: self-speculative decoding (``ouro_mlx.speculative``); the
-    name gets the acceptance appended."""
+    name gets the acceptance appended. ``pipeline``: pipelined loop decoding
+    (``ouro_mlx.pipeline``) drafting from step ``draft_loops`` - 1 (default 1); the
+    name gets the ticks (passes) per token appended."""
     cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
     a = model.args
     dtype = model.model.norm.weight.dtype  # the activation dtype, quantized or not
     fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
     mx.reset_peak_memory()
-    if draft_loops:
+    if pipeline:
+        from .pipeline import PipelineStats, pipelined_step
+
+        stats = PipelineStats()
+        gen = pipelined_step(prompt, model, rule, cache, draft_loops=draft_loops or 1,
+                             max_tokens=n_gen + 1, stats=stats, compile_step=compile_step)
+    elif draft_loops:
         from .speculative import SpecStats, speculative_step
 
         stats = SpecStats()
@@ -140,7 +148,10 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
         gen = generate_step(prompt, model, rule, cache, max_tokens=n_gen + 1,
                             compile_step=compile_step)
     p, d, loops = timed(gen, prompt.size, n_gen, loops_of=lambda item: item[2])
-    if draft_loops:
+    if pipeline:
+        gen.close()  # (after the timing) its stats are final once it is closed
+        name += f", {stats.ticks_per_token:.2f} ticks/tok"
+    elif draft_loops:
         name += f", acc {stats.acceptance:.2f}"
     hist = {k: loops.count(k) for k in sorted(set(loops))}
     return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),

@@ -11,9 +11,10 @@ ending in ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``.
   looping when their exit rule says so. Ouro options are extra body fields
   (``ut_steps``, ``exit_threshold``, ``exit_at_step``, ``min_loops``, ``max_loops``,
   ``kv_mode``, and the faster fixed-depth decoding ``draft_loops``,
-  ``num_draft_tokens``, ``compile_step``); every chunk and response carries
+  ``num_draft_tokens``, ``pipeline``, ``compile_step``); every chunk and response carries
   ``"ouro": {"loops": [...], "avg_loops": ...}``.
-- Decoding defaults (``ouro-mlx serve --draft-loops K --compile-step``) apply to the
+- Decoding defaults (``ouro-mlx serve --draft-loops K --compile-step``, or
+  ``--pipeline``, whose draft starts at step ``draft_loops`` - 1) apply to the
   requests they fit (a fixed depth: ``exit_threshold`` 1.0 or ``exit_at_step``;
   ``kv_mode`` "full"; no ``repetition_penalty``); others decode plainly, which gives
   the same tokens. A request's own field always wins (``null`` turns a default off),
@@ -126,6 +127,7 @@ class GenerationRequest(BaseModel):
     kv_mode: Literal["full", "last"] = "full"
     draft_loops: int | None = Field(None, ge=1, le=64)
     num_draft_tokens: int | None = Field(None, ge=1, le=64)
+    pipeline: bool | None = None
     compile_step: bool | None = None
     adapter: str | None = None  # a name given to ouro-mlx serve --adapter, never a path
 
@@ -137,7 +139,7 @@ class GenerationRequest(BaseModel):
         return [s for s in stops if s]
 
 
-DECODING_FIELDS = ("draft_loops", "num_draft_tokens", "compile_step")
+DECODING_FIELDS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
 
 
 class ChatRequest(GenerationRequest):
@@ -376,9 +378,13 @@ class Server:
             v = self.decoding.get(name)
             if v is not None and (type(v) is not int or not 1 <= v <= 64):
                 raise ValueError(f"decoding: {name} must be an integer in [1, 64], got {v!r}.")
-        if self.decoding.get("compile_step", True) is not True:
-            raise ValueError("decoding: compile_step must be True or False, got "
-                             f"{self.decoding['compile_step']!r}.")
+        for name in ("compile_step", "pipeline"):
+            if self.decoding.get(name, True) is not True:
+                raise ValueError(f"decoding: {name} must be True or False, got "
+                                 f"{self.decoding[name]!r}.")
+        if "pipeline" in self.decoding and "num_draft_tokens" in self.decoding:
+            raise ValueError("decoding: num_draft_tokens does not apply to pipeline (the "
+                             "pipeline holds one token per loop step).")
         self.limits = limits or Limits()
         positions = model.args.max_position_embeddings
         self.max_prompt = min(self.limits.max_prompt_tokens or positions - 1, positions - 1)
@@ -441,27 +447,57 @@ class Server:
         )
 
     def decoding_options(self, req: GenerationRequest, model, rule, processors) -> dict:
-        """draft_loops / num_draft_tokens / compile_step for ``req``: its own fields,
-        else the server's defaults. An own field that cannot run with the request's
-        loop options is a 400 naming it; a default that cannot is left out."""
+        """draft_loops / num_draft_tokens / pipeline / compile_step for ``req``: its own
+        fields, else the server's defaults. An own field that cannot run with the
+        request's loop options is a 400 naming it; a default that cannot is left out.
+        With pipeline, draft_loops is where its draft starts (default 1); a default
+        pipeline that is dropped (it cannot run, the request turns it off, or asks for
+        num_draft_tokens) takes the default draft_loops with it."""
         from .compiled import check_compilable
+        from .session import check_pipeline_named
         from .speculative import check_speculative
 
         given = req.model_fields_set & set(DECODING_FIELDS)
         chosen = {name: getattr(req, name) if name in given else self.decoding.get(name)
                   for name in DECODING_FIELDS}
         out = {k: v for k, v in chosen.items() if v is not None and v is not False}
+
+        def drop_default_pipeline():  # with the draft_loops default that went with it
+            out.pop("pipeline", None)
+            if "draft_loops" not in given:
+                out.pop("draft_loops", None)
+
+        if self.decoding.get("pipeline") and "pipeline" in given and "pipeline" not in out:
+            drop_default_pipeline()  # the request turned it off
+        if "pipeline" in out and "num_draft_tokens" in out:
+            if {"pipeline", "num_draft_tokens"} <= given:
+                raise APIError(400, "num_draft_tokens: does not apply to pipeline (the "
+                               "pipeline holds one token per loop step).",
+                               param="num_draft_tokens")
+            if "num_draft_tokens" in given:  # the request asks for speculation
+                drop_default_pipeline()
+            else:
+                del out["num_draft_tokens"]
         if "num_draft_tokens" in out and "draft_loops" not in out:
             if "num_draft_tokens" in given:
                 raise APIError(400, "num_draft_tokens: needs draft_loops.",
                                param="num_draft_tokens")
             del out["num_draft_tokens"]
         cache = model.make_cache(rule.ut_steps, kv_mode=req.kv_mode)  # empty: no memory
+        if "pipeline" in out:
+            try:
+                check_pipeline_named(model, rule, cache, out.get("draft_loops", 1), processors)
+            except ValueError as e:
+                if "pipeline" in given:  # asked for by the request itself
+                    own_k = "draft_loops" in given and str(e).startswith("draft_loops must")
+                    raise APIError(400, str(e), param="draft_loops" if own_k else "pipeline") \
+                        from None
+                drop_default_pipeline()  # a server default this request cannot use
         groups = {"draft_loops": ("draft_loops", "num_draft_tokens"),
                   "compile_step": ("compile_step",)}
         for name, fields in groups.items():
-            if name not in out:
-                continue
+            if name not in out or name == "draft_loops" and "pipeline" in out:
+                continue  # (pipeline's draft_loops was checked with it)
             try:
                 if name == "draft_loops":
                     check_speculative(model, rule, cache, out["draft_loops"],
@@ -545,7 +581,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
     """The FastAPI app serving ``model`` under ``model_id``. ``adapters``: name → the
     model with those adapters applied (same tokenizer), chosen per request by the
     ``adapter`` field. ``decoding``: default draft_loops / num_draft_tokens /
-    compile_step for the requests they fit (see the module's docstring)."""
+    pipeline / compile_step for the requests they fit (see the module's docstring)."""
     from .encoding import encode_chat, encode_text
 
     server = Server(model, tokenizer, model_id, limits, prompt_cache, adapters, decoding)

@@ -103,8 +103,8 @@ class SessionBusy(RuntimeError):
 
 
 class DecodingClash(ValueError):
-    """The ``decoding`` options (draft_loops, compile_step) cannot run with these loop
-    or KV settings; raised when the session is built or a setting changes."""
+    """The ``decoding`` options (draft_loops, pipeline, compile_step) cannot run with
+    these loop or KV settings; raised when the session is built or a setting changes."""
 
 
 class ChatSession:
@@ -113,7 +113,8 @@ class ChatSession:
     ``loop``: ut_steps / exit_threshold / exit_at_step / min_loops / max_loops /
     hidden_eps (as ``stream_generate``); ``sampling``: sampler / logits_processors /
     max_tokens; ``decoding``: draft_loops / num_draft_tokens (self-speculative
-    decoding) / compile_step (a compiled decode step), which need a fixed depth
+    decoding) / pipeline (pipelined loop decoding, its draft from step draft_loops - 1,
+    default 1) / compile_step (a compiled decode step), which need a fixed depth
     (exit_threshold 1.0 or exit_at_step) and kv_mode "full": the same greedy answer,
     faster. ``stop``: strings that end the answer. ``messages`` (a list of
     ``{"role", "content"}``) may be assigned to restore a conversation: the next
@@ -151,9 +152,13 @@ class ChatSession:
             raise ValueError(f"sampling: max_tokens must be >= 1, got {n}.")
         self.stop = [s for s in (stop or []) if s]
         self.decoding = {k: v for k, v in (decoding or {}).items() if v is not None}
-        if self.decoding.get("compile_step", False) not in (True, False):
-            raise ValueError("decoding: compile_step must be True or False, got "
-                             f"{self.decoding['compile_step']!r}.")
+        for name in ("compile_step", "pipeline"):
+            if self.decoding.get(name, False) not in (True, False):
+                raise ValueError(f"decoding: {name} must be True or False, got "
+                                 f"{self.decoding[name]!r}.")
+        if self.decoding.get("pipeline") and "num_draft_tokens" in self.decoding:
+            raise ValueError("decoding: num_draft_tokens does not apply to pipeline (the "
+                             "pipeline holds one token per loop step).")
         if "num_draft_tokens" in self.decoding and "draft_loops" not in self.decoding:
             raise ValueError("decoding: num_draft_tokens needs draft_loops.")
         if "ut_steps" in self.loop:
@@ -251,7 +256,10 @@ class ChatSession:
         from .speculative import check_speculative
 
         try:
-            if "draft_loops" in d:
+            if d.get("pipeline"):
+                check_pipeline_named(self.model, rule, cache, d.get("draft_loops", 1),
+                                     self.sampling.get("logits_processors"))
+            elif "draft_loops" in d:
                 check_speculative(self.model, rule, cache, d["draft_loops"],
                                   d.get("num_draft_tokens"),
                                   self.sampling.get("logits_processors"))
@@ -462,7 +470,22 @@ def _wait_for_ended_workers(timeout: float = 2.0) -> None:
 LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loops",
              "hidden_eps")
 SAMPLING_KEYS = ("sampler", "logits_processors", "max_tokens")
-DECODING_KEYS = ("draft_loops", "num_draft_tokens", "compile_step")
+DECODING_KEYS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
+
+
+def check_pipeline_named(model, rule, cache, draft_loops, logits_processors=None) -> int:
+    """``ouro_mlx.pipeline.check_pipeline``, its refusals naming pipeline (the option
+    asked for) where they would name draft_loops only because the checks are shared."""
+    from .pipeline import check_pipeline
+
+    try:
+        return check_pipeline(model, rule, cache, draft_loops, logits_processors)
+    except ValueError as e:
+        msg = str(e)
+        for verb in ("draft_loops needs ", "draft_loops does not "):
+            if msg.startswith(verb):
+                msg = "pipeline " + msg[len("draft_loops "):]
+        raise ValueError(msg) from None
 
 
 def check_kv_quantization(model, kv_bits: int | None, kv_group_size: int) -> None:

@@ -208,7 +208,8 @@ def test_chat_fast_decoding_flags_give_the_same_answers():
     plain = ouro("chat", "--exit-threshold", "1.0", stdin=turns)
     assert plain.returncode == 0 and "=" in plain.stdout
     for flags in (["--draft-loops", "2", "--num-draft-tokens", "4"], ["--draft-loops", "1"],
-                  ["--compile-step"]):
+                  ["--compile-step"], ["--pipeline"],
+                  ["--pipeline", "--draft-loops", "2", "--compile-step"]):
         fast = ouro("chat", "--exit-threshold", "1.0", *flags, stdin=turns)
         assert (fast.returncode, fast.stdout) == (0, plain.stdout), flags
     out = ouro("chat", "--exit-threshold", "1.0", "--draft-loops", "2",
@@ -225,6 +226,9 @@ def test_chat_fast_decoding_flags_give_the_same_answers():
          "--draft-loops needs --kv-mode full"),
         (["--exit-threshold", "1.0", "--draft-loops", "2", "--repetition-penalty", "1.1"],
          "--draft-loops cannot be combined with --repetition-penalty"),
+        (["--pipeline"], "pipeline needs a fixed depth"),
+        (["--exit-threshold", "1.0", "--pipeline", "--num-draft-tokens", "2"],
+         "--num-draft-tokens cannot be combined with --pipeline"),
     ]:
         bad = ouro("chat", *flags, stdin="/exit\n")
         assert bad.returncode == 1 and f"ouro-mlx chat: error: {message}" in bad.stderr, flags

@@ -357,7 +357,8 @@ def test_adapters_are_chosen_by_name_never_by_path(tiny_dir, tmp_path):
 
 
 FIXED = {"exit_threshold": 1.0}  # the demo model's own threshold (0.6) exits early
-FAST = [{"draft_loops": 2, "num_draft_tokens": 4}, {"draft_loops": 1}, {"compile_step": True}]
+FAST = [{"draft_loops": 2, "num_draft_tokens": 4}, {"draft_loops": 1}, {"compile_step": True},
+        {"pipeline": True}, {"pipeline": True, "draft_loops": 2, "compile_step": True}]
 
 
 def chat(run, messages, max_tokens=12, **extra):
@@ -431,6 +432,15 @@ def test_fast_decoding_bad_values_are_400_naming_the_field(demo):
          "logits processors"),
         ({"compile_step": True}, "compile_step", "needs a fixed depth"),
         ({"compile_step": True, "kv_mode": "last", **FIXED}, "compile_step", "kv_mode 'full'"),
+        ({"pipeline": [1]}, "pipeline", "pipeline"),
+        ({"pipeline": True}, "pipeline", "pipeline needs a fixed depth"),
+        ({"pipeline": True, "exit_threshold": 0.5}, "pipeline", "needs a fixed depth"),
+        ({"pipeline": True, "kv_mode": "last", **FIXED}, "pipeline", "kv_mode 'full'"),
+        ({"pipeline": True, "repetition_penalty": 1.1, **FIXED}, "pipeline",
+         "logits processors"),
+        ({"pipeline": True, "draft_loops": 4, **FIXED}, "draft_loops", "in [1, 4)"),
+        ({"pipeline": True, "draft_loops": 1, "num_draft_tokens": 2, **FIXED},
+         "num_draft_tokens", "does not apply to pipeline"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             chat(demo, user("1"), **extra)
@@ -439,12 +449,42 @@ def test_fast_decoding_bad_values_are_400_naming_the_field(demo):
         assert message in err["message"] and "\n" not in err["message"], extra
 
 
+def test_pipeline_default_and_the_requests_own_fields():
+    """A default pipeline takes the default draft_loops with it when it is dropped:
+    turned off by the request, displaced by its num_draft_tokens, or unable to run."""
+    from ouro_mlx.server import APIError, ChatRequest
+
+    model, tokenizer = load(str(model_path()))
+    server = create_app(model, tokenizer,
+                        decoding={"pipeline": True, "draft_loops": 2}).state.server
+
+    def fast(**fields):
+        opts = server.options(ChatRequest(messages=user("1"), **fields))
+        return {k: opts[k] for k in ("pipeline", "draft_loops", "num_draft_tokens")
+                if k in opts}
+
+    assert fast(**FIXED) == {"pipeline": True, "draft_loops": 2}
+    assert fast(**FIXED, draft_loops=3) == {"pipeline": True, "draft_loops": 3}
+    assert fast(**FIXED, pipeline=False) == {}
+    assert fast(**FIXED, pipeline=None, draft_loops=1) == {"draft_loops": 1}
+    assert fast(**FIXED, draft_loops=1, num_draft_tokens=3) == {"draft_loops": 1,
+                                                                 "num_draft_tokens": 3}
+    assert fast(exit_threshold=0.5) == {}  # an adaptive request decodes plainly
+    assert fast(**FIXED, kv_mode="last") == {}
+    with pytest.raises(APIError) as e:  # the request's own field: refused, named
+        fast(**FIXED, num_draft_tokens=3)
+    assert e.value.param == "num_draft_tokens"
+
+
 def test_bad_decoding_defaults_are_refused(tiny_dir):
     model, tokenizer = load(tiny_dir)
     for decoding, match in [({"draft_loop": 2}, "unknown option 'draft_loop'"),
                             ({"draft_loops": 0}, "draft_loops must be"),
                             ({"num_draft_tokens": 65}, "num_draft_tokens must be"),
-                            ({"compile_step": "yes"}, "compile_step must be")]:
+                            ({"compile_step": "yes"}, "compile_step must be"),
+                            ({"pipeline": "yes"}, "pipeline must be"),
+                            ({"pipeline": True, "draft_loops": 1, "num_draft_tokens": 2},
+                             "num_draft_tokens does not apply to pipeline")]:
         with pytest.raises(ValueError, match=match):
             create_app(model, tokenizer, decoding=decoding)
 
@@ -456,7 +496,9 @@ def test_serve_cli_decoding_flags():
     serve = [sys.executable, "-m", "ouro_mlx", "serve"]
     for flags, message in [(["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-loops"),
                            (["--draft-loops", "4"], "--draft-loops must be below the model's 4"),
-                           (["--compile-step", "--no-compile"], "--compile-step cannot be")]:
+                           (["--compile-step", "--no-compile"], "--compile-step cannot be"),
+                           (["--pipeline", "--num-draft-tokens", "2"],
+                            "--num-draft-tokens cannot be combined with --pipeline")]:
         bad = subprocess.run(serve + flags, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and f"ouro-mlx serve: error: {message}" in bad.stderr
     port = free_port()
@@ -468,7 +510,8 @@ def test_serve_cli_decoding_flags():
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         model, tokenizer = load(str(model_path()))
         ids = encode_chat(tokenizer, user(GAMES[0]), add_generation_prompt=True)
-        for extra in ({}, {"draft_loops": 1}, {"draft_loops": None, "compile_step": True}):
+        for extra in ({}, {"draft_loops": 1}, {"draft_loops": None, "compile_step": True},
+                      {"pipeline": True}):  # (the default num_draft_tokens left out)
             r = client.chat.completions.create(model="ouro-demo", messages=user(GAMES[0]),
                                                max_tokens=8, extra_body={**FIXED, **extra})
             assert r.choices[0].message.content == generate(model, tokenizer, ids,

@@ -356,6 +356,9 @@ def test_cli_generate_draft_loops(tiny_dir, capsys):
     assert capsys.readouterr().out == want
     assert main(base + ["--draft-loops", "2", "--compile-step"]) == 0
     assert capsys.readouterr().out == want
+    for flags in (["--pipeline"], ["--pipeline", "--draft-loops", "2", "--compile-step"]):
+        assert main(base + flags) == 0
+        assert capsys.readouterr().out == want, flags
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -365,6 +368,15 @@ def test_cli_generate_draft_loops(tiny_dir, capsys):
     (["--draft-loops", "1", "--repetition-penalty", "1.2"], "--repetition-penalty"),
     (["--draft-loops", "1", "--kv-mode", "last"], "--kv-mode full"),
     (["--draft-loops", "1", "--exit-threshold", "0.5"], "fixed depth"),
+    (["--pipeline", "--num-draft-tokens", "2"],
+     "--num-draft-tokens cannot be combined with --pipeline"),
+    (["--pipeline", "--draft-loops", "0"], "--draft-loops must be >= 1"),
+    (["--pipeline", "--repetition-penalty", "1.2"], "--pipeline cannot be combined with "
+                                                    "--repetition-penalty"),
+    (["--pipeline", "--kv-mode", "last"], "--pipeline needs --kv-mode full"),
+    (["--pipeline", "--kv-bits", "8"], "--pipeline cannot be combined with --kv-bits"),
+    (["--pipeline", "--exit-threshold", "0.5"], "needs a fixed depth"),
+    (["--pipeline", "--draft-loops", "4", "--exit-threshold", "1.0"], r"\[1, 4\)"),
 ])
 def test_cli_generate_draft_loops_refusals(tiny_dir, flags, message):
     from ouro_mlx.commands.generate import main
@@ -460,6 +472,31 @@ def test_bench_reports_draft_rows_plain_and_compiled(tmp_path, capsys):
         assert any(n.startswith(f"ouro draft {k} loops, acc") for n in names)
         assert any(n.startswith(f"ouro draft {k} loops compiled, acc") for n in names)
     assert "ouro draft 2 loops compiled" in capsys.readouterr().out
+
+
+def test_bench_reports_pipeline_rows(tmp_path, capsys):
+    from ouro_mlx.commands import bench as cmd
+
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "8", "--exits", "", "--no-fixed", "--repeats", "1",
+                     "--compile-step", "--pipeline", "--json-out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["float32"]
+    names = [r["name"] for r in run["ouro"]]
+    for name in ("ouro T=4 pipeline k=1", "ouro T=4 pipeline k=1 compiled"):
+        assert any(n.startswith(name + ", ") and n.endswith(" ticks/tok") for n in names)
+        assert run["summary"][f"{name}: decode speed-up over full depth"] > 0
+    assert not any(n.startswith("ouro draft") for n in names)
+    assert "ouro T=4 pipeline k=1 compiled" in capsys.readouterr().out
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "8", "--exits", "", "--no-fixed", "--no-peer",
+                     "--pipeline", "--draft-loops", "2,3", "--json-out", str(out)]) == 0
+    names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
+    for k in (2, 3):
+        assert any(n.startswith(f"ouro T=4 pipeline k={k}, ") for n in names)
+        assert any(n.startswith(f"ouro draft {k} loops, acc") for n in names)
+    with pytest.raises(ValueError, match="--pipeline cannot be combined with --kv-bits"):
+        cmd.main(["--random", "tiny", "--pipeline", "--kv-bits", "8"])
 
 
 def test_compiled_rounds_sample_like_plain_rounds(agreeing):

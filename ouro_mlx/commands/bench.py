@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the first K loop steps (greedy, full depth; single runs).")
     p.add_argument("--num-draft-tokens", type=int, default=None,
                    help="Most drafts per verify call, adaptive (default: 4).")
+    p.add_argument("--pipeline", action="store_true",
+                   help="Also rows of pipelined loop decoding (ouro_mlx.pipeline), its draft "
+                        "from step K-1 for each K of --draft-loops (default 1), compiled too "
+                        "with --compile-step (greedy, full depth; single runs), with their "
+                        "decode speed-up over full depth.")
     p.add_argument("--quality", action="store_true",
                    help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
@@ -167,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.draft_loops!r}.") from None
     if args.num_draft_tokens is not None and not draft_ks:
         raise ValueError("--num-draft-tokens needs --draft-loops.")
+    if args.pipeline and args.kv_bits:
+        raise ValueError("--pipeline cannot be combined with --kv-bits (it needs a plain "
+                         "KV cache).")
+    pipeline_ks = (draft_ks or [1]) if args.pipeline else []
     dtypes = [d.strip() for d in args.dtype.split(",")]
     quants = [q.strip() for q in args.quant.split(",")]
     if bad := [q for q in quants if q not in ("none", "4", "8")]:
@@ -201,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
             base = load_model(args.model, dtype=dtype, adapter_path=args.adapter_path)
             apply_exit_gate(base, args)
+            if has_per_loop_adapters(base) and args.pipeline:
+                raise ValueError("--pipeline does not support per-loop adapters: its rows run "
+                                 "different loop steps in one pass.")
             if has_per_loop_adapters(base) and not args.no_peer:
                 print("note: no unrolled peer with per-loop adapters (it has one adapter "
                       "per layer)", file=sys.stderr)
@@ -253,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                                    draft_loops=k, num_draft_tokens=args.num_draft_tokens,
                                    compile_step=compiled, **kw)
                     rows.append(B.as_dict(r))
+            pipelined = {}  # row name -> decode speed-up over the full-depth row
+            for k in pipeline_ks:
+                for compiled in (False, True) if args.compile_step else (False,):
+                    name = f"ouro T={T} pipeline k={k}{' compiled' if compiled else ''}"
+                    r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, name=name,
+                                   draft_loops=k, pipeline=True, compile_step=compiled, **kw)
+                    rows.append(B.as_dict(r))
+                    pipelined[name] = round(r.decode_tps / full.decode_tps, 3)
             overheads = {}
             for spec in [s.strip() for s in args.exits.split(",") if s.strip()]:
                 r = B.run_ouro(model, parse_exit(spec, T), ids, args.gen_tokens,
@@ -273,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                           "compiled decode vs unrolled peer"):
                     if k in medians:
                         summary[k] = medians[k]
+            for name, ratio in pipelined.items():
+                summary[f"{name}: decode speed-up over full depth"] = ratio
             for spec, o in overheads.items():
                 summary[f"ouro adaptive {spec}: decode time vs same depths fixed "
                         f"(avg {o['avg_loops']:.2f} loops, median of {o['repeats']})"] = o["ratio"]

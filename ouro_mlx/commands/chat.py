@@ -2,8 +2,8 @@
 
 Type a message and press Enter. Commands: /help, /reset, /loops N, /exit-threshold Q,
 /stats, /exit. Ctrl-C stops the current answer; Ctrl-D (or /exit) quits.
---draft-loops and --compile-step decode faster at a fixed depth (--exit-threshold 1.0
-or --exit-at-step): the same greedy answers.
+--draft-loops, --pipeline and --compile-step decode faster at a fixed depth
+(--exit-threshold 1.0 or --exit-at-step): the same greedy answers.
 """
 
 from __future__ import annotations

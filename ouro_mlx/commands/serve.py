@@ -3,9 +3,10 @@
 POST /v1/chat/completions and /v1/completions (streamed as SSE or whole), GET
 /v1/models, GET /health. Ouro options per request as extra body fields: ut_steps,
 exit_threshold, exit_at_step, min_loops, max_loops, kv_mode, draft_loops,
-num_draft_tokens, compile_step; every chunk and response carries "ouro": {"loops":
-[...], "avg_loops": ...}. --draft-loops / --compile-step set defaults for the requests
-at a fixed depth (exit_threshold 1.0 or exit_at_step); others decode plainly.
+num_draft_tokens, pipeline, compile_step; every chunk and response carries "ouro":
+{"loops": [...], "avg_loops": ...}. --draft-loops / --pipeline / --compile-step set
+defaults for the requests at a fixed depth (exit_threshold 1.0 or exit_at_step);
+others decode plainly.
 Needs the server extra: pip install 'ouro-mlx[server]'.
 """
 
@@ -88,9 +89,9 @@ def decoding_note(model, decoding: dict) -> str | None:
         raise ValueError(f"--draft-loops must be below the model's {model.ut_steps} loop "
                          f"steps, got {k}.")
     if decoding and make_rule(model).fixed_loops is None:
-        return ("note: --draft-loops/--compile-step apply to requests at a fixed depth "
-                "(exit_threshold 1.0 or exit_at_step); this model's default exit rule is "
-                "adaptive, so other requests decode plainly.")
+        return ("note: --draft-loops/--pipeline/--compile-step apply to requests at a fixed "
+                "depth (exit_threshold 1.0 or exit_at_step); this model's default exit rule "
+                "is adaptive, so other requests decode plainly.")
     return None
 
 

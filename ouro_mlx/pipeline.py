@@ -54,6 +54,7 @@ Sampler = Callable[[mx.array], mx.array]
 
 _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions
+SPAN = 32
 
 
 @dataclass
@@ -73,7 +74,14 @@ def check_pipeline(model: Model, rule: ExitRule, cache: list, draft_loops: int,
                    logits_processors: list | None = None) -> int:
     """The depth (loop steps per token) if pipelining applies, else a one-line
     ValueError."""
-    depth, _ = check_speculative(model, rule, cache, draft_loops, None, logits_processors)
+    try:
+        depth, _ = check_speculative(model, rule, cache, draft_loops, None, logits_processors)
+    except ValueError as e:  # the shared checks name draft_loops; this is the pipeline
+        msg = str(e)
+        for verb in ("draft_loops needs ", "draft_loops does not "):
+            if msg.startswith(verb):
+                msg = "pipeline " + msg[len("draft_loops "):]
+        raise ValueError(msg) from None
     if any(type(c) is not KVCache for lc in cache for c in lc.caches):
         raise ValueError("pipeline needs a plain KVCache (no kv_bits).")
     if any(layer.self_attn.loop_keys or layer.mlp.loop_keys for layer in model.layers):
@@ -82,7 +90,7 @@ def check_pipeline(model: Model, rule: ExitRule, cache: list, draft_loops: int,
     return depth
 
 
-def _tick_layer(layer, x, buf, pos, wpos, mask):
+def _tick_layer(layer, x, buf, pos, wpos, mask, span):
     """``DecoderLayer`` on rows ``x`` [R, 1, H], row r at position ``pos[r]``, with
     its K/V written into row r of ``buf`` at ``wpos[r]``."""
     attn = layer.self_attn
@@ -96,7 +104,8 @@ def _tick_layer(layer, x, buf, pos, wpos, mask):
     at = mx.broadcast_to(wpos[:, None, None, None], k.shape)
     keys = mx.put_along_axis(buf[0], at, k, axis=2)
     values = mx.put_along_axis(buf[1], at, v, axis=2)
-    o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+    o = mx.fast.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
+                                             scale=attn.scale, mask=mask)
     h = attn.o_proj(o.transpose(0, 2, 1, 3).reshape(R, 1, -1))
     x, h = add_norm_norm(x, h, layer.input_layernorm_2.weight,
                          layer.post_attention_layernorm.weight, layer.eps)
@@ -108,17 +117,17 @@ def _tick_graph(model: Model, loops: int, k: int, sampler: Sampler | None):
     inner = model.model
     last = loops - 1
 
-    def tick(x, pos, valid, tok, buffers):
+    def tick(x, pos, valid, tok, buffers, span):
         """One pass: row s (its input state ``x[s]``, at ``pos[s]``, ``valid[s]``,
         input token ``tok[s]``) runs loop step s. Returns the next tick's rows, the
         finished row's flag, token and logprobs, and the buffers."""
         steps = mx.arange(loops)
         cap = buffers[0][0].shape[2]
         wpos = mx.where(valid, pos, cap - 1)
-        mask = (mx.arange(cap)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (mx.arange(span)[None, :] <= pos[:, None])[:, None, None, :]
         out = []
         for layer, buf in zip(inner.layers, buffers):
-            x, buf = _tick_layer(layer, x, buf, pos, wpos, mask)
+            x, buf = _tick_layer(layer, x, buf, pos, wpos, mask, span)
             out.append(buf)
         x = inner.norm(x)
         logits = model.lm_head(x[:, 0])
@@ -199,7 +208,8 @@ class PipelinedDecoder:
             cap = self._capacity(need)
             self.buffers = [tuple(self._grow(a, cap) for a in kv) for kv in self.buffers]
         (self.x, self.pos, self.valid, self.tok, finished_, token, logprobs,
-         self.buffers) = self._tick(self.x, self.pos, self.valid, self.tok, self.buffers)
+         self.buffers) = self._tick(self.x, self.pos, self.valid, self.tok, self.buffers,
+                                    min(cap, -(-need // SPAN) * SPAN))
         self.ticks += 1
         mx.async_eval(self.x, self.pos, self.valid, self.tok, finished_, token, logprobs,
                       self.buffers)
@@ -207,9 +217,11 @@ class PipelinedDecoder:
 
     def sync(self, n: int) -> None:
         """Hand the K/V of the prompt and the first ``n`` - 1 decoded tokens (those
-        whose successor was handed out: what plain decoding has cached after handing
-        out ``n``) back to the ``KVCache`` list; the steps past ``loops`` get copies
-        of the last step's K/V for them, as plain decoding gives them."""
+        whose successor was handed out) back to the ``KVCache`` list; the steps past
+        ``loops`` get copies of the last step's K/V for them, as plain decoding gives
+        them. After a "length" finish that is what plain decoding leaves; closed
+        early (an eos), plain decoding has also cached token ``n``, which here may
+        still be in flight: a next turn feeds it again."""
         end = self.start + n - 1
         for (keys, values), lc in zip(self.buffers, self.cache):
             for t, c in enumerate(lc.caches):

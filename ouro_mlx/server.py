@@ -454,7 +454,7 @@ class Server:
         pipeline that is dropped (it cannot run, the request turns it off, or asks for
         num_draft_tokens) takes the default draft_loops with it."""
         from .compiled import check_compilable
-        from .session import check_pipeline_named
+        from .pipeline import check_pipeline
         from .speculative import check_speculative
 
         given = req.model_fields_set & set(DECODING_FIELDS)
@@ -486,7 +486,7 @@ class Server:
         cache = model.make_cache(rule.ut_steps, kv_mode=req.kv_mode)  # empty: no memory
         if "pipeline" in out:
             try:
-                check_pipeline_named(model, rule, cache, out.get("draft_loops", 1), processors)
+                check_pipeline(model, rule, cache, out.get("draft_loops", 1), processors)
             except ValueError as e:
                 if "pipeline" in given:  # asked for by the request itself
                     own_k = "draft_loops" in given and str(e).startswith("draft_loops must")

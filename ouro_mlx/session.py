@@ -253,12 +253,13 @@ class ChatSession:
         if cache is None:  # empty caches of that depth: nothing is allocated
             cache = self.model.make_cache(rule.ut_steps, **self.kv)
         from .compiled import check_compilable
+        from .pipeline import check_pipeline
         from .speculative import check_speculative
 
         try:
             if d.get("pipeline"):
-                check_pipeline_named(self.model, rule, cache, d.get("draft_loops", 1),
-                                     self.sampling.get("logits_processors"))
+                check_pipeline(self.model, rule, cache, d.get("draft_loops", 1),
+                               self.sampling.get("logits_processors"))
             elif "draft_loops" in d:
                 check_speculative(self.model, rule, cache, d["draft_loops"],
                                   d.get("num_draft_tokens"),
@@ -471,21 +472,6 @@ LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loo
              "hidden_eps")
 SAMPLING_KEYS = ("sampler", "logits_processors", "max_tokens")
 DECODING_KEYS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
-
-
-def check_pipeline_named(model, rule, cache, draft_loops, logits_processors=None) -> int:
-    """``ouro_mlx.pipeline.check_pipeline``, its refusals naming pipeline (the option
-    asked for) where they would name draft_loops only because the checks are shared."""
-    from .pipeline import check_pipeline
-
-    try:
-        return check_pipeline(model, rule, cache, draft_loops, logits_processors)
-    except ValueError as e:
-        msg = str(e)
-        for verb in ("draft_loops needs ", "draft_loops does not "):
-            if msg.startswith(verb):
-                msg = "pipeline " + msg[len("draft_loops "):]
-        raise ValueError(msg) from None
 
 
 def check_kv_quantization(model, kv_bits: int | None, kv_group_size: int) -> None:

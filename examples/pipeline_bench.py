@@ -1,0 +1,115 @@
+"""Pipelined loop decoding against plain full-depth decoding, in one process.
+
+    python examples/pipeline_bench.py                          # the bundled demo model
+    python examples/pipeline_bench.py --layers 24 --agree 0.02  # 24 layers, steps agree
+    python examples/pipeline_bench.py --layers 2 --hidden 2048  # a wide model on the CPU
+
+Greedy, fixed full depth, batch 1. Each round runs plain decoding, then the pipeline
+for draft_loops k = 1, 2, 3 (fresh cache each, same prompt); every run must give the
+plain run's tokens. The table shows passes of the layer stack per token (plain
+decoding: the depth), the median tok/s and the median of the per-round ratios to plain
+decoding of the same round; with ``--compile-step`` the same through compiled graphs,
+against compiled plain decoding. depth / passes is what the pipeline would give if a
+pass of a few rows cost what a pass of one does.
+
+Random models (``--layers``): the tiny shape (hidden 64) or ``--hidden``; ``--agree s``
+scales every sub-layer output by s (and sets a unit final norm), so a loop step changes
+the state a little and early readouts often match the last step's, as in a model whose
+easy tokens are settled after a loop or two.
+"""
+
+import argparse
+import statistics
+
+import mlx.core as mx
+
+import ouro_mlx
+from ouro_mlx.bench import random_model, timed
+from ouro_mlx.demo import model_path
+from ouro_mlx.encoding import encode_text
+from ouro_mlx.generation import generate_step, make_rule
+from ouro_mlx.pipeline import PipelineStats, pipelined_step
+from ouro_mlx.random_model import SHAPES, hf_config
+
+med = statistics.median
+
+
+def load(args):
+    if args.layers is None:
+        model, tok = ouro_mlx.load(model_path())
+        return model, mx.array(encode_text(tok, args.text), dtype=mx.int32), "bundled demo model"
+    dims = dict(SHAPES["tiny"], num_hidden_layers=args.layers, max_position_embeddings=4096)
+    if args.hidden:
+        dims.update(hidden_size=args.hidden, head_dim=128, num_attention_heads=args.hidden // 128,
+                    num_key_value_heads=args.hidden // 128, intermediate_size=args.hidden * 11 // 4)
+    model = random_model(hf_config(dims), args.dtype)
+    if args.agree:
+        model.model.norm.weight = mx.ones_like(model.model.norm.weight)
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm_2, layer.post_attention_layernorm_2):
+                norm.weight = args.agree * norm.weight
+        mx.eval(model.parameters())
+    prompt = mx.array([(7 * i + 3) % 500 for i in range(16)], dtype=mx.int32)
+    name = (f"random model, hidden {dims['hidden_size']}, {args.layers} layers, {args.dtype}"
+            + (f", sub-layer outputs x{args.agree}" if args.agree else ""))
+    return model, prompt, name
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--text", default="2,23,14,31 -> =", help="prompt (bundled model)")
+    p.add_argument("--tokens", type=int, default=48, help="decoded tokens per run")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile-step", action="store_true", help="also compiled rows")
+    p.add_argument("--layers", type=int, default=None, help="a random model of this many layers")
+    p.add_argument("--hidden", type=int, default=None, help="random model: hidden size")
+    p.add_argument("--agree", type=float, default=None,
+                   help="random model: scale sub-layer outputs (e.g. 0.02)")
+    p.add_argument("--dtype", default="float32", help="random model: dtype")
+    args = p.parse_args()
+    model, prompt, name = load(args)
+    rule = make_rule(model, exit_threshold=1.0)
+    T = rule.ut_steps
+    modes = (False, True) if args.compile_step else (False,)
+    settings = [(k, c) for c in modes for k in (0, 1, 2, 3)]  # k = 0: plain decoding
+
+    def run(setting):
+        k, c = setting
+        cache, stats = model.make_cache(T), PipelineStats()
+        if k == 0:
+            gen = generate_step(prompt, model, rule, cache, max_tokens=args.tokens + 1,
+                                compile_step=c)
+        else:
+            gen = pipelined_step(prompt, model, rule, cache, draft_loops=k,
+                                 max_tokens=args.tokens + 1, compile_step=c, stats=stats)
+        tokens = []
+        _, tps, _ = timed((tokens.append(t[0]) or t for t in gen), prompt.size, args.tokens)
+        gen.close()  # the pipeline's counts are final once it is closed
+        return tps, tokens[:args.tokens], stats.ticks_per_token or T
+
+    for s in settings:  # warm up (and trace)
+        run(s)
+    tps = {s: [] for s in settings}
+    passes = {}
+    for _ in range(args.rounds):
+        want = None
+        for s in settings:
+            t, got, passes[s] = run(s)
+            want = want or got
+            if got != want:
+                raise RuntimeError(f"{s}: pipelined tokens differ from plain decoding")
+            tps[s].append(t)
+    print(f"{name}: {T} loop steps, greedy, {prompt.size}-token prompt, {args.tokens} "
+          f"tokens, {args.rounds} rounds, medians")
+    print("| path | k | passes / token | depth / passes | tok/s | vs plain (same path) |")
+    print("|---|---|---|---|---|---|")
+    for k, c in settings:
+        base = tps[0, c]
+        ratio = med(a / b for a, b in zip(tps[k, c], base))
+        print(f"| {'compiled' if c else 'plain'} | {k or 'plain decoding'} | "
+              f"{passes[k, c]:.2f} | {T / passes[k, c]:.2f}x | {med(tps[k, c]):.1f} | "
+              f"{ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

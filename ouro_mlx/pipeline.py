@@ -25,8 +25,8 @@ a large model on the CPU — a tick costs up to ``loops`` passes and this is slo
 
 The K/V live in one buffer per layer with the loop step as the batch axis
 ([loops, kv_heads, capacity, head_dim]); a tick writes row s's K/V at its position
-(invalid rows write to the last, never-attended slot) and attends over the capacity
-with a per-row causal mask. Positions past a row are masked, so what a dropped row
+(invalid rows write to the last, never-attended slot) and attends over the live part
+of the buffers (rounded up, see ``PipelinedDecoder._span``) with a per-row causal mask. Positions past a row are masked, so what a dropped row
 wrote is never read before the row that replaces it rewrites it. The pipeline's
 state (positions, validity, input tokens, states) stays on the device, so ticks are
 queued without waiting: the host reads each tick's "token finished" flag one tick
@@ -54,7 +54,7 @@ Sampler = Callable[[mx.array], mx.array]
 
 _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions
-SPAN = 32
+SPAN = 32  # attention reads the buffers up to a multiple of this past the live rows
 
 
 @dataclass
@@ -173,6 +173,7 @@ class PipelinedDecoder:
             [getattr(lc[t], name)[:, :, :self.start] for t in range(loops)]), cap)
             for name in ("keys", "values")) for lc in cache]
         tick = _tick_graph(model, loops, draft_loops, sampler)
+        self.compiled = compile_step
         if not compile_step:
             self._tick = tick
         elif sampler is None:  # kept with the model: later generations replay it
@@ -196,6 +197,14 @@ class PipelinedDecoder:
         pad = mx.zeros((*a.shape[:2], cap - a.shape[2], a.shape[3]), dtype=a.dtype)
         return mx.concatenate([a, pad], axis=2)
 
+    def _span(self, need: int, cap: int) -> int:
+        """Positions attention reads: ``need`` rounded up to a multiple of SPAN, or
+        for a compiled tick (traced once per span) to SPAN times a power of two."""
+        n = -(-need // SPAN)
+        if self.compiled:
+            n = 1 << (n - 1).bit_length()
+        return min(cap, n * SPAN)
+
     def tick(self, finished: int, unread: int) -> tuple[mx.array, mx.array, mx.array]:
         """Queue one pass. ``finished``: decoded tokens seen leaving the pipeline,
         ``unread``: queued passes not looked at yet (a bound on the positions).
@@ -209,7 +218,7 @@ class PipelinedDecoder:
             self.buffers = [tuple(self._grow(a, cap) for a in kv) for kv in self.buffers]
         (self.x, self.pos, self.valid, self.tok, finished_, token, logprobs,
          self.buffers) = self._tick(self.x, self.pos, self.valid, self.tok, self.buffers,
-                                    min(cap, -(-need // SPAN) * SPAN))
+                                    self._span(need, cap))
         self.ticks += 1
         mx.async_eval(self.x, self.pos, self.valid, self.tok, finished_, token, logprobs,
                       self.buffers)

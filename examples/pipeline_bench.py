@@ -5,8 +5,9 @@
     python examples/pipeline_bench.py --layers 2 --hidden 2048  # a wide model on the CPU
 
 Greedy, fixed full depth, batch 1. Each round runs plain decoding, then the pipeline
-for draft_loops k = 1, 2, 3 (fresh cache each, same prompt); every run must give the
-plain run's tokens. The table shows passes of the layer stack per token (plain
+for draft_loops k = 1, 2, 3 (fresh cache each, same prompt), always and adaptive
+(measured against plain decoding every 16 tokens); every run must give the plain
+run's tokens. The table shows passes of the layer stack per token (plain
 decoding: the depth), the median tok/s and the median of the per-round ratios to plain
 decoding of the same round; with ``--compile-step`` the same through compiled graphs,
 against compiled plain decoding. depth / passes is what the pipeline would give if a
@@ -71,21 +72,25 @@ def main() -> None:
     rule = make_rule(model, exit_threshold=1.0)
     T = rule.ut_steps
     modes = (False, True) if args.compile_step else (False,)
-    settings = [(k, c) for c in modes for k in (0, 1, 2, 3)]  # k = 0: plain decoding
+    # k = 0: plain decoding; "adaptive": the pipeline checked against plain decoding
+    settings = [(k, c, False) for c in modes for k in (0, 1, 2, 3)]
+    settings += [(k, c, True) for c in modes for k in (1, 2, 3)]
 
     def run(setting):
-        k, c = setting
+        k, c, adaptive = setting
         cache, stats = model.make_cache(T), PipelineStats()
         if k == 0:
             gen = generate_step(prompt, model, rule, cache, max_tokens=args.tokens + 1,
                                 compile_step=c)
         else:
             gen = pipelined_step(prompt, model, rule, cache, draft_loops=k,
-                                 max_tokens=args.tokens + 1, compile_step=c, stats=stats)
+                                 max_tokens=args.tokens + 1, compile_step=c,
+                                 adaptive=adaptive, stats=stats)
         tokens = []
         _, tps, _ = timed((tokens.append(t[0]) or t for t in gen), prompt.size, args.tokens)
         gen.close()  # the pipeline's counts are final once it is closed
-        return tps, tokens[:args.tokens], stats.ticks_per_token or T
+        piped = stats.tokens / (stats.tokens + stats.plain_tokens) if stats.tokens else 0
+        return tps, tokens[:args.tokens], (stats.ticks_per_token or T, piped)
 
     for s in settings:  # warm up (and trace)
         run(s)
@@ -101,14 +106,16 @@ def main() -> None:
             tps[s].append(t)
     print(f"{name}: {T} loop steps, greedy, {prompt.size}-token prompt, {args.tokens} "
           f"tokens, {args.rounds} rounds, medians")
-    print("| path | k | passes / token | depth / passes | tok/s | vs plain (same path) |")
-    print("|---|---|---|---|---|---|")
-    for k, c in settings:
-        base = tps[0, c]
-        ratio = med(a / b for a, b in zip(tps[k, c], base))
-        print(f"| {'compiled' if c else 'plain'} | {k or 'plain decoding'} | "
-              f"{passes[k, c]:.2f} | {T / passes[k, c]:.2f}x | {med(tps[k, c]):.1f} | "
-              f"{ratio:.2f}x |")
+    print("| path | k | passes / token | depth / passes | pipelined tokens | tok/s | "
+          "vs plain (same path) |")
+    print("|---|---|---|---|---|---|---|")
+    for s in settings:
+        k, c, adaptive = s
+        ratio = med(a / b for a, b in zip(tps[s], tps[0, c, False]))
+        p, piped = passes[s]
+        print(f"| {'compiled' if c else 'plain'} | {k or 'plain decoding'}"
+              f"{' adaptive' if adaptive else ''} | {p:.2f} | {T / p:.2f}x | "
+              f"{piped:.0%} | {med(tps[s]):.1f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,8 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
     if pipeline:
         gen.close()  # (after the timing) its stats are final once it is closed
         name += f", {stats.ticks_per_token:.2f} ticks/tok"
+        if stats.plain_tokens:  # decoded plainly where the pipeline measured slower
+            name += f", {stats.plain_tokens} plain"
     elif draft_loops:
         name += f", acc {stats.acceptance:.2f}"
     hist = {k: loops.count(k) for k in sorted(set(loops))}

@@ -32,12 +32,20 @@ state (positions, validity, input tokens, states) stays on the device, so ticks 
 queued without waiting: the host reads each tick's "token finished" flag one tick
 behind. ``compile_step``: each tick is one ``mx.compile``d graph.
 
+Adaptive (the default): where a pass of a few rows costs more than the passes it
+saves, the pipeline is slower than plain decoding; so decoding starts plainly, tries
+the pipeline for PROBE_TOKENS tokens, and keeps whichever measured faster (checked
+every PROBE_TOKENS tokens; a losing pipeline is retried after 32 plain tokens, then
+64, ... 512). The verdict is kept with the model, so a chat's next answer starts
+where the last one left off. The tokens are the same either way.
+
 Needs what speculation needs (a fixed depth, kv_mode "full", no logits processors),
 a plain KVCache (no kv_bits), batch 1 and no per-loop adapters.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -45,25 +53,29 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .compiled import _graph
+from .compiled import _Graphs, _graph
 from .exit import ExitRule
 from .model import Model, add_norm, add_norm_norm, cache_depth
-from .speculative import check_speculative
+from .speculative import BACKOFF_TOKENS, MAX_BACKOFF, _Meter, check_speculative
 
 Sampler = Callable[[mx.array], mx.array]
 
 _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions
 SPAN = 32  # attention reads the buffers up to a multiple of this past the live rows
+PROBE_TOKENS = 16  # adaptive: tokens per speed measurement
+clock = time.perf_counter  # the speed check's clock (a test replaces it)
 
 
 @dataclass
 class PipelineStats:
-    """``ticks`` passes run for ``tokens`` decoded tokens (the prompt's first token
-    excluded): plain decoding runs ``loops`` passes per token."""
+    """``ticks`` passes run for the ``tokens`` the pipeline decoded (plain decoding
+    runs ``loops`` passes per token); ``plain_tokens`` decoded plainly where the
+    pipeline measured slower (the prompt's first token counts in neither)."""
 
     ticks: int = 0
     tokens: int = 0
+    plain_tokens: int = 0
 
     @property
     def ticks_per_token(self) -> float:
@@ -243,6 +255,102 @@ class PipelinedDecoder:
                                     ) + (end,)
 
 
+def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None = None
+                ) -> Iterator[tuple[int, mx.array]]:
+    """Tokens out of the pipeline, for as long as they are asked for, each pass
+    queued before the one before it is looked at; on close, the K/V of the tokens
+    handed out go back into the cache and the last one is left pending. ``head``:
+    (the pending token [1], its logprobs), still to be handed out first."""
+    handed, queued = 1, deque([dec.tick(0, 0)])  # the pending token counts as one
+    try:
+        if head is not None:
+            yield head[0].item(), head[1]
+        while True:
+            queued.append(dec.tick(handed - 1, len(queued)))
+            finished, token, lp = queued.popleft()
+            if finished.item():
+                handed += 1
+                yield token.item(), lp
+            if dec.ticks % 1024 == 0:
+                mx.clear_cache()
+    finally:
+        stats.ticks += dec.ticks - len(queued)
+        stats.tokens += handed - 1
+        dec.sync(handed)
+
+
+def _plain_tokens(decode_one: Callable[[mx.array], mx.array], y: mx.array,
+                  sampler: Sampler, n: int, head: tuple | None = None
+                  ) -> Iterator[tuple[int, mx.array]]:
+    """``n`` tokens after the pending ``y`` [1], decoded plainly, each queued before
+    the one before it is handed out; the last one handed out is left pending.
+    ``head``: (``y``, its logprobs), still to be handed out first."""
+
+    def step(y):
+        logits = decode_one(y)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = sampler(lp)
+        mx.async_eval(y, lp)
+        return y, lp
+
+    cur = step(y)
+    if head is not None:
+        yield head[0].item(), head[1]
+    for i in range(n):
+        nxt = step(cur[0]) if i + 1 < n else None
+        yield cur[0].item(), cur[1][0]
+        cur = nxt
+
+
+class _Switch:
+    """Adaptive pipelining: decode PROBE_TOKENS plainly, then through the pipeline,
+    and compare their measured seconds per token; the pipeline goes on (checked
+    every PROBE_TOKENS tokens) while it is not slower, else plain decoding takes
+    over for BACKOFF_TOKENS, doubling while the pipeline keeps losing. What was
+    measured is kept with the model (per depth, draft loops and compile_step), so
+    the next generation starts where this one left off instead of probing anew."""
+
+    def __init__(self, adaptive: bool, memory: dict | None = None):
+        self.adaptive, self.memory = adaptive, memory
+        self.plain, self.pipe = _Meter(), _Meter()
+        self.backoff, self.resume_at = BACKOFF_TOKENS, PROBE_TOKENS if adaptive else 0
+        if adaptive and memory:  # the last generation's verdict
+            self.plain, self.pipe = memory["plain"], memory["pipe"]
+            self.backoff, self.resume_at = memory["backoff"], memory["resume_in"]
+
+    def pipelined(self, emitted: int) -> bool:
+        return emitted >= self.resume_at
+
+    def segment(self, emitted: int) -> int:
+        """Plain tokens to decode before trying the pipeline again."""
+        return self.resume_at - emitted
+
+    def done(self, piped: bool, seconds: float, tokens: int, emitted: int) -> None:
+        if not self.adaptive or not tokens:
+            return
+        (self.pipe if piped else self.plain).add(seconds, tokens)
+        plain, pipe = self.plain.per_token(), self.pipe.per_token()
+        if piped and plain is not None and pipe > plain:
+            self.resume_at = emitted + self.backoff
+            self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+            self.pipe = _Meter()
+        elif piped:
+            self.backoff = BACKOFF_TOKENS
+        if self.memory is not None:
+            self.memory.update(plain=self.plain, pipe=self.pipe, backoff=self.backoff,
+                               resume_in=max(0, self.resume_at - emitted))
+
+
+def _memory(model: Model, key: tuple) -> dict:
+    """The adaptive pipeline's measurements for ``key``, kept with the model (not
+    as a parameter; a copy of the model starts without them)."""
+    kept = model.__dict__.get("_ouro_pipeline")
+    if kept is None:
+        kept = _Graphs()
+        object.__setattr__(model, "_ouro_pipeline", kept)
+    return kept.setdefault(key, {})
+
+
 def pipelined_step(
     prompt: mx.array,
     model: Model,
@@ -255,32 +363,60 @@ def pipelined_step(
     logits_processors: list | None = None,
     prefill_step_size: int = 2048,
     compile_step: bool = False,
+    adaptive: bool = True,
     stats: PipelineStats | None = None,
 ) -> Iterator[tuple[int, mx.array, int]]:
     """Yield ``(token, logprobs, loops)`` like ``generation.generate_step``, decoding
     through the pipeline (see the module's docstring); the prompt cache is brought up
-    to date when the generator ends or is closed."""
-    from .generation import prefill
+    to date when the generator ends or is closed. ``adaptive``: measured speed
+    decides, every PROBE_TOKENS tokens, between the pipeline and plain decoding
+    (the same tokens either way); False: always the pipeline."""
+    from .compiled import CompiledDecoder
+    from .generation import decode, prefill
 
     depth = check_pipeline(model, rule, cache, draft_loops, logits_processors)
     stats = stats if stats is not None else PipelineStats()
+    sample = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    y = (sampler or (lambda lp: mx.argmax(lp, axis=-1)))(logprobs)
-    dec = PipelinedDecoder(model, cache, depth, draft_loops, y, sampler, compile_step)
-    handed, queued = 1, deque()
-    try:
-        if max_tokens > 1:
-            queued.append(dec.tick(0, 0))
+    y = sample(logprobs)
+    mx.async_eval(y, logprobs)
+    if max_tokens == 1:
         yield y.item(), logprobs[0], depth
-        while handed < max_tokens:
-            queued.append(dec.tick(handed - 1, len(queued)))  # runs while we look
-            finished, token, lp = queued.popleft()
-            if finished.item():
-                handed += 1
-                yield token.item(), lp, depth
-            if dec.ticks % 1024 == 0:
-                mx.clear_cache()
-    finally:
-        stats.ticks, stats.tokens = dec.ticks - len(queued), handed - 1
-        dec.sync(handed)
+        return
+    memory = _memory(model, (depth, draft_loops, compile_step)) if adaptive else None
+    switch, head, emitted = _Switch(adaptive, memory), (y, logprobs[0]), 0
+    while emitted < max_tokens:
+        mark = emitted + (head is not None)  # the tokens out once the head is
+        tic, dec, piped = clock(), None, switch.pipelined(mark)
+        if piped:  # until the speed check says otherwise
+            tokens = _pipe_tokens(PipelinedDecoder(model, cache, depth, draft_loops, y,
+                                                   sampler, compile_step), stats, head)
+        else:
+            n = min(switch.segment(mark), max_tokens - mark)
+            if compile_step:
+                dec = CompiledDecoder(model, cache, depth)
+                tokens = _plain_tokens(lambda y: dec(y[None]), y, sample, n, head)
+            else:
+                tokens = _plain_tokens(lambda y: decode(model, y[None], cache, rule)[0],
+                                       y, sample, n, head)
+        head = None
+        try:
+            for token, lp in tokens:
+                emitted += 1
+                yield token, lp, depth
+                if emitted >= max_tokens:
+                    break
+                if piped and emitted - mark >= PROBE_TOKENS:
+                    switch.done(True, clock() - tic, emitted - mark, emitted)
+                    tic, mark = clock(), emitted
+                    if not switch.pipelined(emitted):
+                        break
+        finally:
+            tokens.close()  # the pipeline hands its K/V back
+            if dec is not None:
+                dec.sync()
+        if not piped:
+            stats.plain_tokens += emitted - mark
+            switch.done(False, clock() - tic, emitted - mark, emitted)
+        y = mx.array([token], dtype=mx.int32)

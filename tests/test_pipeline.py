@@ -50,12 +50,12 @@ def plain_run(model, prompt, n, **loop):
     return out, cache
 
 
-def piped_run(model, prompt, n, k, compiled=False, stats=None, **loop):
+def piped_run(model, prompt, n, k, compiled=False, stats=None, adaptive=False, **loop):
     rule = make_rule(model, **loop)
     cache = model.make_cache(rule.ut_steps)
     out = [(t, lp) for t, lp, _ in pipelined_step(prompt, model, rule, cache, draft_loops=k,
                                                  max_tokens=n, compile_step=compiled,
-                                                 stats=stats)]
+                                                 adaptive=adaptive, stats=stats)]
     return out, cache
 
 
@@ -134,7 +134,8 @@ def test_closing_early_leaves_the_handed_out_prefix(agreeing):
     rule = make_rule(agreeing, exit_threshold=1.0)
     want, plain = plain_run(agreeing, PROMPT, 9, exit_threshold=1.0)
     cache = agreeing.make_cache()
-    gen = pipelined_step(PROMPT, agreeing, rule, cache, draft_loops=1, max_tokens=100)
+    gen = pipelined_step(PROMPT, agreeing, rule, cache, draft_loops=1, max_tokens=100,
+                         adaptive=False)
     got = [next(gen)[0] for _ in range(9)]
     gen.close()
     assert got == [t for t, _ in want]
@@ -160,13 +161,61 @@ def test_a_prompt_cache_continues(agreeing):
     assert_same_caches(caches[1], caches[0])
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("pipe_cost,plain_cost", [(1.0, 1.0), (0.1, 1.0)])
+def test_adaptive_follows_measured_speed(agreeing, monkeypatch, compiled, pipe_cost,
+                                         plain_cost):
+    """A clock on which a pass costs ``pipe_cost`` and a plain token ``plain_cost``:
+    passes as dear as plain tokens make the pipeline slower (over one pass per
+    token), so plain decoding takes over after each probe; cheap passes keep it.
+    Either way, plain decoding's tokens and caches."""
+    from ouro_mlx import compiled as compiled_mod
+    from ouro_mlx import generation
+
+    agreeing.__dict__.pop("_ouro_pipeline", None)  # no verdict from an earlier test
+    now = [0.0]
+    monkeypatch.setattr(pipeline, "clock", lambda: now[0])
+    tick, dec, step = (pipeline.PipelinedDecoder.tick, generation.decode,
+                       compiled_mod.CompiledDecoder.__call__)
+
+    def cost(fn, seconds):
+        def timed(*a, **kw):
+            now[0] += seconds
+            return fn(*a, **kw)
+        return timed
+
+    monkeypatch.setattr(pipeline.PipelinedDecoder, "tick", cost(tick, pipe_cost))
+    monkeypatch.setattr(generation, "decode", cost(dec, plain_cost))
+    monkeypatch.setattr(compiled_mod.CompiledDecoder, "__call__", cost(step, plain_cost))
+    want, plain = plain_run(agreeing, PROMPT, 120, exit_threshold=1.0)
+    stats = PipelineStats()
+    got, piped = piped_run(agreeing, PROMPT, 120, 1, compiled, stats, adaptive=True,
+                           exit_threshold=1.0)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert_same_caches(piped, plain)
+    assert stats.tokens + stats.plain_tokens == 119
+    if pipe_cost == plain_cost:  # 15 plain, a probe of 16, 32 plain, a probe, 40 plain
+        assert stats.tokens == 2 * pipeline.PROBE_TOKENS
+    else:
+        assert stats.plain_tokens == pipeline.PROBE_TOKENS - 1
+    # the verdict is kept with the model: the next generation does not probe again
+    stats = PipelineStats()
+    got, _ = piped_run(agreeing, PROMPT, 20, 1, compiled, stats, adaptive=True,
+                       exit_threshold=1.0)
+    assert [t for t, _ in got] == [t for t, _ in want[:20]]
+    if pipe_cost == plain_cost:  # 24 of the 64 plain tokens were left: all plain
+        assert (stats.tokens, stats.plain_tokens) == (0, 19)
+    else:
+        assert (stats.tokens, stats.plain_tokens) == (19, 0)
+
+
 def test_compiled_greedy_graph_is_kept_with_the_model(tiny):
     rule = make_rule(tiny, exit_threshold=1.0)
     list(pipelined_step(PROMPT, tiny, rule, tiny.make_cache(), draft_loops=2, max_tokens=4,
-                        compile_step=True))
+                        compile_step=True, adaptive=False))
     fn = tiny._ouro_compiled[("pipeline", 4, 2)]
     list(pipelined_step(PROMPT, tiny, rule, tiny.make_cache(), draft_loops=2, max_tokens=4,
-                        compile_step=True))
+                        compile_step=True, adaptive=False))
     assert tiny._ouro_compiled[("pipeline", 4, 2)] is fn
 
 
@@ -200,7 +249,7 @@ def test_sampling_keeps_the_target_distribution():
     for _ in range(N):
         out = [t for t, _, _ in pipelined_step(
             mx.array(prompt, dtype=mx.int32), model, rule, model.make_cache(),
-            draft_loops=1, max_tokens=3, sampler=sampler, stats=stats)]
+            draft_loops=1, max_tokens=3, sampler=sampler, adaptive=False, stats=stats)]
         counts[out[1], out[2]] += 1
         ticks, tokens = ticks + stats.ticks, tokens + stats.tokens
     assert 1.0 < ticks / tokens < 2.0  # drafts kept and dropped
@@ -220,7 +269,7 @@ def test_compiled_sampling_draws_like_uncompiled(agreeing):
         mx.random.seed(11)
         runs.append([t for t, _, _ in pipelined_step(
             PROMPT, agreeing, rule, agreeing.make_cache(), draft_loops=1, max_tokens=20,
-            sampler=make_sampler(temp=0.8), compile_step=compiled)])
+            sampler=make_sampler(temp=0.8), compile_step=compiled, adaptive=False)])
     assert runs[0] == runs[1]
 
 

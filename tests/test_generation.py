@@ -11,7 +11,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_promp
 import ouro_mlx
 from ouro_mlx import ExitRule, batch_generate, generate, stream_generate
 from ouro_mlx.generation import make_rule
-from tests.conftest import REFERENCE, needs_reference
+from tests.conftest import REFERENCE, IdsOnly, needs_reference
 from tests.reference_decoder import Reference, reference_greedy
 
 PROMPT = [5, 17, 300, 42, 7, 99, 128]
@@ -77,14 +77,6 @@ def test_threshold_one_is_exactly_full_depth(loaded):
         want.append(mx.argmax(logits, -1).item())
         logits = model(mx.array([[want[-1]]]), cache=cache)[:, -1]
     assert tokens == want
-
-
-class IdsOnly:
-    """The fixture has no tokenizer; the engine only needs eos ids and a detokenizer."""
-
-    eos_token_ids: set = set()
-    detokenizer = type("D", (), {"reset": lambda s: None, "add_token": lambda s, t: None,
-                                 "finalize": lambda s: None, "last_segment": ""})()
 
 
 @needs_reference

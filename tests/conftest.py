@@ -51,6 +51,24 @@ class IdsOnly:
 
 
 @pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """The tiny checkpoint, loaded (one per test module)."""
+    import ouro_mlx
+
+    model, _ = ouro_mlx.load(tiny_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled demo model and its tokenizer."""
+    import ouro_mlx
+    from ouro_mlx import demo
+
+    return ouro_mlx.load(demo.model_path())
+
+
+@pytest.fixture(scope="module")
 def agreeing(tiny_dir):
     """The tiny model with its sub-layer outputs scaled by 0.05 (the ``_2`` norms'
     weights) and a unit final norm: loop steps change the state a little, so early

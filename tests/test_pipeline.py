@@ -10,24 +10,13 @@ import numpy as np
 import pytest
 
 import ouro_mlx
-from ouro_mlx import demo, pipeline
+from ouro_mlx import pipeline
 from ouro_mlx.encoding import encode_text
 from ouro_mlx.generation import generate_step, make_rule, stream_generate
 from ouro_mlx.pipeline import PipelineStats, pipelined_step
 from tests.conftest import IdsOnly, assert_pairs_follow_the_target
 
 PROMPT = mx.array([5, 17, 300, 42, 7, 99, 128], dtype=mx.int32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    model, _ = ouro_mlx.load(tiny_dir)
-    return model
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return ouro_mlx.load(demo.model_path())
 
 
 def plain_run(model, prompt, n, **loop):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ouro_mlx
-from ouro_mlx import demo, stream_generate
+from ouro_mlx import stream_generate
 from ouro_mlx.generation import generate_step, make_rule
 from ouro_mlx import speculative
 from ouro_mlx.speculative import SpecStats, speculative_step
@@ -23,17 +23,6 @@ PROMPT = [5, 17, 300, 42, 7, 99, 128]
 
 def tokens(model, tok, prompt, n, **kw):
     return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, **kw)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    model, _ = ouro_mlx.load(tiny_dir)
-    return model
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return ouro_mlx.load(demo.model_path())
 
 
 @pytest.mark.parametrize("k,n", [(1, 1), (1, 4), (2, 3), (3, 2), (3, 8)])

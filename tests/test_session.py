@@ -365,8 +365,12 @@ def test_fast_decoding_closed_early_keeps_the_cache(bundled):
         stream.close()
         assert s.stats.finish_reason == "cancelled"
         check_cache(s)
-        kept = 1 if decoding.get("pipeline") else 2  # (the pipeline queues no token)
-        assert s.cached[-kept:] == [e.token for e in got][:kept]
+        tokens = [e.token for e in got]
+        # decoding queued the token after each one handed out, so both are cached; in
+        # the pipeline (adaptive: after its first plain stretch) the last may still
+        # have been in flight, and is left to the next turn
+        assert s.cached[-2:] == tokens or (decoding.get("pipeline")
+                                           and s.cached[-1:] == tokens[:1])
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -86,14 +86,8 @@ def check_pipeline(model: Model, rule: ExitRule, cache: list, draft_loops: int,
                    logits_processors: list | None = None) -> int:
     """The depth (loop steps per token) if pipelining applies, else a one-line
     ValueError."""
-    try:
-        depth, _ = check_speculative(model, rule, cache, draft_loops, None, logits_processors)
-    except ValueError as e:  # the shared checks name draft_loops; this is the pipeline
-        msg = str(e)
-        for verb in ("draft_loops needs ", "draft_loops does not "):
-            if msg.startswith(verb):
-                msg = "pipeline " + msg[len("draft_loops "):]
-        raise ValueError(msg) from None
+    depth, _ = check_speculative(model, rule, cache, draft_loops, None, logits_processors,
+                                 option="pipeline")
     if any(type(c) is not KVCache for lc in cache for c in lc.caches):
         raise ValueError("pipeline needs a plain KVCache (no kv_bits).")
     if any(layer.self_attn.loop_keys or layer.mlp.loop_keys for layer in model.layers):

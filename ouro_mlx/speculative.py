@@ -96,14 +96,16 @@ def check_speculative(
     draft_loops: int,
     num_draft_tokens: int | None,
     logits_processors: list | None = None,
+    option: str = "draft_loops",
 ) -> tuple[int, int]:
-    """``(depth, num_draft_tokens)`` if speculation applies, else a ValueError."""
+    """``(depth, num_draft_tokens)`` if speculation applies, else a ValueError; its
+    refusals of the setting name ``option`` (the pipeline shares these checks)."""
     depth = rule.fixed_loops
     if depth is None:
-        raise ValueError("draft_loops needs a fixed depth (exit_at_step, or exit_threshold "
+        raise ValueError(f"{option} needs a fixed depth (exit_at_step, or exit_threshold "
                          "1.0 without hidden_eps): an adaptive exit rule is not supported.")
     if cache_depth(cache) == 1:
-        raise ValueError("draft_loops needs kv_mode 'full': kv_mode 'last' keeps one K/V "
+        raise ValueError(f"{option} needs kv_mode 'full': kv_mode 'last' keeps one K/V "
                          "per token, so the drafted loop steps cannot be reused.")
     if isinstance(draft_loops, bool) or not isinstance(draft_loops, int) or \
             not 1 <= draft_loops < depth:
@@ -114,7 +116,7 @@ def check_speculative(
         raise ValueError(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], "
                          f"got {n!r}.")
     if logits_processors:
-        raise ValueError("draft_loops does not support logits processors "
+        raise ValueError(f"{option} does not support logits processors "
                          "(repetition penalty) yet.")
     return depth, n
 

@@ -56,7 +56,8 @@ from mlx_lm.models.cache import KVCache
 from .compiled import _Graphs, _graph
 from .exit import ExitRule
 from .model import Model, add_norm, add_norm_norm, cache_depth
-from .speculative import BACKOFF_TOKENS, MAX_BACKOFF, _Meter, check_speculative
+from .speculative import (BACKOFF_TOKENS, MAX_BACKOFF, _Meter, check_speculative,
+                          plain_decode)
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -276,24 +277,19 @@ def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None
 def _plain_tokens(decode_one: Callable[[mx.array], mx.array], y: mx.array,
                   sampler: Sampler, n: int, head: tuple | None = None
                   ) -> Iterator[tuple[int, mx.array]]:
-    """``n`` tokens after the pending ``y`` [1], decoded plainly, each queued before
-    the one before it is handed out; the last one handed out is left pending.
-    ``head``: (``y``, its logprobs), still to be handed out first."""
+    """``n`` tokens after the pending ``y`` [1], decoded plainly (``plain_decode``:
+    each queued before the one before it is handed out); the last one handed out is
+    left pending. ``head``: (``y``, its logprobs), still to be handed out first."""
+    left = n + (head is not None)
 
-    def step(y):
-        logits = decode_one(y)
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(lp)
-        mx.async_eval(y, lp)
-        return y, lp
+    def more() -> bool:
+        nonlocal left
+        left -= 1
+        return left > 0
 
-    cur = step(y)
-    if head is not None:
-        yield head[0].item(), head[1]
-    for i in range(n):
-        nxt = step(cur[0]) if i + 1 < n else None
-        yield cur[0].item(), cur[1][0]
-        cur = nxt
+    first = None if head is None else head[1][None]
+    for t, lp, _ in plain_decode(lambda y: (decode_one(y), None), y, sampler, more, first):
+        yield t.item(), lp[0]
 
 
 class _Switch:

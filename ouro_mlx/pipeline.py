@@ -148,8 +148,9 @@ def _tick_graph(model: Model, loops: int, k: int, sampler: Sampler | None):
         wrong = (valid & succ.any(axis=1) & ((succ * tok[None, :]).sum(axis=1) != read)
                  & (steps >= k - 1))
         first = mx.where(wrong, pos, _NONE)
-        restart = first.min() < _NONE  # the oldest wrong successor and all after it go
-        valid = valid & ~(restart & (pos > first.min()))
+        oldest = first.min()
+        restart = oldest < _NONE  # the oldest wrong successor and all after it go
+        valid = valid & ~(restart & (pos > oldest))
         youngest = mx.argmax(mx.where(valid, pos, -1))
         src = mx.where(restart, mx.argmin(first), youngest)
         enter = restart | (youngest >= k - 1)  # the new row's source read at step >= k-1

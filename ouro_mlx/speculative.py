@@ -204,8 +204,8 @@ def plain_decode(
     them: each queued before the previous one is handed out, for as long as
     ``more()`` says so when a token is about to be handed out (the pipeline runs
     on across decisions); ``decode_one(y)`` gives the logits [1, V] of token ``y``
-    and its shadow draft [1] (or None). Yields ``(token, logprobs, draft)``, ``draft`` [1]
-    what steps 0..k-1 proposed for that token; the last token handed out is the
+    and its shadow draft [1] (or None). Yields ``(token, logprobs, draft)``,
+    ``draft`` [1] what steps 0..k-1 proposed for that token; the last token handed out is the
     new pending one. ``first``: the logprobs of ``y`` when ``y`` itself is still to
     be handed out (the prompt's token: its successor is queued first; its draft is
     None)."""

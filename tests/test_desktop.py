@@ -56,7 +56,7 @@ def test_store_schema_version_and_damaged_rows(tmp_path):
     assert (m.content, m.pieces) == ("plain text", [])  # shown as plain text
     assert store.setting("model", "") == ""
     assert store.warnings == [
-        f"{path}: message 2 of conversation {cid} skipped (its role 'tool').",
+        f"{path}: message 2 of conversation {cid} skipped (its role is 'tool').",
         f"{path}: setting 'model' ignored (not readable)."]
     store.close()
     db = sqlite3.connect(path)
@@ -462,34 +462,162 @@ def test_command_line_options_reach_the_window(open_window, qtbot, tmp_path, mon
     assert captions(w)[-1].endswith("(cut: token or context limit)")
 
 
+def damaged_store(path) -> dict:
+    """A store as a crash, a sync tool or another program may leave it: good
+    conversations next to rows of the wrong types, NULLs (its tables made without NOT
+    NULL) and settings of the wrong types. Returns the ids of what is good."""
+    db = sqlite3.connect(path)
+    with db:  # this version's tables, less the constraints a damaged file may lack
+        db.executescript("""
+            CREATE TABLE schema_version (version INTEGER);
+            INSERT INTO schema_version VALUES (1);
+            CREATE TABLE conversations (id INTEGER PRIMARY KEY, title TEXT, model TEXT,
+                                        created REAL, updated REAL);
+            CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation_id INTEGER,
+                                   role TEXT, content TEXT, pieces TEXT, finish TEXT,
+                                   created REAL);
+            CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT);""")
+        rows = [(1, "older game", "demo", 100.0, 100.0),
+                (2, "broken time", "demo", 200.0, "yesterday"),
+                (3, None, "demo", 300.0, 300.0),
+                (4, "newer game", None, 400.0, 400.0),
+                (5, "no time", "demo", 500.0, None),
+                (6, b"\x00\xff", "demo", 600.0, 600.0)]
+        db.executemany("INSERT INTO conversations VALUES (?,?,?,?,?)", rows)
+        pieces = json.dumps([["=", 1, False], ["133", 4, False]])
+        messages = [(1, 4, "user", "2,23,14,31", "[]", "", 1.0),
+                    (2, 4, None, "lost role", "[]", "", 2.0),
+                    (3, 4, "assistant", None, "[]", "", 3.0),
+                    (4, 4, "assistant", b"\x01", "[]", "", 4.0),
+                    (5, 4, "assistant", "=133", pieces, None, "not a time"),
+                    (6, 1, "user", "3,12,34", None, None, None)]
+        db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?)", messages)
+        db.executemany("INSERT INTO settings VALUES (?,?)", [
+            ("system_prompt", "123"), ("show_thinking", '"yes"'),
+            ("conversation", '"4"'), ("model", "[1]")])
+    db.close()
+    return {"conversations": [4, 1], "damaged": [2, 3, 5, 6]}
+
+
+def all_rows(path) -> tuple[list, list]:
+    with sqlite3.connect(path) as db:
+        return (db.execute("SELECT * FROM conversations ORDER BY id").fetchall(),
+                db.execute("SELECT * FROM messages ORDER BY id").fetchall())
+
+
 @needs_qt
-def test_ouro_mlx_app_starts_and_loads_the_bundled_model(tmp_path):
-    """The real command: the window opens offscreen and the bundled model loads (the
-    store records the model once it is in use)."""
+def test_a_damaged_store_opens_with_its_good_rows_and_names_the_rest(open_window, qtbot,
+                                                                     tmp_path):
+    path = tmp_path / "conversations.sqlite3"
+    damaged_store(path)
+    before = all_rows(path)
+    w = open_window()  # it opens, and the bundled model loads
+    assert w.model_info is not None and w.model_info["bundled"]
+    assert titles(w) == ["newer game", "older game"]  # the readable ones
+    assert w.system_edit.text() == "" and not w.show_thinking.isChecked()
+    assert w.conversation_id is None and w.model_edit.text() == "demo"
+    warned = [m.removeprefix(f"{path}: ") for m in w.store.warnings]
+    assert sorted(warned) == sorted([
+        "setting 'system_prompt' ignored (it is the number 123; expected text).",
+        "setting 'show_thinking' ignored (it is the text 'yes'; expected true or false).",
+        "conversation 5 skipped (its time is empty (NULL)).",
+        "conversation 6 skipped (its title is binary (2 bytes)).",
+        "conversation 3 skipped (its title is empty (NULL)).",
+        "conversation 2 skipped (its time is 'yesterday').",
+        "setting 'conversation' ignored (it is the text '4'; expected a whole number).",
+        "setting 'model' ignored (it is a list; expected text).",
+    ])
+    assert w.warning.isVisible() and "conversation 2 skipped" in w.warning.text()
+    assert str(path) in w.warning.text()
+    w.conversation_list.itemClicked.emit(w.conversation_list.item(0))
+    assert shown(w) == [("user", "2,23,14,31"), ("assistant", "=133")]
+    assert fragments(w.bubbles()[1]) == [("=", "#00838f"), ("133", "#c62828")]
+    assert w.store.warnings[-3:] == [
+        f"{path}: message 2 of conversation 4 skipped (its role is empty (NULL)).",
+        f"{path}: message 3 of conversation 4 skipped (its text is empty (NULL)).",
+        f"{path}: message 4 of conversation 4 skipped (its text is binary (1 bytes)).",
+    ]
+    w.conversation_list.itemClicked.emit(w.conversation_list.item(1))
+    assert shown(w) == [("user", "3,12,34")]
+    send(qtbot, w, "4,34,12,23")  # the store still takes new messages
+    assert shown(w)[-1] == ("assistant", "=233")
+    w.close()
+    # nothing was deleted: the damaged rows are where they were, new rows added
+    conversations, messages = all_rows(path)
+    assert [c for c in conversations if c[0] != 1] == [c for c in before[0] if c[0] != 1]
+    assert messages[:len(before[1])] == before[1] and len(messages) == len(before[1]) + 2
+
+
+@needs_qt
+def test_ouro_mlx_app_opens_a_damaged_store_and_quits_on_ctrl_c(tmp_path):
+    """The real command on the store of the report (a number as the system prompt, a
+    time that is not one): it opens, warns on stderr, loads the bundled model, and
+    Ctrl-C closes it: exit 130, no traceback, no abort."""
+    import queue
+    import signal
     import subprocess
     import sys
+    import threading
 
+    from ouro_mlx.desktop.app import READY
+
+    damaged_store(tmp_path / "conversations.sqlite3")
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "OURO_MLX_APP_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "app"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    err, loaded = [], False
     try:
-        db, loaded = tmp_path / "conversations.sqlite3", False
         end = time.monotonic() + 60
-        while time.monotonic() < end and proc.poll() is None and not loaded:
-            time.sleep(0.2)
-            if db.exists():
-                with sqlite3.connect(db) as con:
-                    try:
-                        loaded = bool(con.execute(
-                            "SELECT 1 FROM settings WHERE key = 'model'").fetchall())
-                    except sqlite3.OperationalError:  # tables not made yet
-                        pass
-        assert proc.poll() is None, proc.communicate()[1]
-        assert loaded
+        while READY + "\n" not in err and time.monotonic() < end and proc.poll() is None:
+            try:
+                err.append(lines.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        while not loaded and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.1)  # the bundled model is in use once the store names it
+            with sqlite3.connect(tmp_path / "conversations.sqlite3") as con:
+                loaded = con.execute("SELECT value FROM settings WHERE key = 'model'"
+                                     ).fetchall() == [('""',)]
+        assert proc.poll() is None and loaded, "".join(err)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=15)
     finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=30)
-    assert "Traceback" not in err
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    time.sleep(0.2)
+    while not lines.empty():
+        err.append(lines.get())
+    text = "".join(err)
+    assert code == 130, text
+    assert "Traceback" not in text and "QThread" not in text
+    assert "ouro-mlx app: warning: " in text and "setting 'system_prompt' ignored" in text
+    assert "conversation 2 skipped (its time is 'yesterday')" in text
+
+
+@needs_qt
+def test_ouro_mlx_app_refuses_an_unreadable_store_in_one_line(tmp_path):
+    """A failure while the window opens (here: tables this version did not write) is
+    one line, and the worker thread it had started ends cleanly (no abort)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "conversations.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript("CREATE TABLE schema_version (version INTEGER);"
+                         "INSERT INTO schema_version VALUES (1);"
+                         "CREATE TABLE conversations (id INTEGER PRIMARY KEY, name TEXT);"
+                         "INSERT INTO conversations VALUES (1, 'kept');")
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "OURO_MLX_APP_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "ouro_mlx", "app"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.endswith("not a readable conversation store (no such column: title).\n")
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"ouro-mlx app: error: {path}")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT * FROM conversations").fetchall() == [(1, "kept")]
 
 
 @needs_qt

@@ -230,8 +230,8 @@ class Store:
                 "SELECT id, role, content, pieces, finish FROM messages"
                 " WHERE conversation_id = ? ORDER BY id", (conversation_id,)):
             if role not in ("user", "assistant") or not isinstance(content, str):
-                what = f"role {show(role)}" if role not in ("user", "assistant") \
-                    else f"text {show(content)}"
+                what = f"role is {show(role)}" if role not in ("user", "assistant") \
+                    else f"text is {show(content)}"
                 self.warn(f"{self.path}: message {i} of conversation {conversation_id} "
                           f"skipped (its {what}).")
                 continue

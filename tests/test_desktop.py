@@ -598,11 +598,15 @@ def test_ouro_mlx_app_opens_a_damaged_store_and_quits_on_ctrl_c(tmp_path):
 
 
 @needs_qt
-def test_ouro_mlx_app_refuses_an_unreadable_store_in_one_line(tmp_path):
+def test_ouro_mlx_app_refuses_an_unreadable_store_in_one_line(qapp, tmp_path, capsys):
     """A failure while the window opens (here: tables this version did not write) is
-    one line, and the worker thread it had started ends cleanly (no abort)."""
-    import subprocess
-    import sys
+    one line, and the worker thread it had started has ended (a running one would abort
+    the process when the window goes)."""
+    import gc
+
+    from PySide6.QtCore import QThread
+
+    from ouro_mlx.cli import main
 
     path = tmp_path / "conversations.sqlite3"
     with sqlite3.connect(path) as db:
@@ -610,12 +614,18 @@ def test_ouro_mlx_app_refuses_an_unreadable_store_in_one_line(tmp_path):
                          "INSERT INTO schema_version VALUES (1);"
                          "CREATE TABLE conversations (id INTEGER PRIMARY KEY, name TEXT);"
                          "INSERT INTO conversations VALUES (1, 'kept');")
-    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "OURO_MLX_APP_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "ouro_mlx", "app"], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.endswith("not a readable conversation store (no such column: title).\n")
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"ouro-mlx app: error: {path}")
+    started = []
+    real_start = QThread.start
+    with pytest.MonkeyPatch.context() as mp:  # see the worker thread the window starts
+        mp.setattr(QThread, "start", lambda self, *a: (started.append(self),
+                                                       real_start(self, *a))[1])
+        assert main(["app", "--data-dir", str(tmp_path)]) == 1
+    assert len(started) == 1 and not started[0].isRunning()
+    err = capsys.readouterr().err
+    assert err == (f"ouro-mlx app: error: {path}: not a readable conversation store "
+                   "(no such column: title).\n")
+    started.clear()
+    gc.collect()  # the window and its thread go; a running thread would abort here
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT * FROM conversations").fetchall() == [(1, "kept")]
 

@@ -238,6 +238,9 @@ def test_bubbles_sit_right_for_the_user_and_left_for_the_model(open_window, qtbo
     assert al < 40 and ar < width / 2  # the model's: at the left
     assert lr - ll <= 0.75 * width and lr > width - 40  # a long one wraps, still right
     assert document(w.bubbles()[2]).toPlainText() == long  # its spaces kept
+    label = w.bubbles()[2].label  # wrapped onto lines, and tall enough for all of them
+    assert label.height() >= 4 * label.fontMetrics().lineSpacing()
+    assert label.height() >= label.heightForWidth(label.width())
 
 
 def test_titles_are_a_few_words_and_dates_read_as_dates():

@@ -5,10 +5,11 @@ back one signal each, and conversations are kept in SQLite (:mod:`.store`)."""
 from __future__ import annotations
 
 import html
+import math
 import time
 
 from PySide6.QtCore import QCoreApplication, QEvent, QSize, Qt, QThread, QTimer, Signal, Slot
-from PySide6.QtGui import QColor, QFont, QPainter
+from PySide6.QtGui import QColor, QFont, QPainter, QTextDocument
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -175,12 +176,15 @@ class Bubble(QFrame):
     """One message: a rounded frame around a rich-text label (selectable; thinking
     sections are links that fold and unfold)."""
 
+    PAD_X, PAD_Y = 14, 9
+
     def __init__(self, role: str, on_link=None):
         super().__init__()
         self.role = role
+        self.max_width = 480
         self.setObjectName("userBubble" if role == "user" else "assistantBubble")
         lay = QVBoxLayout(self)
-        lay.setContentsMargins(14, 9, 14, 9)
+        lay.setContentsMargins(self.PAD_X, self.PAD_Y, self.PAD_X, self.PAD_Y)
         self.label = QLabel()
         self.label.setTextFormat(Qt.RichText)
         self.label.setWordWrap(True)
@@ -192,6 +196,24 @@ class Bubble(QFrame):
 
     def set_html(self, body: str) -> None:
         self.label.setText(f'<div style="white-space:pre-wrap">{body}</div>')
+        self.fit()
+
+    def set_max_width(self, width: int) -> None:
+        self.max_width = width
+        self.fit()
+
+    def fit(self) -> None:
+        """As wide as its longest line, up to ``max_width``, and as tall as the
+        wrapped text (a word-wrapped QLabel in a layout is not sized so by itself)."""
+        self.label.ensurePolished()  # the style sheet's font
+        doc = QTextDocument()
+        doc.setDefaultFont(self.label.font())
+        doc.setDocumentMargin(0)
+        doc.setHtml(self.label.text())
+        inner = max(self.max_width - 2 * self.PAD_X, 40)
+        doc.setTextWidth(inner)
+        width = min(math.ceil(doc.idealWidth()) + 4, inner)
+        self.label.setFixedSize(width, self.label.heightForWidth(width))
 
 
 class ConversationDelegate(QStyledItemDelegate):
@@ -763,7 +785,7 @@ class MainWindow(QMainWindow):
         width = int(self.scroll.viewport().width() * BUBBLE_SHARE)
         for i, m in enumerate(shown):
             bubble = Bubble(m.role, self.on_anchor)
-            bubble.setMaximumWidth(max(width, 240))
+            bubble.max_width = max(width, 240)
             if m.role == "user":
                 bubble.set_html(html.escape(m.content))
             else:
@@ -783,6 +805,7 @@ class MainWindow(QMainWindow):
                 label.setContentsMargins(10, 0, 10, 0)
                 rv.addWidget(label, 0, side)
             lay.insertWidget(lay.count() - 1, row)
+            bubble.fit()  # now under the window's style sheet: its font is known
 
     def empty_hint(self) -> QLabel:
         name = self.display_name()
@@ -802,7 +825,7 @@ class MainWindow(QMainWindow):
         if obj is self.scroll.viewport() and event.type() == QEvent.Resize:
             width = max(int(event.size().width() * BUBBLE_SHARE), 240)
             for b in self.bubbles():
-                b.setMaximumWidth(width)
+                b.set_max_width(width)
         return super().eventFilter(obj, event)
 
     @Slot(str)

@@ -272,9 +272,19 @@ def test_conversations_are_titled_short_and_can_be_renamed(open_window, qtbot):
         type(w.legend), "emptyHint").text()
     send(qtbot, w, "4,34,12,23")
     assert titles(w) == ["4,34,12,23", "2,23,14,31 and then some more…"]
-    item = w.conversation_list.item(1)
-    item.setText("  my   first game ")  # what the editor does on a double-click
-    assert titles(w) == ["4,34,12,23", "my first game"]
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QAbstractItemView, QLineEdit
+
+    lst = w.conversation_list
+    at = lst.visualItemRect(lst.item(1)).center()
+    qtbot.mouseClick(lst.viewport(), Qt.LeftButton, pos=at)
+    qtbot.mouseDClick(lst.viewport(), Qt.LeftButton, pos=at)  # a double-click edits
+    assert lst.state() == QAbstractItemView.EditingState
+    editor = lst.viewport().findChild(QLineEdit)
+    assert editor.text() == "2,23,14,31 and then some more…"
+    editor.setText("  my   first game ")
+    qtbot.keyClick(editor, Qt.Key_Return)
+    qtbot.waitUntil(lambda: titles(w) == ["4,34,12,23", "my first game"])
     first = w.store.conversations()[1]
     assert first.title == "my first game"
     item = w.conversation_list.item(1)

@@ -610,7 +610,8 @@ class MainWindow(QMainWindow):
         title = " ".join(item.text().split())
         if title:
             self.store.rename(item.data(Qt.UserRole), title)
-        self.refresh_conversations()
+        # later: the editor is still writing to this item (a rebuilt list would crash it)
+        QTimer.singleShot(0, self.refresh_conversations)
 
     def conversation_menu(self, at) -> None:
         item = self.conversation_list.itemAt(at)
@@ -629,7 +630,12 @@ class MainWindow(QMainWindow):
         self.messages = self.store.messages(conversation_id)
         self.toggled.clear()
         self.store.set_setting("conversation", conversation_id)
-        self.refresh_conversations()
+        # select it in place: a rebuilt list would swallow a double-click (rename)
+        lst = self.conversation_list
+        for row in range(lst.count()):
+            if lst.item(row).data(Qt.UserRole) == conversation_id:
+                lst.setCurrentRow(row)
+        self.show_warnings()
         self.render()
 
     def new_conversation(self) -> None:

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                           kv_group_size=args.kv_group_size, loop=loop, sampling=sampling,
                           stop=args.stop, dtype=args.dtype)
     store = Path(args.data_dir).expanduser() / DB_NAME if args.data_dir else None
-    return run(store, model=args.model, adapter_path=args.adapter_path,
-               exit_gate=args.exit_gate, ut_steps=args.ut_steps,
-               exit_threshold=args.exit_threshold, system_prompt=args.system_prompt,
-               session_kwargs=session_kwargs)
+    try:
+        return run(store, model=args.model, adapter_path=args.adapter_path,
+                   exit_gate=args.exit_gate, ut_steps=args.ut_steps,
+                   exit_threshold=args.exit_threshold, system_prompt=args.system_prompt,
+                   session_kwargs=session_kwargs)
+    except KeyboardInterrupt:  # Ctrl-C before the window was up: nothing to save
+        return 130

@@ -475,10 +475,10 @@ def test_command_line_options_reach_the_window(open_window, qtbot, tmp_path, mon
     assert captions(w)[-1].endswith("(cut: token or context limit)")
 
 
-def damaged_store(path) -> dict:
+def damaged_store(path) -> None:
     """A store as a crash, a sync tool or another program may leave it: good
     conversations next to rows of the wrong types, NULLs (its tables made without NOT
-    NULL) and settings of the wrong types. Returns the ids of what is good."""
+    NULL) and settings of the wrong types; conversations 1 and 4 are good."""
     db = sqlite3.connect(path)
     with db:  # this version's tables, less the constraints a damaged file may lack
         db.executescript("""
@@ -495,7 +495,8 @@ def damaged_store(path) -> dict:
                 (3, None, "demo", 300.0, 300.0),
                 (4, "newer game", None, 400.0, 400.0),
                 (5, "no time", "demo", 500.0, None),
-                (6, b"\x00\xff", "demo", 600.0, 600.0)]
+                (6, b"\x00\xff", "demo", 600.0, 600.0),
+                (7, "far future", "demo", 700.0, 1e300)]
         db.executemany("INSERT INTO conversations VALUES (?,?,?,?,?)", rows)
         pieces = json.dumps([["=", 1, False], ["133", 4, False]])
         messages = [(1, 4, "user", "2,23,14,31", "[]", "", 1.0),
@@ -509,7 +510,6 @@ def damaged_store(path) -> dict:
             ("system_prompt", "123"), ("show_thinking", '"yes"'),
             ("conversation", '"4"'), ("model", "[1]")])
     db.close()
-    return {"conversations": [4, 1], "damaged": [2, 3, 5, 6]}
 
 
 def all_rows(path) -> tuple[list, list]:
@@ -537,6 +537,7 @@ def test_a_damaged_store_opens_with_its_good_rows_and_names_the_rest(open_window
         "conversation 6 skipped (its title is binary (2 bytes)).",
         "conversation 3 skipped (its title is empty (NULL)).",
         "conversation 2 skipped (its time is 'yesterday').",
+        "conversation 7 skipped (its time is 1e+300).",
         "setting 'conversation' ignored (it is the text '4'; expected a whole number).",
         "setting 'model' ignored (it is a list; expected text).",
     ])

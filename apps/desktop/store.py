@@ -125,8 +125,12 @@ def json_kind(value) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
+LAST_TIME = 253402300799  # 9999-12-31: what the calendar functions take
+
+
 def is_time(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+    """A Unix time that can be shown as a date."""
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= LAST_TIME
 
 
 class Store:
@@ -176,7 +180,8 @@ class Store:
         try:
             return self.db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.path}: not a readable conversation store ({e}).") from None
+            raise ValueError(
+                f"{self.path}: not a readable conversation store ({e}).") from None
 
     # conversations
     def new_conversation(self, title: str = "New conversation", model: str = "") -> int:

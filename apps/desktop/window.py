@@ -8,7 +8,16 @@ import html
 import math
 import time
 
-from PySide6.QtCore import QCoreApplication, QEvent, QSize, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtCore import (
+    QCoreApplication,
+    QEvent,
+    QSize,
+    Qt,
+    QThread,
+    QTimer,
+    Signal,
+    Slot,
+)
 from PySide6.QtGui import QColor, QFont, QPainter, QTextDocument
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -164,7 +173,8 @@ def caption(m: Message) -> str:
     answer = [p for p in m.pieces if not p.thinking]
     if m.pieces:
         avg = sum(p.loops for p in m.pieces) / len(m.pieces)
-        parts.append(f"{len(answer)} token{'s' * (len(answer) != 1)} · avg {avg:.2f} loops")
+        tokens = f"{len(answer)} token{'s' * (len(answer) != 1)}"
+        parts.append(f"{tokens} · avg {avg:.2f} loops")
     if m.finish == "cancelled":
         parts.append("(stopped)")
     elif m.finish == "length":
@@ -765,7 +775,8 @@ class MainWindow(QMainWindow):
             if streaming and not open_ and j == len(sections) - 1:
                 parts.append(f'<span style="color:{MUTED}">▸ thinking …</span>')
                 continue
-            label = "▾ thinking" if open_ else f"▸ thinking ({len(run)} tokens, click to show)"
+            label = ("▾ thinking" if open_
+                     else f"▸ thinking ({len(run)} tokens, click to show)")
             parts.append(f'<a href="#{key}" style="color:{MUTED}; text-decoration:none">'
                          f"{label}</a>")
             if open_:

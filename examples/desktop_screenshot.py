@@ -1,11 +1,10 @@
-"""Write a screenshot of the desktop app (``ouro-mlx app``) for the README.
+"""Write a screenshot of the desktop app (``ouro-mlx app``) to a PNG you name.
 
 Opens the real window offscreen on the bundled model, plays a few shell games through
 it as a user would (type, Send, wait for the answer), and saves the window as a PNG.
 Conversations go to a temporary directory, not to your own.
 
-    python examples/desktop_screenshot.py            # writes docs/desktop.png
-    python examples/desktop_screenshot.py --out shot.png
+    python examples/desktop_screenshot.py shot.png
 """
 
 from __future__ import annotations
@@ -16,21 +15,29 @@ import tempfile
 import time
 from pathlib import Path
 
-GAMES = ["2,23,14,31", "3,12,34", "4,41,12,23"]
+GAMES = ["4,34,12,23", "2,23,14,31", "1,12,23,34"]
+EARLIER = ["3,12,34", "what does a loop step do"]  # older chats, for the sidebar
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" /
-                                        "desktop.png"))
+    p.add_argument("out", help="The PNG to write (e.g. shot.png).")
+    p.add_argument("--size", default="1040x660", help="Window size, WIDTHxHEIGHT.")
     args = p.parse_args()
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--size: expected WIDTHxHEIGHT such as 1040x660, got {args.size!r}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        p.error(f"{args.out}: the screenshot is a PNG; name a .png file")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
     from PySide6.QtCore import QEventLoop
     from PySide6.QtWidgets import QApplication
 
     from ouro_mlx.desktop.store import Store
-    from ouro_mlx.desktop.window import MainWindow
+    from ouro_mlx.desktop.window import MainWindow, short_title
 
     app = QApplication([])
 
@@ -43,17 +50,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "conversations.sqlite3")
+        for days, text in zip((1, 3), EARLIER):  # older conversations in the sidebar
+            cid = store.new_conversation(short_title(text), "demo")
+            with store.db:
+                store.db.execute("UPDATE conversations SET updated = ? WHERE id = ?",
+                                 (time.time() - days * 86400, cid))
         window = MainWindow(store)
-        window.resize(920, 600)
+        window.resize(width, height)
         window.show()
         wait_until(lambda: window.model_info is not None)
         for game in GAMES:
             window.input.setText(game)
             window.send_button.click()
             wait_until(lambda: not window.generating)
-        app.processEvents()
-        if not window.grab().save(args.out):
+        for _ in range(5):
+            app.processEvents(QEventLoop.AllEvents, 50)
+        # written next to the target, then renamed: an interrupted run leaves no half PNG
+        part = out.with_name(out.name + ".part.png")
+        if not window.grab().save(str(part)):
             raise OSError(f"{args.out}: could not write the PNG")
+        os.replace(part, out)
         window.close()
         store.close()
     print(f"wrote {args.out}: {window.stats_label.text()}")

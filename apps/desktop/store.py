@@ -3,18 +3,21 @@
 One file, ``conversations.sqlite3``, in the per-user data directory (``OURO_MLX_APP_DIR``
 overrides it). The schema carries its version from the first release: a newer file is
 refused in one line instead of being misread. The file is the user's, but it is read as
-untrusted: a malformed row is shown as plain text, never trusted for shapes or types.
+untrusted: a row or setting of the wrong type is skipped with a warning that names it
+(and left in the file, never deleted); a malformed token list is shown as plain text.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 SCHEMA_VERSION = 1
 DB_NAME = "conversations.sqlite3"
@@ -81,6 +84,19 @@ class Conversation:
     updated: float
 
 
+KIND_NAMES = {str: "text", bool: "true or false", int: "a whole number",
+              float: "a number", list: "a list", dict: "an object"}
+
+
+def show(value) -> str:
+    """A stored column value as a warning names it (short)."""
+    if value is None:
+        return "empty (NULL)"
+    if isinstance(value, bytes):
+        return f"binary ({len(value)} bytes)"
+    return repr(value)[:40]
+
+
 def parse_pieces(raw: str) -> list[Piece]:
     """Stored pieces, or none when the column is not what this version writes."""
     try:
@@ -98,11 +114,36 @@ def parse_pieces(raw: str) -> list[Piece]:
     return out
 
 
-class Store:
-    """The app's SQLite file: conversations with their messages, and settings."""
+def json_kind(value) -> str:
+    """How a JSON value reads to a user: 'the number 123', 'a list', ..."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    return "a list" if isinstance(value, list) else "an object"
 
-    def __init__(self, path: str | Path | None = None):
+
+LAST_TIME = 253402300799  # 9999-12-31: what the calendar functions take
+
+
+def is_time(value) -> bool:
+    """A Unix time that can be shown as a date."""
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= LAST_TIME
+
+
+class Store:
+    """The app's SQLite file: conversations with their messages, and settings.
+
+    Damaged rows and settings are skipped, never deleted; each is named once in
+    ``warnings`` (and passed to ``on_warning``, e.g. to print it)."""
+
+    def __init__(self, path: str | Path | None = None,
+                 on_warning: Callable[[str], None] | None = None):
         self.path = Path(path) if path is not None else data_dir() / DB_NAME
+        self.warnings: list[str] = []
+        self.on_warning = on_warning
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path)
@@ -127,6 +168,21 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+            if self.on_warning is not None:
+                self.on_warning(text)
+
+    def read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Rows of a query; a file whose tables are not what this version wrote is
+        refused in one line."""
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise ValueError(
+                f"{self.path}: not a readable conversation store ({e}).") from None
+
     # conversations
     def new_conversation(self, title: str = "New conversation", model: str = "") -> int:
         now = time.time()
@@ -137,10 +193,19 @@ class Store:
         return int(cur.lastrowid)
 
     def conversations(self) -> list[Conversation]:
-        """All conversations, the most recently updated first."""
-        rows = self.db.execute(
-            "SELECT id, title, model, updated FROM conversations ORDER BY updated DESC, id DESC")
-        return [Conversation(int(i), str(t), str(m), float(u)) for i, t, m, u in rows]
+        """All readable conversations, the most recently updated first."""
+        out = []
+        for i, title, model, updated in self.read(
+                "SELECT id, title, model, updated FROM conversations"
+                " ORDER BY updated DESC, id DESC"):
+            if not isinstance(title, str) or not is_time(updated):
+                what = "title" if not isinstance(title, str) else "time"
+                self.warn(f"{self.path}: conversation {i} skipped (its {what} is "
+                          f"{show(title if what == 'title' else updated)}).")
+                continue
+            out.append(Conversation(int(i), title, model if isinstance(model, str) else "",
+                                    float(updated)))
+        return out
 
     def rename(self, conversation_id: int, title: str) -> None:
         with self.db:
@@ -164,26 +229,42 @@ class Store:
                             (now, conversation_id))
 
     def messages(self, conversation_id: int) -> list[Message]:
-        rows = self.db.execute(
-            "SELECT role, content, pieces, finish FROM messages WHERE conversation_id = ?"
-            " ORDER BY id", (conversation_id,))
+        """The readable messages of a conversation, in order."""
         out = []
-        for role, content, pieces, finish in rows:
+        for i, role, content, pieces, finish in self.read(
+                "SELECT id, role, content, pieces, finish FROM messages"
+                " WHERE conversation_id = ? ORDER BY id", (conversation_id,)):
             if role not in ("user", "assistant") or not isinstance(content, str):
+                what = f"role is {show(role)}" if role not in ("user", "assistant") \
+                    else f"text is {show(content)}"
+                self.warn(f"{self.path}: message {i} of conversation {conversation_id} "
+                          f"skipped (its {what}).")
                 continue
             out.append(Message(role, content, parse_pieces(pieces) if role == "assistant"
-                               and isinstance(pieces, str) else [], str(finish or "")))
+                               and isinstance(pieces, str) else [],
+                               finish if isinstance(finish, str) else ""))
         return out
 
     # settings (JSON values)
-    def setting(self, key: str, default=None):
-        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        if row is None:
+    def setting(self, key: str, default=None, kind: type | tuple | None = None):
+        """A stored setting; ``default`` when it is missing, or (with a warning) not
+        JSON or not of ``kind``."""
+        rows = self.read("SELECT value FROM settings WHERE key = ?", (key,))
+        if not rows:
             return default
         try:
-            return json.loads(row[0])
+            value = json.loads(rows[0][0])
         except (ValueError, TypeError, RecursionError):
+            self.warn(f"{self.path}: setting {key!r} ignored (not readable).")
             return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int to isinstance; a stored true is not a number here
+        if kind is not None and type(value) not in kinds:
+            names = " or ".join(KIND_NAMES.get(k, k.__name__) for k in kinds)
+            self.warn(f"{self.path}: setting {key!r} ignored (it is {json_kind(value)}; "
+                      f"expected {names}).")
+            return default
+        return value
 
     def set_setting(self, key: str, value) -> None:
         with self.db:

@@ -11,6 +11,14 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
 
+BUNDLED = "demo"  # what the model field shows (and accepts) for the bundled model
+
+
+def is_bundled(name: str) -> bool:
+    """An empty model field, or ``demo`` where no such directory is at hand."""
+    name = name.strip()
+    return not name or (name == BUNDLED and not Path(name).exists())
+
 
 def hub_progress_bar(emit):
     """A tqdm class for ``snapshot_download`` that reports progress to
@@ -56,7 +64,8 @@ def hub_progress_bar(emit):
 def model_summary(model, name: str) -> dict:
     args = model.args
     return {
-        "name": name,
+        "name": BUNDLED if is_bundled(name) else name,
+        "bundled": is_bundled(name),
         "ut_steps": int(model.ut_steps),
         "exit_threshold": 1.0 if model.exit_threshold is None else float(model.exit_threshold),
         "hidden_size": int(args.hidden_size),
@@ -84,16 +93,17 @@ class Worker(QObject):
     # -- loading --------------------------------------------------------------
     @Slot(dict)
     def load(self, spec: dict) -> None:
-        """``spec``: model (directory or HF repo id; empty: the bundled demo model),
+        """``spec``: model (directory or HF repo id; empty or ``demo``: the bundled model),
         adapter_path, exit_gate (optional)."""
         from ..demo import model_path
         from ..session import ChatSession
 
         name = (spec.get("model") or "").strip()
+        bundled = is_bundled(name)
         try:
             self.progress.emit(0, 0, "")
-            self.status.emit(f"loading {name or 'the bundled demo model'} …")
-            path = self.fetch(name) if name else model_path()
+            self.status.emit(f"loading {'the bundled demo model' if bundled else name} …")
+            path = model_path() if bundled else self.fetch(name)
             session = ChatSession.load(
                 str(path), adapter_path=spec.get("adapter_path") or None,
                 exit_gate=spec.get("exit_gate") or None, **self.session_kwargs)
@@ -105,7 +115,7 @@ class Worker(QObject):
                              f"{type(e).__name__}: {e}")
             return
         self.session = session
-        self.loaded.emit(model_summary(session.model, name or "bundled demo model"))
+        self.loaded.emit(model_summary(session.model, name))
 
     def fetch(self, name: str) -> Path:
         """A local directory as it is; an HF repo id downloaded with progress."""

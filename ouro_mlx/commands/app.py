@@ -5,7 +5,8 @@ loop and exit-threshold controls, a system prompt, collapsible thinking sections
 status bar (tok/s, average loops, memory). Conversations are kept across restarts in
 SQLite, in the per-user data directory (OURO_MLX_APP_DIR overrides it). With no
 --model it opens the bundled demo model; the window's model picker loads others.
-Needs the desktop extra: pip install 'ouro-mlx[desktop]'.
+Ctrl-C in the terminal quits it. Needs PySide6: pip install "PySide6-Essentials>=6.6"
+(from a checkout: pip install -e ".[desktop]").
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ..desktop.app import run
     except ImportError as e:
-        raise ImportError(f"the desktop app needs PySide6 ({e}): "
-                          "pip install 'ouro-mlx[desktop]'") from None
+        import sys
+
+        # PySide6 6.12 crashes on Python < 3.12 (see pyproject's desktop extra)
+        spec = ">=6.6" if sys.version_info >= (3, 12) else ">=6.6,<6.12"
+        raise ImportError(f"the desktop app needs PySide6 ({e}): pip install "
+                          f'"PySide6-Essentials{spec}" (from a checkout: pip install -e '
+                          '".[desktop]")') from None
     from pathlib import Path
 
     from ..desktop.store import DB_NAME
@@ -60,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                           kv_group_size=args.kv_group_size, loop=loop, sampling=sampling,
                           stop=args.stop, dtype=args.dtype)
     store = Path(args.data_dir).expanduser() / DB_NAME if args.data_dir else None
-    return run(store, model=args.model, adapter_path=args.adapter_path,
-               exit_gate=args.exit_gate, ut_steps=args.ut_steps,
-               exit_threshold=args.exit_threshold, system_prompt=args.system_prompt,
-               session_kwargs=session_kwargs)
+    try:
+        return run(store, model=args.model, adapter_path=args.adapter_path,
+                   exit_gate=args.exit_gate, ut_steps=args.ut_steps,
+                   exit_threshold=args.exit_threshold, system_prompt=args.system_prompt,
+                   session_kwargs=session_kwargs)
+    except KeyboardInterrupt:  # Ctrl-C before the window was up: nothing to save
+        return 130

@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .encoding import encode_chat, encode_text
+from .interrupt import StopRequest, TrainingInterrupted
 from .losses import fixed_depth_loss, stage1_loss
 
 ADAPTERS = "adapters.safetensors"
@@ -198,6 +199,9 @@ def load_split(path: Path, tokenizer, args, log=print) -> list[tuple[list[int], 
 
 def load_datasets(args, tokenizer, log=print) -> tuple[list, list, list]:
     """train/valid/test from the ``--data`` directory, checked against the options."""
+    if "data" in getattr(args, "defaulted", ()):  # mlx-lm's default is a hub dataset
+        raise ValueError("--data is required: a directory with train.jsonl (and "
+                         "valid.jsonl, test.jsonl) in mlx-lm's formats.")
     data = Path(args.data)
     if not data.is_dir():
         raise ValueError(f"--data {data}: not a directory with train/valid/test.jsonl "
@@ -528,7 +532,9 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
     bar = tqdm(total=args.iters, initial=state.iteration, desc="lora", unit="it",
                dynamic_ncols=True, disable=rank != 0)
     say = (bar.write if log is print else log) if rank == 0 else (lambda *a, **k: None)
+    stop = StopRequest()
     try:
+        stop.__enter__()  # Ctrl-C: finish the iteration, save, then stop
         for it in range(state.iteration + 1, args.iters + 1):
             batch = next(batches)
             if valid_set and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
@@ -565,11 +571,19 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
                 say(format_report(state.reports[-1]))
                 window = Window()
             # A checkpoint holds no half-accumulated gradient: save on update steps.
-            if ((it % args.save_every == 0 and it % accum == 0) or it == args.iters) and rank == 0:
+            # Ctrl-C stops at the next update step, saving it.
+            stopping = it % accum == 0 and stop.everywhere(size)
+            saving = (it % args.save_every == 0 and it % accum == 0) or it == args.iters
+            if (saving or stopping) and rank == 0:
                 save_checkpoint(adapter_path, model, opt, args, state)
                 say(f"Iter {it}: Saved adapter weights to {adapter_path / ADAPTERS} "
                     f"and {adapter_path / f'{it:07d}_{ADAPTERS}'}.")
+            if stopping:
+                bar.close()
+                raise TrainingInterrupted(f"interrupted at iteration {it}; saved "
+                                          f"{adapter_path}", it, adapter_path)
     finally:
+        stop.__exit__()
         bar.close()
     return state
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from types import SimpleNamespace
 
 DEMO = "demo"  # the bundled demo model (see ouro_mlx.loading.resolve)
@@ -98,9 +99,6 @@ def merge(args: argparse.Namespace) -> dict:
     if values.get("model") is None:  # mlx-lm's default is a hub model; ours is bundled
         values["model"] = DEMO
         values["defaulted"].add("model")
-    if values.get("data") is None and (values.get("train") or values.get("test")):
-        raise ValueError("--data is required: a directory with train.jsonl (and "
-                         "valid.jsonl, test.jsonl) in mlx-lm's formats.")
     for k, v in {**CONFIG_DEFAULTS, **OURS}.items():
         if values.get(k) is None:
             values[k] = v
@@ -225,7 +223,17 @@ def check_schedule(s) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = validate(merge(args))
+    from ..cli import command_line
     from ..finetune import run
 
-    run(options)
+    try:
+        run(options)
+    except KeyboardInterrupt as e:  # Ctrl-C: saved at the last update step (or kept)
+        from ..interrupt import TrainingInterrupted
+
+        done = str(e) if isinstance(e, TrainingInterrupted) else (
+            f"interrupted; {options.adapter_path} keeps its last checkpoint, if any")
+        print(f"ouro-mlx lora: {done}. Resume with: {command_line('lora', argv)}",
+              file=sys.stderr)
+        return 130
     return 0

@@ -77,7 +77,7 @@ def load_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args)
-    from ..cli import error, os_message
+    from ..cli import command_line, error, os_message
     from ..training import NonFiniteLoss, kept, train
 
     tokenizer_dir = None
@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{tokenizer_dir}.")
     try:
         last = train(cfg, tokenizer_dir=tokenizer_dir and str(tokenizer_dir))
+    except KeyboardInterrupt as e:  # Ctrl-C: the step in flight was saved (or the last kept)
+        from ..interrupt import TrainingInterrupted
+
+        done = (str(e) if isinstance(e, TrainingInterrupted)
+                else f"interrupted. {kept(Path(cfg.out))}")
+        print(f"ouro-mlx train: {done}. Resume with: {command_line('train', argv)}",
+              file=sys.stderr)
+        return 130
     except NonFiniteLoss as e:
         print(f"ouro-mlx train: {e}", file=sys.stderr)
         return 1

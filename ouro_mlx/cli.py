@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(rest) or 0
     except KeyboardInterrupt as e:  # Ctrl-C: one line and the shell's 130, no traceback
-        print(f"\nouro-mlx {verb}: {e or 'interrupted'}.", file=sys.stderr)
+        print(f"\nouro-mlx {verb}: {str(e) or 'interrupted'}.", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `ouro-mlx ... | head`: the reader left; stop quietly, as cat does.

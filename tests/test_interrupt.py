@@ -43,7 +43,7 @@ def interrupt_when(p: subprocess.Popen, pattern: re.Pattern, timeout: float = 12
 
 
 def resume_line(err: str, verb: str) -> tuple[str, list[str]]:
-    """The one line that says how to resume, and its command as argv."""
+    """The one line that says how to resume, and its command's argv after ouro-mlx."""
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if "Resume with:" in line]
     assert len(lines) == 1, err
@@ -51,7 +51,7 @@ def resume_line(err: str, verb: str) -> tuple[str, list[str]]:
     assert lines[0].startswith(f"ouro-mlx {verb}: interrupted at ")
     command = shlex.split(lines[0].split("Resume with: ", 1)[1])
     assert command[:2] == ["ouro-mlx", verb]
-    return lines[0], command[2:]
+    return lines[0], command[1:]
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +114,11 @@ def test_ctrl_c_in_demo_train_resumes_with_the_printed_command(tmp_path):
     out, err = interrupt_when(p, PROGRESS)
     assert p.returncode == 130, err
     line, command = resume_line(err, "demo-train")
-    assert command == ["--out", "dt", "--scale", "0.1", "--resume"]
+    assert command == ["demo-train", "--out", "dt", "--scale", "0.1", "--resume"]
     step = int(re.search(r"interrupted at step (\d+); saved dt/stage1/ckpt-", line)[1])
     # the resumed run keeps the finished stages and continues stage 1 at that step
     # (stopped again at once: the whole recipe is not this test's business)
-    p = start(["demo-train", *command], tmp_path)
+    p = start(command, tmp_path)
     out, err = interrupt_when(p, re.compile(r"\|\s*\d+/\d+"))
     assert p.returncode == 130, err
     assert f"resumed from dt/stage1/ckpt-{step:07d} at step {step}" in out

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         resume = shlex.join(["ouro-mlx", "demo-train", "--out", args.out, "--scale",
                              str(args.scale), "--resume"])
-        print(f"\nouro-mlx demo-train: {e or 'interrupted'}. Resume with: {resume}",
+        print(f"\nouro-mlx demo-train: {str(e) or 'interrupted'}. Resume with: {resume}",
               file=sys.stderr)
         return 130
     return 0

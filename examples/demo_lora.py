@@ -111,7 +111,8 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = p.parse_args()
     if (sys.platform == "linux" and os.path.exists(OPENBLAS)
-            and OPENBLAS not in os.environ.get("LD_PRELOAD", "")):
+            and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+            and not os.environ.get("OURO_MLX_NO_PRELOAD")):
         os.execve(sys.executable, [sys.executable, *sys.argv],  # ~8x faster CPU GEMMs
                   {**os.environ, "LD_PRELOAD": OPENBLAS})
 

@@ -37,6 +37,7 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .losses import fixed_depth_loss, stage1_loss
 
 ADAPTERS = "adapters.safetensors"
+GATE_FILE = "exit_gate.safetensors"  # as ouro_mlx.adapters.GATE_FILE
 CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
@@ -360,6 +361,8 @@ def resume(model, opt, args, adapter_path: Path, saved: dict, log=print) -> Trai
                 f"{saved.get('structure', {}).get(k)!r}, not {v!r}; choose another "
                 "--adapter-path to start a new run.")
     load_trainable(model, adapter_path / ADAPTERS)
+    if (adapter_path / GATE_FILE).is_file():  # --train-gate's gate, kept apart
+        load_trainable(model, adapter_path / GATE_FILE)
     file = adapter_path / OPTIMIZER
     try:
         saved_opt = mx.load(str(file))

@@ -575,7 +575,7 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
                 window = Window()
             # A checkpoint holds no half-accumulated gradient: save on update steps.
             # Ctrl-C stops at the next update step, saving it.
-            stopping = it % accum == 0 and stop.everywhere(size)
+            stopping = it % accum == 0 and it < args.iters and stop.everywhere(size)
             saving = (it % args.save_every == 0 and it % accum == 0) or it == args.iters
             if (saving or stopping) and rank == 0:
                 save_checkpoint(adapter_path, model, opt, args, state)

@@ -53,4 +53,5 @@ class StopRequest:
             return self.requested
         import mlx.core as mx
 
-        return mx.distributed.all_sum(mx.array(int(self.requested))).item() > 0
+        flag = mx.array(int(self.requested))
+        return mx.distributed.all_sum(flag, stream=mx.cpu).item() > 0

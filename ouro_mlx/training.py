@@ -590,7 +590,7 @@ def _train(cfg: TrainConfig, tokenizer_dir: str | None, log, stop: StopRequest) 
                 f.write(json.dumps(last) + "\n")
             progress(step, value)
         saved = step % cfg.save_every == 0 or step == cfg.iters
-        stopping = stop.everywhere(size)
+        stopping = step < cfg.iters and stop.everywhere(size)  # the last step just ends
         if saved or stopping:
             tensors = tp.gather(model, opt) if tp else None  # a collective: every rank
             if rank == 0:

@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer_dir = None
     if args.tokenizer is not None:
-        from ..loading import CheckpointError, resolve
+        from ..loading import CONFIG_FILES, TOKENIZER_FILES, CheckpointError, resolve
 
-        tokenizer_dir = resolve(args.tokenizer)
+        tokenizer_dir = resolve(args.tokenizer, allow_patterns=CONFIG_FILES + TOKENIZER_FILES)
         if not (tokenizer_dir / "tokenizer.json").is_file() and not (
                 tokenizer_dir / "tokenizer.model").is_file():
             raise CheckpointError(f"--tokenizer {args.tokenizer}: no tokenizer.json in "

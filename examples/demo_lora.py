@@ -49,12 +49,21 @@ def lora(model: Path, data: Path, out: Path, a, *, rank: int, per_loop: bool) ->
            *(["--per-loop-adapters"] if per_loop else [])]
     print("$ ouro-mlx " + " ".join(cmd[3:]), flush=True)
     tic = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    log = (p.stdout + p.stderr).replace("\r", "\n")
+    # its progress bar and reports shown as they come, and kept for the log
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks = []
+    while chunk := os.read(p.stdout.fileno(), 1 << 16):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        chunks.append(chunk)
+    p.wait()
+    log = b"".join(chunks).decode(errors="replace").replace("\r", "\n")
     (out.parent / f"{out.name}.log").write_text(log)
     if p.returncode != 0:
         raise SystemExit(f"ouro-mlx lora failed:\n{log[-3000:]}")
     saved = mx.load(str(out / "adapters.safetensors"))
+    if (out / "exit_gate.safetensors").exists():  # the trained gate (--train-gate)
+        saved.update(mx.load(str(out / "exit_gate.safetensors")))
     val = re.findall(r"Val loss (-?[\d.]+)", log)
     return {"seconds": round(time.perf_counter() - tic, 1),
             "adapter_params": sum(v.size for k, v in saved.items() if "lora" in k),
@@ -63,8 +72,13 @@ def lora(model: Path, data: Path, out: Path, a, *, rank: int, per_loop: bool) ->
 
 
 def measure(adapter: Path | None, n: int) -> dict:
+    what = f"with {adapter.name} adapters" if adapter else "before finetuning"
+    print(f"measuring {what}: {n} held-out games at T=4 and adaptive ...", flush=True)
+    tic = time.perf_counter()
     model, tokenizer = ouro_mlx.load(model_path(), adapter_path=adapter)
     r = evaluate(model, tokenizer, n, swaps=(1, 4), depths=(4,))
+    print(f"  done in {time.perf_counter() - tic:.0f}s: accuracy at T=4 "
+          f"{r['accuracy']['4']:.3f}", flush=True)
     games = task.eval_problems(n, max_swaps=4, min_swaps=1)  # the same games, for the shares
     share = {str(k): sum(p.swaps == k for p in games) for k in range(1, 5)}
 
@@ -97,7 +111,8 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = p.parse_args()
     if (sys.platform == "linux" and os.path.exists(OPENBLAS)
-            and OPENBLAS not in os.environ.get("LD_PRELOAD", "")):
+            and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+            and not os.environ.get("OURO_MLX_NO_PRELOAD")):
         os.execve(sys.executable, [sys.executable, *sys.argv],  # ~8x faster CPU GEMMs
                   {**os.environ, "LD_PRELOAD": OPENBLAS})
 
@@ -108,6 +123,7 @@ def main() -> None:
     T = ouro_mlx.load(model_path())[0].args.total_ut_steps
     if a.rank % T:
         raise SystemExit(f"--rank must be a multiple of T = {T} (per-loop rank R / T).")
+    print(f"writing {a.train_games} finetuning games to {out / 'data'} ...", flush=True)
     data = task.write_finetune_data(out / "data", a.train_games, seed=a.seed, min_swaps=4,
                                     max_swaps=4, replay=a.replay, force=True)
     results = {"settings": vars(a), "before": measure(None, a.eval)}

@@ -15,9 +15,13 @@ Files (in an adapter directory), mlx-lm's layout:
   LoRA: ``model.layers.{l}.self_attn.q_proj.lora_a`` [in, r] and ``.lora_b`` [r, out]
   (DoRA adds ``.m`` [out]). Per-loop LoRA: the same keys with a leading loop axis,
   ``lora_a`` [T, in, r] and ``lora_b`` [T, r, out], step t's adapter at index t.
-  With ``train_gate`` also ``model.early_exit_gate.weight`` [1, H] and ``.bias`` [1]
-  (stock mlx-lm refuses those: it loads only adapter leaves). ``full``: the
-  converted layers' own weights.
+  ``full``: the converted layers' own weights (and a trained gate's).
+- ``exit_gate.safetensors``: with ``train_gate`` (LoRA/DoRA) the trained exit gate,
+  ``model.early_exit_gate.weight`` [1, H] and ``.bias`` [1], kept apart because
+  mlx-lm's ``load_adapters`` takes only adapter leaves from adapters.safetensors: stock
+  ``mlx_lm.generate --adapter-path`` loads the directory (with the base gate); ouro-mlx
+  applies the trained one. It is also a gate file for ``--exit-gate``. Adapters saved
+  before kept the gate in adapters.safetensors; they still load here.
 - ``adapter_config.json``: mlx-lm's keys (``fine_tune_type``, ``num_layers``,
   ``lora_parameters: {rank, scale, dropout[, keys]}``) plus ``per_loop_adapters``
   (bool), ``ut_steps`` (T, with per-loop adapters) and ``train_gate`` (bool).
@@ -47,6 +51,7 @@ ATTN_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_KEYS = ("gate_proj", "up_proj", "down_proj")
 LAYER_KEYS = tuple(f"self_attn.{k}" for k in ATTN_KEYS) + tuple(f"mlp.{k}" for k in MLP_KEYS)
 GATE = "model.early_exit_gate"
+GATE_FILE = "exit_gate.safetensors"
 
 
 class LoopLoRALinear(nn.Module):
@@ -244,6 +249,10 @@ def save_adapters(adapter_dir: str | Path, model: nn.Module, config: dict, *,
     config["train_gate"] = f"{GATE}.weight" in weights
     text = json.dumps(dict(sorted(config.items())), indent=4) + "\n"
     file = adapter_dir / filename
+    if config["train_gate"] and config.get("fine_tune_type", "lora") != "full":
+        gate = {k: weights.pop(k) for k in (f"{GATE}.weight", f"{GATE}.bias")}
+        replace_atomically(adapter_dir / GATE_FILE, lambda tmp: mx.save_safetensors(
+            str(tmp), gate, metadata={"format": "ouro-mlx exit gate", "threshold": "none"}))
     replace_atomically(file, lambda tmp: mx.save_safetensors(str(tmp), weights,
                                                              metadata={"format": "mlx"}))
     replace_atomically(adapter_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
@@ -325,6 +334,9 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> dict:
         raise ValueError(f"Cannot read {file} (truncated or corrupt?): {e}") from None
     if not isinstance(weights, dict):
         raise ValueError(f"{file} is not a safetensors file.")
+    if (config.get("train_gate") and config.get("fine_tune_type", "lora") != "full"
+            and (adapter_dir / GATE_FILE).exists()):
+        weights.update(read_gate_file(adapter_dir, weights))
     per_loop = config.get("per_loop_adapters", False)
     apply_adapters(
         model,
@@ -347,6 +359,22 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> dict:
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return config
+
+
+def read_gate_file(adapter_dir: Path, weights: dict) -> dict:
+    """The two gate tensors of ``adapter_dir/exit_gate.safetensors`` (checked against
+    the model with the rest), refusing any other tensor or a gate given twice."""
+    file = inside(adapter_dir, GATE_FILE)
+    try:
+        gate = mx.load(str(file))
+    except Exception as e:  # MLX raises bare RuntimeError/ValueError on a damaged file
+        raise ValueError(f"Cannot read {file} (truncated or corrupt?): {e}") from None
+    keys = {f"{GATE}.weight", f"{GATE}.bias"}
+    if not isinstance(gate, dict) or set(gate) != keys:
+        raise ValueError(f"{file}: expected exactly {', '.join(sorted(keys))}.")
+    if keys & set(weights):
+        raise ValueError(f"{file}: the gate is also in {ADAPTER_FILE}; keep one of them.")
+    return gate
 
 
 def has_per_loop_adapters(model: nn.Module) -> bool:

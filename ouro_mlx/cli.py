@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"ouro_mlx.commands.{verb.replace('-', '_')}")
     try:
         return module.main(rest) or 0
+    except KeyboardInterrupt as e:  # Ctrl-C: one line and the shell's 130, no traceback
+        print(f"\nouro-mlx {verb}: {str(e) or 'interrupted'}.", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `ouro-mlx ... | head`: the reader left; stop quietly, as cat does.
         quiet_stdout()
@@ -63,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         return error(verb, e)
     except OSError as e:  # missing files, a full disk, permissions: one line, no traceback
         return error(verb, os_message(e))
+
+
+def command_line(verb: str, argv: list[str] | None) -> str:
+    """The command that ran ``verb`` with ``argv``, to paste into a shell."""
+    import shlex
+
+    return shlex.join(["ouro-mlx", verb, *(sys.argv[2:] if argv is None else argv)])
 
 
 def error(verb: str, message: object) -> int:

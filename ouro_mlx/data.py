@@ -104,6 +104,20 @@ def _problem(obj: dict) -> str | None:
     return None
 
 
+def json_lines(path: Path, warn=print) -> Iterator[tuple[int, object]]:
+    """(number, value) of each JSON line of ``path``; blank lines are passed over and
+    a line that is not JSON is reported through ``warn`` as ``file:line`` and skipped."""
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            warn(f"{path}:{n}: skipped, not valid JSON ({e.msg})")
+        except RecursionError:
+            warn(f"{path}:{n}: skipped, JSON nested too deeply")
+
+
 def read_samples(path: Path, tokenizer, warn=print) -> Iterator[tuple[list[int], list[int]]]:
     """Yield (tokens, mask) per document of a .txt or .jsonl file, read line by line."""
     from jinja2 import TemplateError
@@ -111,17 +125,7 @@ def read_samples(path: Path, tokenizer, warn=print) -> Iterator[tuple[list[int],
     path = Path(path)
     check_input(path)
     if path.suffix == ".jsonl":
-        for n, line in text_lines(path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                warn(f"{path}:{n}: skipped, not valid JSON ({e.msg})")
-                continue
-            except RecursionError:
-                warn(f"{path}:{n}: skipped, JSON nested too deeply")
-                continue
+        for n, obj in json_lines(path, warn):
             if isinstance(obj, dict) and (problem := _problem(obj)):
                 warn(f"{path}:{n}: skipped, {problem}")
                 continue

@@ -33,9 +33,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .encoding import encode_chat, encode_text
+from .interrupt import StopRequest, TrainingInterrupted
 from .losses import fixed_depth_loss, stage1_loss
 
 ADAPTERS = "adapters.safetensors"
+GATE_FILE = "exit_gate.safetensors"  # as ouro_mlx.adapters.GATE_FILE
 CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
@@ -198,6 +200,9 @@ def load_split(path: Path, tokenizer, args, log=print) -> list[tuple[list[int], 
 
 def load_datasets(args, tokenizer, log=print) -> tuple[list, list, list]:
     """train/valid/test from the ``--data`` directory, checked against the options."""
+    if "data" in getattr(args, "defaulted", ()):  # mlx-lm's default is a hub dataset
+        raise ValueError("--data is required: a directory with train.jsonl (and "
+                         "valid.jsonl, test.jsonl) in mlx-lm's formats.")
     data = Path(args.data)
     if not data.is_dir():
         raise ValueError(f"--data {data}: not a directory with train/valid/test.jsonl "
@@ -356,6 +361,8 @@ def resume(model, opt, args, adapter_path: Path, saved: dict, log=print) -> Trai
                 f"{saved.get('structure', {}).get(k)!r}, not {v!r}; choose another "
                 "--adapter-path to start a new run.")
     load_trainable(model, adapter_path / ADAPTERS)
+    if (adapter_path / GATE_FILE).is_file():  # --train-gate's gate, kept apart
+        load_trainable(model, adapter_path / GATE_FILE)
     file = adapter_path / OPTIMIZER
     try:
         saved_opt = mx.load(str(file))
@@ -528,7 +535,9 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
     bar = tqdm(total=args.iters, initial=state.iteration, desc="lora", unit="it",
                dynamic_ncols=True, disable=rank != 0)
     say = (bar.write if log is print else log) if rank == 0 else (lambda *a, **k: None)
+    stop = StopRequest()
     try:
+        stop.__enter__()  # Ctrl-C: finish the iteration, save, then stop
         for it in range(state.iteration + 1, args.iters + 1):
             batch = next(batches)
             if valid_set and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
@@ -565,11 +574,19 @@ def train(model, opt, train_set, valid_set, args, loss, state: TrainerState,
                 say(format_report(state.reports[-1]))
                 window = Window()
             # A checkpoint holds no half-accumulated gradient: save on update steps.
-            if ((it % args.save_every == 0 and it % accum == 0) or it == args.iters) and rank == 0:
+            # Ctrl-C stops at the next update step, saving it.
+            stopping = it % accum == 0 and it < args.iters and stop.everywhere(size)
+            saving = (it % args.save_every == 0 and it % accum == 0) or it == args.iters
+            if (saving or stopping) and rank == 0:
                 save_checkpoint(adapter_path, model, opt, args, state)
                 say(f"Iter {it}: Saved adapter weights to {adapter_path / ADAPTERS} "
                     f"and {adapter_path / f'{it:07d}_{ADAPTERS}'}.")
+            if stopping:
+                bar.close()
+                raise TrainingInterrupted(f"interrupted at iteration {it}; saved "
+                                          f"{adapter_path}", it, adapter_path)
     finally:
+        stop.__exit__()
         bar.close()
     return state
 

@@ -43,6 +43,7 @@ TORCH_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 CHAT_END = "<|im_end|>"
+DEMO = "demo"  # the short name of the bundled demo model
 
 
 class CheckpointError(ValueError):
@@ -62,13 +63,22 @@ def resolve(
     revision: str | None = None,
     allow_patterns: list[str] | None = None,
 ) -> Path:
-    """A local directory, or a Hugging Face repo id fetched into (or found in, with
-    ``HF_HUB_OFFLINE=1``) the local HF cache, with a progress bar."""
+    """A local directory, the bundled demo model (``"demo"``; a local directory
+    named ``demo`` wins), the latest checkpoint of a training run (its output
+    directory, or the ``latest`` file in it), or a Hugging Face repo id fetched into
+    (or found in, with ``HF_HUB_OFFLINE=1``) the local HF cache, with a progress bar."""
     path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return latest_checkpoint(path) or path
+    if path.is_file() and path.name == "latest":
+        if ckpt := latest_checkpoint(path.parent):
+            return ckpt
+    if names_demo(path_or_repo):
+        from .demo import model_path
+
+        return model_path()
     if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; expected a checkpoint directory.")
-        return path
+        raise CheckpointError(f"{path} is a file; expected a checkpoint directory.")
     repo = str(path_or_repo)
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise FileNotFoundError(f"No such directory: {path_or_repo}")
@@ -83,6 +93,29 @@ def resolve(
             f"Hugging Face hub ({type(e).__name__}: {e}). Offline, it must already be "
             "in the local HF cache (HF_HUB_OFFLINE=1 reads only from there)."
         ) from e
+
+
+def names_demo(path_or_repo: str | Path | None) -> bool:
+    """Whether ``resolve`` takes this name for the bundled demo model."""
+    return str(path_or_repo) == DEMO and not Path(DEMO).is_dir()
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint a training run's ``latest`` file names (``ouro-mlx train``'s
+    output directory), or None when ``run`` is not such a directory. A ``latest``
+    naming anything but a ``ckpt-STEP`` directory beside it is refused."""
+    latest = run / "latest"
+    if (run / "config.json").exists() or not latest.is_file():
+        return None
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    ckpt = run / name
+    if not re.fullmatch(r"ckpt-\d+", name) or not ckpt.is_dir():
+        raise CheckpointError(f"{latest} does not name a checkpoint directory of {run} "
+                              f"(it holds {name[:40]!r}); give a ckpt-STEP directory.")
+    return ckpt
 
 
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",

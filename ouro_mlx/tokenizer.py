@@ -9,11 +9,13 @@ template work with it like with Ouro's own tokenizer.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import check_input, documents, text_lines
+from .data import check_input, documents, json_lines
 from .loading import atomic_directory
 from .random_model import chat_template
 
@@ -27,9 +29,11 @@ MAX_LINE = 1 << 16
 MAX_VOCAB = 1 << 20
 
 
-def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+def corpus_texts(paths: Iterable[str | Path], warn=print) -> Iterator[str]:
     """The raw text of .txt documents and of JSONL text/prompt/completion/messages,
-    read line by line."""
+    read line by line. A JSONL line with none of them (not JSON, not an object, no
+    text) is reported through ``warn`` as ``file:line`` and skipped, as ``ouro-mlx
+    data`` does."""
     paths = [Path(p) for p in paths]
     for path in paths:  # all of them, before reading any
         check_input(path)
@@ -37,21 +41,25 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
         if path.suffix != ".jsonl":
             yield from documents(path)
             continue
-        for _, line in text_lines(path):
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            if not isinstance(obj, dict):
-                continue
-            for key in ("text", "prompt", "completion"):
-                if isinstance(obj.get(key), str):
-                    yield obj[key]
-            msgs = obj.get("messages")
-            for m in msgs if isinstance(msgs, list) else []:
-                if isinstance(m, dict) and isinstance(m.get("content"), str):
-                    # the role too: ChatML puts it in every turn's header
-                    yield f"{m.get('role', '')}\n{m['content']}"
+        for n, obj in json_lines(path, warn):
+            texts = jsonl_texts(obj)
+            if not texts:
+                warn(f"{path}:{n}: skipped, expected text, prompt/completion or messages")
+            yield from texts
+
+
+def jsonl_texts(obj: object) -> list[str]:
+    """The texts of one JSONL value: text, prompt, completion, message contents."""
+    if not isinstance(obj, dict):
+        return []
+    texts = [obj[key] for key in ("text", "prompt", "completion")
+             if isinstance(obj.get(key), str)]
+    msgs = obj.get("messages")
+    for m in msgs if isinstance(msgs, list) else []:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            # the role too: ChatML puts it in every turn's header
+            texts.append(f"{m.get('role', '')}\n{m['content']}")
+    return texts
 
 
 def corpus_lines(text: str) -> Iterator[str]:
@@ -73,10 +81,12 @@ def train_tokenizer(
     model_type: str = "bpe",
     force: bool = False,
     default_system: str | None = "You are a helpful assistant.",
+    warn=None,
 ) -> Path:
     """Train on ``inputs`` and write tokenizer files to ``out_dir`` (atomically).
     ``default_system``: the system message the chat template adds when a chat has
-    none (Ouro's template adds one; None for none)."""
+    none (Ouro's template adds one; None for none). ``warn``: where skipped JSONL
+    lines are reported (default: stderr)."""
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
@@ -91,7 +101,7 @@ def train_tokenizer(
         corpus = Path(work) / "corpus.txt"
         n = 0
         with open(corpus, "w", encoding="utf-8") as f:
-            for text in corpus_texts(inputs):
+            for text in corpus_texts(inputs, warn or partial(print, file=sys.stderr)):
                 for line in corpus_lines(text):
                     f.write(line + "\n")
                     n += 1

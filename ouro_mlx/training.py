@@ -32,6 +32,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .data import PackedDataset, Position, batches
+from .interrupt import StopRequest, TrainingInterrupted
 from .losses import LOSSES, MASKED_LOSSES, loss_report
 from .model import Model, ModelArgs
 
@@ -475,7 +476,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> dict:
-    """Run (or resume) training; returns the final metrics."""
+    """Run (or resume) training; returns the final metrics. Ctrl-C ends the step in
+    flight, saves it and raises :class:`TrainingInterrupted` (a KeyboardInterrupt);
+    running again resumes there."""
+    with StopRequest() as stop:
+        return _train(cfg, tokenizer_dir, log, stop)
+
+
+def _train(cfg: TrainConfig, tokenizer_dir: str | None, log, stop: StopRequest) -> dict:
     cfg.validate()
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
@@ -581,10 +589,17 @@ def train(cfg: TrainConfig, *, tokenizer_dir: str | None = None, log=print) -> d
             with open(history_file, "a") as f:
                 f.write(json.dumps(last) + "\n")
             progress(step, value)
-        if step % cfg.save_every == 0 or step == cfg.iters:
+        saved = step % cfg.save_every == 0 or step == cfg.iters
+        stopping = step < cfg.iters and stop.everywhere(size)  # the last step just ends
+        if saved or stopping:
             tensors = tp.gather(model, opt) if tp else None  # a collective: every rank
             if rank == 0:
                 save_checkpoint(out, step, model, opt, position, cfg, tokenizer_dir, tensors)
+        if stopping:
+            progress.close()
+            raise TrainingInterrupted(
+                f"interrupted at step {step}; saved {out / f'ckpt-{step:07d}'}", step,
+                out / f"ckpt-{step:07d}")
     if rank == 0 and cfg.plot:
         plot_history(history_file, out / "training.png")
     return last
@@ -656,18 +671,21 @@ def evaluate(model: Model, data: PackedDataset, cfg: TrainConfig, T: int) -> dic
 
 
 def _progress(total: int, start: int, rank: int):
-    if rank != 0:
-        return lambda step, loss: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, desc="training", unit="step")
-
+    """``update(step, loss)`` of a tqdm bar on rank 0, with ``update.close()``."""
     def update(step, loss):
+        if bar is None:
+            return
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step >= total:
             bar.close()
 
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="training", unit="step")
+    update.close = bar.close if bar is not None else (lambda: None)
     return update
 
 

@@ -127,3 +127,27 @@ def test_demo_eval_measures_a_model_with_adapters(tmp_path):
 def test_figure_scripts_print_usage(script):
     out = run(str(REPO / "examples" / script), "--help")
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
+
+
+def test_demo_lora_example_shows_progress_as_it_goes(tmp_path):
+    """Every long step says so when it starts, and lora's bar streams live (the
+    script's first line arrives while it still runs)."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import ENV
+
+    p = subprocess.Popen([sys.executable, str(REPO / "examples" / "demo_lora.py"), "--out",
+                          str(tmp_path / "out"), "--iters", "2", "--eval", "20",
+                          "--train-games", "32", "--batch-size", "4", "--loss", "fixed"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**ENV, "OURO_MLX_NO_PRELOAD": "1"})
+    first = p.stdout.readline()
+    assert first.startswith("writing 32 finetuning games") and p.poll() is None
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    lines = out.replace("\r", "\n").splitlines()
+    assert sum(line.startswith("measuring ") for line in lines) == 3
+    assert sum(line.startswith("  done in ") for line in lines) == 3
+    assert sum(line.startswith("$ ouro-mlx lora") for line in lines) == 2
+    assert any(line.startswith("lora: ") and "2/2" in line for line in lines)

@@ -165,7 +165,10 @@ def test_only_adapters_and_gate_train(tiny_dir, data_dir, tmp_path, extra):
     w = adapter_weights(out)
     gate = {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
     per_loop = bool(extra)
-    assert (gate <= set(w)) == per_loop
+    assert not gate & set(w)  # the gate lives apart, where mlx-lm's loader does not look
+    assert (out / "exit_gate.safetensors").exists() == per_loop
+    if per_loop:
+        w.update(mx.load(str(out / "exit_gate.safetensors")))
     lora_keys = [k for k in w if k not in gate]
     assert len(lora_keys) == 2 * 7 * 2 and all(k.endswith(("lora_a", "lora_b")) for k in lora_keys)
     T = 4
@@ -511,3 +514,41 @@ def test_tool_call_messages(tiny_dir, tmp_path):
     # this template has no tool calls: the row is reported, not a traceback
     assert rows == [] and said[0].startswith(f"{path}:1: skipped: the chat template cannot")
     assert said[1].startswith(f"{path}:2: skipped: a row with tools or tool calls cannot")
+
+
+def test_a_trained_gate_keeps_the_adapters_loadable_by_stock_mlx_lm(data_dir, tmp_path):
+    """lora --train-gate: mlx-lm's own loader takes the directory (its base gate), and
+    ouro-mlx's applies the trained gate too; the gate file also serves --exit-gate."""
+    from mlx_lm.tuner.utils import load_adapters as mlx_load_adapters
+    from mlx_lm.utils import load as mlx_load
+
+    from ouro_mlx.adapters import load_adapters
+    from ouro_mlx.calibrate import load_exit_gate
+    from ouro_mlx.demo import model_path
+
+    out = tmp_path / "ad"
+    assert lora(model_path(), data_dir, out, "--iters", "2", "--train-gate",
+                "--learning-rate", "0.05") == 0
+    trained = mx.load(str(out / "exit_gate.safetensors"))
+    base = dict(tree_flatten(ouro_mlx.load_model(model_path()).parameters()))
+    assert not mx.array_equal(trained["model.early_exit_gate.bias"],
+                              base["model.early_exit_gate.bias"]).item()  # it trained
+
+    model, _ = mlx_load(str(model_path()), adapter_path=str(out))  # stock mlx-lm
+    mlx_load_adapters(ouro_mlx.load_model(model_path()), str(out))
+    theirs = dict(tree_flatten(model.parameters()))
+    assert mx.array_equal(theirs["model.early_exit_gate.bias"],
+                          base["model.early_exit_gate.bias"]).item()
+    lora_b = [k for k in theirs if k.endswith("lora_b")]
+    assert lora_b and all(mx.array_equal(theirs[k], w).item()
+                          for k, w in adapter_weights(out).items() if k in lora_b)
+
+    ours = ouro_mlx.load_model(model_path())
+    load_adapters(ours, out)
+    mine = dict(tree_flatten(ours.parameters()))
+    for k, v in trained.items():
+        assert mx.array_equal(mine[k], v).item(), k
+    gated = ouro_mlx.load_model(model_path())
+    assert load_exit_gate(gated, out / "exit_gate.safetensors") is None
+    assert mx.array_equal(gated.model.early_exit_gate.bias,
+                          trained["model.early_exit_gate.bias"]).item()

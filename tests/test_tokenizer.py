@@ -101,3 +101,28 @@ def test_cli_reports_the_size_it_wrote(corpus, tmp_path, capsys):
         main(["tokenizer", "train", "--out", str(tmp_path / "u"), "--vocab-size", "1000000000",
               str(corpus[1])])
     assert "argument --vocab-size: must be between 270" in capsys.readouterr().err
+
+
+def test_malformed_jsonl_lines_are_reported_with_file_and_line(tmp_path):
+    """As `ouro-mlx data` does: each skipped line named as file:line, the rest used."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import ENV
+
+    good = [json.dumps({"text": f"line {i} has some words in it"}) for i in range(30)]
+    bad = tmp_path / "c.jsonl"
+    bad.write_text("\n".join([good[0], "{not json", json.dumps([1, 2]), "",
+                              json.dumps({"other": "x"}), *good[1:]]) + "\n")
+    seen = []
+    train_tokenizer([bad], tmp_path / "tok", vocab_size=300, warn=seen.append)
+    assert seen == [f"{bad}:2: skipped, not valid JSON (Expecting property name enclosed "
+                    "in double quotes)",
+                    f"{bad}:3: skipped, expected text, prompt/completion or messages",
+                    f"{bad}:5: skipped, expected text, prompt/completion or messages"]
+    out = subprocess.run([sys.executable, "-m", "ouro_mlx", "tokenizer", "train",
+                          "--vocab-size", "300", "--out", str(tmp_path / "cli"), str(bad)],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [line.split(":", 2)[1] for line in out.stderr.splitlines()
+            if line.startswith(f"{bad}:")] == ["2", "3", "5"]

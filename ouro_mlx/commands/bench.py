@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ouro-mlx bench", description=__doc__,
                                 formatter_class=HelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="A checkpoint directory or repo id.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="A checkpoint directory, repo id, or demo (the bundled "
+                                     "demo model, the default without --random).")
     src.add_argument("--random", choices=[*SHAPES, "custom"],
                      help="A random-weight model of a named shape.")
     p.add_argument("--hidden", type=int, default=2048, help="custom shape: hidden size")
@@ -152,6 +153,11 @@ def table(rows: list[dict], peer: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model is None and args.random is None:
+        from ..demo import NOTE
+
+        print(NOTE, file=sys.stderr)
+        args.model = "demo"
     import copy
 
     import mlx.core as mx

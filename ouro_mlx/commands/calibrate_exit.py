@@ -135,7 +135,9 @@ def check_outputs(args: argparse.Namespace, source: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     thresholds = check_args(args)
-    demo = args.model is None
+    from ..loading import names_demo
+
+    demo = args.model is None or names_demo(args.model)
     if demo and not args.json:
         from ..demo import NOTE
 

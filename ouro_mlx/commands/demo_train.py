@@ -2,6 +2,7 @@
 tokenizer, shards, Stage I, Stage II, evaluation — into one directory.
 
   ouro-mlx demo-train --out runs/demo
+  ouro-mlx demo-train --out runs/demo --resume  # after Ctrl-C: continues where it stopped
   cp runs/demo/model/* ouro_mlx/demo/model/     # to ship it
 """
 
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0,
                    help="Multiply the training steps (e.g. 0.01 for a smoke run).")
     p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue an interrupted run in --out (same --scale): finished "
+                        "stages are kept, training resumes from its last checkpoint.")
     return p
 
 
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.scale <= 10:
         raise ValueError(f"--scale must be in (0, 10], got {args.scale}.")
+    if args.force and args.resume:
+        raise ValueError("--force starts over and --resume continues; give one of them.")
 
     from ..demo.recipe import OPENBLAS, run
 
@@ -38,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "LD_PRELOAD": OPENBLAS}
         os.execve(sys.executable, [sys.executable, "-m", "ouro_mlx", "demo-train", *(
             sys.argv[2:] if argv is None else argv)], env)
-    run(args.out, force=args.force, scale=args.scale)
+    try:
+        run(args.out, force=args.force, scale=args.scale, resume=args.resume)
+    except KeyboardInterrupt as e:  # Ctrl-C: a training stage saved its step first
+        import shlex
+
+        resume = shlex.join(["ouro-mlx", "demo-train", "--out", args.out, "--scale",
+                             str(args.scale), "--resume"])
+        print(f"\nouro-mlx demo-train: {str(e) or 'interrupted'}. Resume with: {resume}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

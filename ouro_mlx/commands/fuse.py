@@ -11,6 +11,7 @@ weights over one shared base: there is no single weight to merge them into, so t
 are refused here; use them unfused with --adapter-path on generate, chat and bench.
 
   ouro-mlx fuse --model ouro-1.4b --adapter-path adapters --save-path ouro-1.4b-tuned
+  ouro-mlx fuse --adapter-path adapters --save-path demo-tuned   # on the bundled model
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .options import HelpFormatter
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx fuse", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", default="mlx_model",
-                   help="The base model: a local directory or Hugging Face repo id.")
+    p.add_argument("--model", default="demo",
+                   help="The base model: a local directory, Hugging Face repo id, or demo "
+                        "(the bundled demo model; a local directory named demo wins).")
     p.add_argument("--save-path", default="fused_model",
                    help="The new MLX model directory to write.")
     p.add_argument("--adapter-path", default="adapters",

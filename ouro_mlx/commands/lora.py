@@ -3,9 +3,12 @@
 The flags and YAML keys of mlx_lm.lora, with the same meaning and defaults, plus the
 loop-aware ones (--loss, --beta, --ut-steps, --per-loop-adapters, --train-gate).
 Data: a --data directory with train/valid/test.jsonl in mlx-lm's formats (messages,
-prompt/completion, text). Re-running with the same --adapter-path continues the run.
+prompt/completion, text). Re-running with the same --adapter-path continues the run
+(also after Ctrl-C, which saves first). Without --model it finetunes the bundled demo
+model.
 
   ouro-mlx lora --model DIR --train --data DATA --iters 600 --adapter-path adapters
+  ouro-mlx lora --train --data DATA --iters 100     # the bundled demo model (--model demo)
   ouro-mlx lora -c lora.yaml --per-loop-adapters --loss ouro --beta 0.05
 """
 
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from types import SimpleNamespace
+
+DEMO = "demo"  # the bundled demo model (see ouro_mlx.loading.resolve)
 
 OURS = {"loss": "ouro", "beta": 0.1, "ut_steps": None, "per_loop_adapters": False,
         "train_gate": False}
@@ -29,6 +35,8 @@ BOOLS = ("train", "test", "mask_prompt", "grad_checkpoint", "per_loop_adapters",
          "train_gate", "trust_remote_code")
 STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "prompt_feature",
            "completion_feature", "chat_feature", "text_feature")
+MODEL_HELP = ("A local Ouro model directory, Hugging Face repo id, or demo (the bundled demo "
+              "model; a local directory named demo wins). Default: demo.")
 SCHEDULES = ("cosine_decay", "exponential_decay", "linear_schedule", "step_decay")
 
 
@@ -39,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.prog = "ouro-mlx lora"
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = MODEL_HELP
+        elif action.dest == "data":
+            action.help = "Directory with {train, valid, test}.jsonl files (local only)."
+        elif action.dest == "trust_remote_code":
+            action.help = argparse.SUPPRESS  # always refused: never offered
     g = p.add_argument_group("looped model")
     g.add_argument("--loss", choices=["ouro", "fixed"], default=None,
                    help="ouro: Stage I, Σ_t p_t·L_t − β·H over every loop step; fixed: "
@@ -81,6 +96,9 @@ def merge(args: argparse.Namespace) -> dict:
             if values.get(k) is None:
                 values[k] = v
     values["defaulted"] = set()  # not JSON: never written to adapter_config.json
+    if values.get("model") is None:  # mlx-lm's default is a hub model; ours is bundled
+        values["model"] = DEMO
+        values["defaulted"].add("model")
     for k, v in {**CONFIG_DEFAULTS, **OURS}.items():
         if values.get(k) is None:
             values[k] = v
@@ -143,7 +161,7 @@ def validate(v: dict) -> SimpleNamespace:
     if v["per_loop_adapters"] and v["fine_tune_type"] != "lora":
         raise ValueError("--per-loop-adapters needs --fine-tune-type lora.")
     if not v.get("model"):
-        raise ValueError("--model is required (an Ouro MLX model directory).")
+        raise ValueError("--model must name an Ouro model directory, repo id or demo.")
     if not v.get("adapter_path") and v["train"]:
         raise ValueError("--adapter-path must name a directory to save the adapters in.")
     check_optimizer_config(v["optimizer_config"])
@@ -205,7 +223,17 @@ def check_schedule(s) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = validate(merge(args))
+    from ..cli import command_line
     from ..finetune import run
 
-    run(options)
+    try:
+        run(options)
+    except KeyboardInterrupt as e:  # Ctrl-C: saved at the last update step (or kept)
+        from ..interrupt import TrainingInterrupted
+
+        done = str(e) if isinstance(e, TrainingInterrupted) else (
+            f"interrupted; {options.adapter_path} keeps its last checkpoint, if any")
+        print(f"ouro-mlx lora: {done}. Resume with: {command_line('lora', argv)}",
+              file=sys.stderr)
+        return 130
     return 0

@@ -91,8 +91,9 @@ def check_loop_args(args: argparse.Namespace) -> None:
 def add_model_args(p: argparse.ArgumentParser, required: bool = True,
                    demo: bool = False) -> None:
     p.add_argument("--model", required=required and not demo,
-                   help="Local directory or Hugging Face repo id (HF or MLX format)"
-                        + ("; default: the bundled demo model." if demo else "."))
+                   help="Local directory or Hugging Face repo id (HF or MLX format), or "
+                        "demo: the bundled demo model (a local directory named demo "
+                        "wins)" + ("; default: demo." if demo else "."))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="Compute in this dtype (default: the checkpoint's).")
     p.add_argument("--no-compile", action="store_true",

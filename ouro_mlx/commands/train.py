@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML",
                    help="YAML file whose keys are the options below (with _ for -).")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="Directory whose tokenizer files are copied into checkpoints.")
+                   help="Model directory, repo id or demo (the bundled demo model) whose "
+                        "tokenizer files are copied into checkpoints.")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
         # the default shows in the help; None keeps "not given" apart so YAML values stand
@@ -76,11 +77,28 @@ def load_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args)
-    from ..cli import error, os_message
+    from ..cli import command_line, error, os_message
     from ..training import NonFiniteLoss, kept, train
 
+    tokenizer_dir = None
+    if args.tokenizer is not None:
+        from ..loading import CONFIG_FILES, TOKENIZER_FILES, CheckpointError, resolve
+
+        tokenizer_dir = resolve(args.tokenizer, allow_patterns=CONFIG_FILES + TOKENIZER_FILES)
+        if not (tokenizer_dir / "tokenizer.json").is_file() and not (
+                tokenizer_dir / "tokenizer.model").is_file():
+            raise CheckpointError(f"--tokenizer {args.tokenizer}: no tokenizer.json in "
+                                  f"{tokenizer_dir}.")
     try:
-        last = train(cfg, tokenizer_dir=args.tokenizer)
+        last = train(cfg, tokenizer_dir=tokenizer_dir and str(tokenizer_dir))
+    except KeyboardInterrupt as e:  # Ctrl-C: the step in flight was saved (or the last kept)
+        from ..interrupt import TrainingInterrupted
+
+        done = (str(e) if isinstance(e, TrainingInterrupted)
+                else f"interrupted. {kept(Path(cfg.out))}")
+        print(f"ouro-mlx train: {done}. Resume with: {command_line('train', argv)}",
+              file=sys.stderr)
+        return 130
     except NonFiniteLoss as e:
         print(f"ouro-mlx train: {e}", file=sys.stderr)
         return 1

@@ -66,6 +66,40 @@ def choose_threshold(model, tokenizer, n: int) -> tuple[float, list[dict]]:
     return min(ok, key=lambda s: s["avg_loops"])["exit_threshold"], sweep
 
 
+def resume_point(out: Path, recipe: dict) -> list[str]:
+    """The stages a demo-train run in ``out`` finished, checked to be a run of this
+    recipe at this scale."""
+    file = out / "recipe.json"
+    if not file.is_file():
+        raise ValueError(f"--resume: {out} holds no demo-train run (no recipe.json); "
+                         "start one without --resume.")
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {file} is unreadable ({e}); start over with --force.")
+    if not isinstance(saved, dict) or saved.get("scale") != recipe["scale"]:
+        scale = saved.get("scale") if isinstance(saved, dict) else None
+        raise ValueError(f"--resume: {out} was started with --scale {scale}; resume it with "
+                         "that --scale, or start over with --force.")
+    if saved != json.loads(json.dumps(recipe)):
+        raise ValueError(f"--resume: {out} was started by another version of the recipe; "
+                         "start over with --force.")
+    try:
+        done = json.loads((out / PROGRESS).read_text())["done"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [d for d in done if d in ("data", "tokenizer", "shards")] if isinstance(
+        done, list) else []
+
+
+def mark_done(out: Path, done: list[str], stage: str) -> None:
+    done.append(stage)
+    tmp = out / f".{PROGRESS}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"done": done}))
+    os.replace(tmp, out / PROGRESS)
+
+
+PROGRESS = "progress.json"  # the stages before training that a run finished
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
@@ -82,9 +116,12 @@ def blas_note() -> str | None:
             f"times longer than with OpenBLAS ({hint})")
 
 
-def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) -> dict:
+def run(out: str | Path, *, force: bool = False, scale: float = 1.0, resume: bool = False,
+        log=print) -> dict:
     """Run the whole recipe into ``out``; ``scale`` multiplies the training steps
-    (for quick trials). Returns the evaluation figures."""
+    (for quick trials). ``resume`` continues an interrupted run in ``out``: finished
+    stages are kept, a training stage resumes from its last checkpoint. Returns the
+    evaluation figures."""
     import yaml
 
     from ..data import prepare
@@ -95,7 +132,10 @@ def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) 
     from .evaluate import evaluate
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    R = RECIPE
+    recipe = {"model": MODEL, **R, "scale": scale}
+    done = resume_point(out, recipe) if resume else None
+    if done is None and out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty (use --force to start over).")
         shutil.rmtree(out)
@@ -103,24 +143,33 @@ def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) 
     if note := blas_note():
         log(f"note: {note}")
     tic = time.perf_counter()
-    R = RECIPE
-    (out / "recipe.json").write_text(json.dumps({"model": MODEL, **R, "scale": scale}, indent=2))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    done = done or []
 
-    log("1/6 task data")
     data = out / "data"
-    data.mkdir()
     small = min(scale, 1.0)  # quick trials also use less data
-    task.write_jsonl(data / "train.jsonl", max(2000, round(R["train_problems"] * small)), seed=0)
-    task.write_jsonl(data / "val.jsonl", max(200, round(R["val_problems"] * small)), seed=1)
+    if "data" not in done:
+        log("1/6 task data")
+        data.mkdir(exist_ok=True)
+        task.write_jsonl(data / "train.jsonl", max(2000, round(R["train_problems"] * small)),
+                         seed=0)
+        task.write_jsonl(data / "val.jsonl", max(200, round(R["val_problems"] * small)), seed=1)
+        mark_done(out, done, "data")
 
-    log("2/6 tokenizer")
-    tok_dir = train_tokenizer([data / "train.jsonl"], out / "tokenizer",
-                              vocab_size=R["vocab_size"], default_system=None)
+    tok_dir = out / "tokenizer"
+    if "tokenizer" not in done:
+        log("2/6 tokenizer")
+        train_tokenizer([data / "train.jsonl"], tok_dir, vocab_size=R["vocab_size"],
+                        default_system=None, force=True)
+        mark_done(out, done, "tokenizer")
     tok = load_tokenizer(tok_dir, {"eos_token_id": 0})
 
-    log("3/6 shards")
-    for split in ("train", "val"):
-        prepare([data / f"{split}.jsonl"], data / split, tok, R["seq_len"], pack=False)
+    if "shards" not in done:
+        log("3/6 shards")
+        for split in ("train", "val"):
+            prepare([data / f"{split}.jsonl"], data / split, tok, R["seq_len"], pack=False,
+                    force=True)
+        mark_done(out, done, "shards")
 
     common = {"data": str(data / "train"), "val_data": str(data / "val"), "seed": 0}
     stages = {}
@@ -139,6 +188,8 @@ def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) 
 
     log("6/6 exit threshold, model and evaluation")
     model_dir = out / "model"
+    if model_dir.exists():  # left by an interrupted run: rebuilt whole
+        shutil.rmtree(model_dir)
     model_dir.mkdir()
     final = stages["stage2"]
     shutil.copy(final / "model.safetensors", model_dir / "model.safetensors")

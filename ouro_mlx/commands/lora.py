@@ -207,5 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     options = validate(merge(args))
     from ..finetune import run
 
+    if options.train:  # before any work: a run directory of its own, apart from its sources
+        from pathlib import Path
+
+        from ..finetune import RUN_FILES, STATE
+        from ..outputs import output_dir
+
+        output_dir(options.adapter_path, "--adapter-path", continues=RUN_FILES,
+                   earlier=(Path(options.adapter_path).expanduser() / STATE).is_file(),
+                   sources=[("--model", options.model), ("--data", options.data),
+                            ("--resume-adapter-file", options.resume_adapter_file),
+                            ("-c", options.config)])
+
     run(options)
     return 0

@@ -82,6 +82,11 @@ def blas_note() -> str | None:
             f"times longer than with OpenBLAS ({hint})")
 
 
+# What the recipe writes in its --out directory (its manifest names these patterns).
+RUN_FILES = ["recipe.json", "data/*", "tokenizer/*", "stage1/*", "stage2/*", "stage1.yaml",
+             "stage2.yaml", "model/*", "threshold_sweep.json", "eval.json"]
+
+
 def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) -> dict:
     """Run the whole recipe into ``out``; ``scale`` multiplies the training steps
     (for quick trials). Returns the evaluation figures."""
@@ -94,12 +99,13 @@ def run(out: str | Path, *, force: bool = False, scale: float = 1.0, log=print) 
     from . import task
     from .evaluate import evaluate
 
-    out = Path(out)
+    from ..outputs import output_dir, write_manifest
+
+    out = output_dir(out, "--out", force=force)  # --force: only a directory it wrote
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} is not empty (use --force to start over).")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, "demo-train", RUN_FILES)
     if note := blas_note():
         log(f"note: {note}")
     tic = time.perf_counter()

@@ -219,5 +219,29 @@ def main(argv: list[str] | None = None) -> int:
                             ("--resume-adapter-file", options.resume_adapter_file),
                             ("-c", options.config)])
 
-    run(options)
+    try:
+        run(options)
+    except OSError as e:  # a full disk while saving: say what survives
+        import errno
+
+        if not (options.train and e.errno == errno.ENOSPC):
+            raise
+        from ..cli import error, os_message
+
+        return error("lora", f"{os_message(e)} {kept(options.adapter_path)}")
     return 0
+
+
+def kept(adapter_path: str) -> str:
+    """What a stopped run leaves in ``adapter_path``: its last checkpoint, or none."""
+    import json
+    from pathlib import Path
+
+    from ..finetune import STATE
+
+    try:
+        n = json.loads((Path(adapter_path) / STATE).read_text())["iteration"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"No checkpoint was written to {adapter_path}."
+    return (f"The last checkpoint is kept: {adapter_path} (iteration {n}); free some space "
+            "and run the same command to continue.")

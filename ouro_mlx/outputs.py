@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 MARKER = ".ouro-mlx.json"
-# Files of killed runs that the writers clean up themselves (atomic_directory, train).
-LEFTOVERS = (".*.tmp-*", ".*.old-*")
+# What a run killed while writing the manifest leaves (the next write replaces it).
+LEFTOVERS = (f".{MARKER}.tmp-*",)
 
 Source = tuple[str, "str | os.PathLike | None"]
 
@@ -171,15 +171,15 @@ def describe(names: list[str]) -> str:
 
 def output_dir(path: str | os.PathLike, flag: str, *, force: bool = False,
                sources: Iterable[Source] = (), continues: Iterable[str] | None = None,
-               earlier: bool = False) -> Path:
+               earlier: bool = False, verb: str = "") -> Path:
     """The absolute path of a directory to write, checked before any work.
 
     Replacing writers (``continues`` None): a new or empty directory, or with
     ``force`` one that ouro-mlx wrote (its manifest names everything there).
     Continuing writers (train, lora): ``continues`` lists the patterns of the files
-    the verb writes; a non-empty directory must hold only those and their manifest
-    (without one, only when ``earlier``: the caller recognises a run of an earlier
-    version, e.g. by its trainer state)."""
+    ``verb`` writes; a non-empty directory must hold only those and that verb's
+    manifest (without one, only when ``earlier``: the caller recognises a run of an
+    earlier version, e.g. by its trainer state)."""
     shown = os.fspath(path)
     dst = Path(os.path.abspath(os.path.expanduser(shown)))
     check_not_cwd(dst, flag, shown)
@@ -192,8 +192,12 @@ def output_dir(path: str | os.PathLike, flag: str, *, force: bool = False,
     if not dst.is_dir() or not any(dst.iterdir()):
         return dst
     if continues is not None:
-        own = list(continues) if earlier or read_manifest(dst) else []
-        foreign = foreign_files(dst, own)
+        manifest = read_manifest(dst)
+        if manifest and manifest["verb"] != verb:
+            raise DestinationError(
+                f"{flag} {shown} holds the output of ouro-mlx {manifest['verb']}, not a "
+                f"{verb} run; name a new directory (or an empty one).")
+        foreign = foreign_files(dst, list(continues)) if manifest or earlier else None
         foreign = files_in(dst) if foreign is None else foreign
         if foreign:
             raise DestinationError(

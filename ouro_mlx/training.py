@@ -317,8 +317,8 @@ def checkpoint_config(model: Model) -> dict:
 
 
 # What a run writes in its --out directory (its manifest names these patterns).
-RUN_FILES = ["latest", "history.jsonl", "training.png", "ckpt-*", ".ckpt-*", ".latest.tmp-*",
-             ".history.tmp-*", "training.tmp.png"]
+RUN_FILES = ["latest", "history.jsonl", "training.png", "ckpt-*", ".ckpt-*",
+             ".latest.tmp-*", ".history.tmp-*", "training.tmp.png"]
 
 
 def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,

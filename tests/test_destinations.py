@@ -275,6 +275,9 @@ def test_train_out_apart_from_sources(model, data, user_dir, tmp_path, capsys):
             "contains the source --tokenizer")
     assert [tree(model), tree(data), tree(user_dir)] == before
     assert not (tmp_path / "r").exists()
+    other = tmp_path / "random"
+    assert main(["random", "--out", str(other)]) == 0  # another verb's output
+    refused(capsys, base + [str(other)], "holds the output of ouro-mlx random")
 
 
 # ---------------------------------------------------------------- demo-train, bench

@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for f in args.inputs:  # before loading the tokenizer: fail at once
         check_input(Path(f))
+    inputs = [("input", f) for f in args.inputs]
     output_dir(args.out, "--out", force=args.force,
-               sources=[("--tokenizer", args.tokenizer)] + [("input", f) for f in args.inputs])
+               sources=[("--tokenizer", args.tokenizer), *inputs])
     path = resolve(args.tokenizer)
     tokenizer = load_tokenizer(path, read_config(path) if (path / "config.json").exists() else None)
     meta = prepare(args.inputs, args.out, tokenizer, args.seq_len,

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..finetune import RUN_FILES, STATE
         from ..outputs import output_dir
 
-        output_dir(options.adapter_path, "--adapter-path", continues=RUN_FILES,
+        output_dir(options.adapter_path, "--adapter-path", continues=RUN_FILES, verb="lora",
                    earlier=(Path(options.adapter_path).expanduser() / STATE).is_file(),
                    sources=[("--model", options.model), ("--data", options.data),
                             ("--resume-adapter-file", options.resume_adapter_file),

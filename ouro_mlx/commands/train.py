@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..training import RUN_FILES, NonFiniteLoss, kept, train
 
     # before any work: a run directory of its own, apart from everything it reads
-    output_dir(cfg.out, "--out", continues=RUN_FILES,
+    output_dir(cfg.out, "--out", continues=RUN_FILES, verb="train",
                earlier=(Path(cfg.out).expanduser() / "latest").is_file(),
                sources=[("--data", cfg.data), ("--val-data", cfg.val_data),
                         ("--init-from", cfg.init_from), ("--tokenizer", args.tokenizer),

@@ -1,7 +1,8 @@
 """HF PyTorch-format Ouro checkpoints ↔ MLX directories.
 
 Every option and the destination are checked before any work: a destination that is,
-holds or lies inside the source (or the working directory) is refused. Both
+holds or lies inside the source (or the working directory) is refused, and --force
+replaces only a directory ouro-mlx wrote (see ``ouro_mlx.outputs``). Both
 directions write into a temporary directory beside the destination and rename it into
 place at the end, so an interrupted run or a full disk leaves nothing half-written and
 the previous destination intact, and neither ever modifies the source.
@@ -37,6 +38,7 @@ from ..loading import (
     write_errors,
 )
 from ..limits import check_fits
+from ..outputs import check_apart
 from ..model import Model, ModelArgs, estimate_model_bytes
 from .torch_io import read_state_dict, torch_files
 
@@ -73,20 +75,6 @@ HF_DEFAULTS = {
     "use_cache": True,
     "use_sliding_window": False,
 }
-
-
-def check_apart(dst: Path, flag: str, sources: dict[str, Path]) -> None:
-    """Refuse a destination that is, contains or lies inside a source: replacing it
-    would delete the source, or write into it."""
-    d = dst.resolve()
-    for name, src in sources.items():
-        s = src.resolve()
-        if d == s or d in s.parents:
-            raise ValueError(f"{flag} {dst} contains the source {name} {src}; "
-                             "write to a directory outside it.")
-        if s in d.parents:
-            raise ValueError(f"{flag} {dst} lies inside the source {name} {src}; "
-                             "write to a directory outside it.")
 
 
 def quant_options(
@@ -274,17 +262,21 @@ def hf_to_mlx(
     group_size, bits, q_mode = quant_options(quantize, q_bits, q_group_size, q_mode, mixed)
     if quantize and dequantize:
         raise ValueError("-q/--quantize and -d/--dequantize exclude each other.")
-    dst = destination(mlx_path, "--mlx-path", force)
+    config_dir = Path(config_path).expanduser() if config_path else None
+    if config_dir is not None and config_dir.is_file():
+        config_dir = config_dir.parent
+    dst = destination(mlx_path, "--mlx-path", force,
+                      sources=[("--hf-path", hf_path), ("--config", config_dir)])
     src = Path(hf_path).expanduser()
     if not src.exists():
         src = resolve(hf_path, revision, CONFIG_FILES + TOKENIZER_FILES + WEIGHT_PATTERNS
                       + TORCH_DOWNLOAD)
     if src.is_file() and config_path is None:
         raise ValueError(f"{src} is a weights file; pass the model's config.json too.")
-    meta_dir = Path(config_path).expanduser() if config_path else src
+    meta_dir = config_dir or src
     if meta_dir.is_file():
         meta_dir = meta_dir.parent
-    check_apart(dst, "--mlx-path", {"--hf-path": src, "--config": meta_dir})
+    check_apart(dst, "--mlx-path", [("--hf-path", src), ("--config", meta_dir)])
     config = read_config(meta_dir)
     if "quantization" in config and not dequantize:
         raise CheckpointError(f"{meta_dir} is a quantized MLX checkpoint: pass "
@@ -300,7 +292,7 @@ def hf_to_mlx(
         _check_quantizable(args, group_size)
     chat_end = _chat_end_id(meta_dir)
 
-    with atomic_directory(dst, force=force) as tmp:
+    with atomic_directory(dst, force=force, verb="convert") as tmp:
         model = _source_model(src, source_config, args)
         if dtype is not None:
             weights = cast_floats(dict(tree_flatten(model.parameters())), dtype)
@@ -380,9 +372,9 @@ def mlx_to_hf(
     from mlx_lm.utils import dequantize_model, make_shards
 
     dtype = parse_dtype(dtype)
-    dst = destination(hf_path, "--hf-path", force)
+    dst = destination(hf_path, "--hf-path", force, sources=[("--mlx-path", mlx_path)])
     src = resolve(mlx_path)
-    check_apart(dst, "--hf-path", {"--mlx-path": src})
+    check_apart(dst, "--hf-path", [("--mlx-path", src)])
     config = read_config(src)
     model = build_model(src, config, lazy=True)
     dequantize_model(model)
@@ -393,7 +385,7 @@ def mlx_to_hf(
     out_dtype = str(next(iter(weights.values())).dtype).split(".")[-1]
     hf_config = hf_config_from(config, out_dtype)
 
-    with atomic_directory(dst, force=force) as tmp:
+    with atomic_directory(dst, force=force, verb="convert") as tmp:
         shards = make_shards(weights)
         names = (
             ["model.safetensors"]

@@ -35,6 +35,7 @@ from .losses import adaptive_gate_loss
 GATE = "model.early_exit_gate"
 GATE_KEYS = (f"{GATE}.weight", f"{GATE}.bias")
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+GATE_FORMAT = "ouro-mlx exit gate"
 MAX_GATE_BYTES = 1 << 22  # a gate is hidden_size + 1 numbers: 8 KB for Ouro-1.4B in bf16
 RESET_BIAS = -6.0  # λ = σ(−6) ≈ 0.0025: the cdf stays below 0.01, every token runs all loops
 
@@ -290,18 +291,33 @@ def save_gate(path: str | Path, model, threshold: float | None) -> Path:
     over it) with metadata ``threshold`` (the chosen Q-exit threshold, or "none") and
     ``ut_steps``."""
     from .loading import write_errors
+    from .outputs import replace_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
     meta = {"threshold": "none" if threshold is None else repr(float(threshold)),
-            "ut_steps": str(model.ut_steps), "format": "ouro-mlx exit gate"}
-    try:
+            "ut_steps": str(model.ut_steps), "format": GATE_FORMAT}
+
+    def write(tmp: Path) -> None:
         with write_errors(path, 1 << 20):
             mx.save_safetensors(str(tmp), gate_tensors(model), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return replace_file(path, write)
+
+
+def is_gate_file(path: Path) -> bool:
+    """Whether ``path`` is a gate file calibrate-exit wrote (its safetensors header
+    says so): the only kind of file ``--gate-out --force`` replaces."""
+    try:
+        if path.stat().st_size > MAX_GATE_BYTES:
+            return False
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < MAX_GATE_BYTES else None
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == GATE_FORMAT \
+        and set(header) - {"__metadata__"} == set(GATE_KEYS)
 
 
 def load_exit_gate(model, path: str | Path) -> float | None:
@@ -375,7 +391,8 @@ def save_model_dir(out: str | Path, source: Path, model, threshold: float | None
         config["early_exit_threshold"] = threshold
     out = Path(out)
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    with atomic_directory(out, force=force) as tmp, write_errors(out, nbytes):
+    with atomic_directory(out, force=force, verb="calibrate-exit") as tmp, \
+            write_errors(out, nbytes):
         save_model(tmp, model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_support_files(source, tmp)

@@ -213,7 +213,7 @@ def prepare(
     n = seq_len + 1
     eos = tokenizer.eos_token_id
     try:  # a full disk: atomic_directory removes the partial shards
-        with atomic_directory(Path(out_dir), force=force) as tmp:
+        with atomic_directory(Path(out_dir), force=force, verb="data") as tmp:
             buf_t: list[int] = []
             buf_m: list[int] = []
             shards: list[int] = []

@@ -400,16 +400,22 @@ def load_trainable(model, file: Path) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
+# What a run writes in its --adapter-path (its manifest names these patterns).
+RUN_FILES = [ADAPTERS, CONFIG, OPTIMIZER, STATE, PLOT, f"[0-9]*_{ADAPTERS}"]
+
+
 def save_checkpoint(adapter_path: Path, model, opt, args, state: TrainerState) -> None:
     """Write adapters (mlx-lm's format), a numbered copy, optimizer and trainer state
     and the loss plot into a new directory and swap it in for ``adapter_path``: a
-    kill at any moment leaves the previous checkpoint whole. Other files already
-    there (earlier numbered copies) are carried over."""
+    kill or a full disk at any moment leaves the previous checkpoint whole and no
+    temporary files. Earlier numbered copies already there are carried over."""
     from .adapters import adapter_config, save_adapters
-    from .loading import atomic_directory
+    from .loading import atomic_directory, write_errors
 
     mine = {ADAPTERS, CONFIG, OPTIMIZER, STATE, PLOT}
-    with atomic_directory(adapter_path, force=True) as tmp:
+    nbytes = 3 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    with atomic_directory(adapter_path, force=True, verb="lora", own=RUN_FILES) as tmp, \
+            write_errors(adapter_path, nbytes):
         if adapter_path.is_dir():
             for f in adapter_path.iterdir():
                 if f.name not in mine and f.is_file() and not f.is_symlink():

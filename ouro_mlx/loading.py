@@ -16,7 +16,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from .limits import check_fits
 from .model import Model, ModelArgs, estimate_model_bytes
+from .outputs import describe, files_in, foreign_files, output_dir, write_manifest
 
 # Files a checkpoint directory may hold that we read. No "*.py": we never run them.
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -348,26 +349,12 @@ def write_errors(dest: Path, nbytes: int) -> Iterator[None]:
         raise OSError(errno.ENOSPC, e.strerror, str(dest)) from e
 
 
-def destination(path: str | Path, flag: str, force: bool) -> Path:
-    """The absolute path of a model directory to write, checked before any work: a new
-    or empty directory, or with ``force`` a model directory (with a config.json) to
-    replace. Never a file, another directory, nor one holding the working directory."""
-    dst = Path(os.path.abspath(Path(path).expanduser()))
-    cwd = Path.cwd().resolve()
-    if dst.resolve() == cwd or dst.resolve() in cwd.parents:
-        raise ValueError(f"{flag} {path} is or contains the current directory; "
-                         "name a new directory to write to.")
-    if os.path.lexists(dst) and not dst.is_dir():
-        raise FileExistsError(f"{flag} {path} is a file, not a directory; "
-                              "name a directory to write to.")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not force:
-            raise FileExistsError(f"{flag} {path} exists and is not empty; "
-                                  "pass --force to replace it.")
-        if not (dst / "config.json").is_file():
-            raise FileExistsError(f"{flag} {path} is not a model directory (no config.json) "
-                                  "and --force replaces only those; name a new directory.")
-    return dst
+def destination(path: str | Path, flag: str, force: bool,
+                sources: Iterable[tuple[str, Any]] = ()) -> Path:
+    """The absolute path of a model directory to write, checked before any work
+    (:func:`ouro_mlx.outputs.output_dir`): never a source, the working directory or
+    a file; a non-empty directory only with ``force`` and only one ouro-mlx wrote."""
+    return output_dir(path, flag, force=force, sources=sources)
 
 
 def build_model(
@@ -549,9 +536,15 @@ def load(
 
 
 @contextmanager
-def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(dest: Path, force: bool = False, verb: str = "ouro-mlx",
+                     own: list[str] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success it replaces ``dest``.
     On any error the temporary directory is removed and ``dest`` is untouched.
+
+    A non-empty ``dest`` is replaced only with ``force`` and only when ouro-mlx
+    wrote it (its manifest, or ``own``: patterns of the files a continuing writer
+    such as lora rewrites, names everything there). The new directory gets the
+    manifest: ``verb`` and its files (``own`` when given).
 
     A run killed between moving the old ``dest`` aside and moving the new one in
     leaves no ``dest``: the next run puts the old copy back (and says so). Hidden
@@ -563,11 +556,18 @@ def atomic_directory(dest: Path, force: bool = False) -> Iterator[Path]:
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         # --force replaces an output directory, never a file, device or link (/dev/null).
         raise FileExistsError(f"{dest} exists and is not a directory; choose another path.")
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise FileExistsError(f"{dest} exists and is not empty; pass --force to replace it.")
+    if dest.exists() and any(dest.iterdir()):
+        if not force:
+            raise FileExistsError(f"{dest} exists and is not empty; pass --force to replace it.")
+        foreign = foreign_files(dest, own or ())
+        if foreign is None or foreign:
+            raise FileExistsError(
+                f"{dest} holds {describe(foreign or files_in(dest))} that ouro-mlx did not "
+                "write; --force replaces only what ouro-mlx wrote, so name a new directory.")
     tmp = make_sibling_dir(dest)
     try:
         yield tmp
+        write_manifest(tmp, verb, own, atomic=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

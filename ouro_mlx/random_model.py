@@ -214,7 +214,7 @@ def make_random_checkpoint(
     nbytes = estimate_model_bytes(ModelArgs.from_dict(config), mx_dtype.size)
     check_fits(nbytes, f"A random {shape if isinstance(shape, str) else 'custom'} model")
     dest = destination(path, "--out", force)
-    with atomic_directory(dest, force=force) as tmp:
+    with atomic_directory(dest, force=force, verb="random") as tmp:
         weights = random_weights(config, seed, mx_dtype)
         with write_errors(dest, nbytes):
             mx.save_safetensors(str(tmp / "model.safetensors"), weights,

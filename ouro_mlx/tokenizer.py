@@ -97,7 +97,8 @@ def train_tokenizer(
                          "(special tokens + 256 byte tokens + a few pieces).")
     if vocab_size > MAX_VOCAB:
         raise ValueError(f"vocab_size must be at most {MAX_VOCAB:,}, got {vocab_size:,}.")
-    with tempfile.TemporaryDirectory() as work, atomic_directory(Path(out_dir), force) as tmp:
+    with tempfile.TemporaryDirectory() as work, \
+            atomic_directory(Path(out_dir), force, verb="tokenizer") as tmp:
         corpus = Path(work) / "corpus.txt"
         n = 0
         with open(corpus, "w", encoding="utf-8") as f:

@@ -317,6 +317,11 @@ def checkpoint_config(model: Model) -> dict:
     return hf_config(dims, total_ut_steps=a.total_ut_steps)
 
 
+# What a run writes in its --out directory (its manifest names these patterns).
+RUN_FILES = ["latest", "history.jsonl", "training.png", "ckpt-*", ".ckpt-*",
+             ".latest.tmp-*", ".history.tmp-*", "training.tmp.png"]
+
+
 def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
                     position: Position, cfg: TrainConfig, tokenizer_dir: str | None,
                     tensors: tuple[dict, dict] | None = None) -> Path:
@@ -325,7 +330,8 @@ def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
     the model's own (gathered tensor-parallel shards)."""
     params, opt_state = tensors or (dict(tree_flatten(model.parameters())),
                                     dict(tree_flatten(opt.state)))
-    from .loading import copy_support_files
+    from .loading import copy_support_files, write_errors
+    from .outputs import write_manifest
 
     if bad := [k for k, v in params.items() if not mx.all(mx.isfinite(v)).item()]:
         raise NonFiniteLoss(  # never save (or point latest at) broken weights
@@ -335,24 +341,29 @@ def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
     dest = out / f"ckpt-{step:07d}"
     tmp = out / f".ckpt-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    nbytes = sum(v.nbytes for v in params.values()) + sum(v.nbytes for v in opt_state.values())
     try:
         tmp.mkdir(parents=True)
-        for name, tensors_ in (("model.safetensors", params), ("optimizer.safetensors", opt_state)):
-            mx.save_safetensors(str(tmp / name), tensors_,
-                                metadata={"format": "pt"} if name == "model.safetensors" else None)
-            _check_complete(tmp / name)
-        (tmp / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2))
-        state = {"step": step, "position": asdict(position), "config": _resume_view(cfg)}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if tokenizer_dir:
-            copy_support_files(Path(tokenizer_dir), tmp)
-        for f in tmp.iterdir():  # make the data durable before the rename
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        # MLX reports a full disk as a RuntimeError: one OSError naming the checkpoint
+        with write_errors(dest, nbytes):
+            for name, tensors_ in (("model.safetensors", params),
+                                   ("optimizer.safetensors", opt_state)):
+                mx.save_safetensors(str(tmp / name), tensors_, metadata={"format": "pt"}
+                                    if name == "model.safetensors" else None)
+                _check_complete(tmp / name)
+            (tmp / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2))
+            state = {"step": step, "position": asdict(position), "config": _resume_view(cfg)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if tokenizer_dir:
+                copy_support_files(Path(tokenizer_dir), tmp)
+            for f in tmp.iterdir():  # make the data durable before the rename
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            write_manifest(out, "train", RUN_FILES)
     except BaseException as e:  # a full disk, Ctrl-C: no partial checkpoint, latest unchanged
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not e.filename:
-            raise OSError(e.errno, e.strerror or str(e), str(tmp)) from None
+            raise OSError(e.errno, e.strerror or str(e), str(dest)) from None
         raise
     if dest.exists():
         shutil.rmtree(dest)

@@ -428,7 +428,7 @@ def test_fuse_refusals_are_one_line(tiny_dir, tmp_path, capsys):
         (["--adapter-path", str(per_loop)], "cannot be fused into shared weights"),
         (["--adapter-path", str(tmp_path / "none")], "no such directory"),
         (["--adapter-path", str(shared), "--save-path", str(tiny_dir), "--force"],
-         "contains the source --model"),
+         "is the source --model"),
         (["--adapter-path", str(shared), "--save-path", str(shared / "x")],
          "lies inside the source --adapter-path"),
     ]

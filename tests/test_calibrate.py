@@ -215,9 +215,9 @@ def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--out", "{model}", "--force"], "is the model being calibrated"),
-    (["--gate-out", "{model}/model.safetensors", "--force"], "lies in the model directory"),
-    (["--gate-out", "{model}/model.safetensors"], "exists; pass --force"),
+    (["--out", "{model}", "--force"], "is the source --model"),
+    (["--gate-out", "{model}/model.safetensors", "--force"], "lies inside the source --model"),
+    (["--gate-out", "{model}/model.safetensors"], "lies inside the source --model"),
     (["--gate-out", "{tmp}"], "is a directory"),
     (["--thresholds", "0.5,1"], "--thresholds must be numbers in (0, 1)"),
     (["--iters", "0"], "--iters must be >= 1"),

@@ -138,16 +138,20 @@ def test_existing_destination_refused_then_forced(tiny_dir, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(ValueError, match="keep.txt.* --force replaces only"):
         hf_to_mlx(tiny_dir, dst)
-    with pytest.raises(FileExistsError, match="not a model directory .* --force replaces"):
-        hf_to_mlx(tiny_dir, dst, force=True)  # --force replaces only a model directory
+    with pytest.raises(ValueError, match="keep.txt.* --force replaces only"):
+        hf_to_mlx(tiny_dir, dst, force=True)  # --force replaces only what ouro-mlx wrote
+    (dst / "config.json").write_text("{}")  # a model directory of the user's: still kept
+    with pytest.raises(ValueError, match="2 files .* no .ouro-mlx.json"):
+        hf_to_mlx(tiny_dir, dst, force=True)
     assert (dst / "keep.txt").read_text() == "mine"
-    (dst / "config.json").write_text("{}")
-    with pytest.raises(FileExistsError, match="--force"):
+    shutil.rmtree(dst)
+    hf_to_mlx(tiny_dir, dst)
+    with pytest.raises(ValueError, match="--force"):
         hf_to_mlx(tiny_dir, dst)
     hf_to_mlx(tiny_dir, dst, force=True)
-    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
+    assert (dst / "model.safetensors").exists() and (dst / ".ouro-mlx.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -167,7 +171,7 @@ def test_bad_options(tiny_dir, tmp_path):
         hf_to_mlx(tiny_dir, tmp_path / "a", quantize=True, q_mode="int3")
     with pytest.raises(ValueError, match="Unknown dtype"):
         hf_to_mlx(tiny_dir, tmp_path / "b", dtype="float64")
-    with pytest.raises(ValueError, match="contains the source"):
+    with pytest.raises(ValueError, match="is the source"):
         hf_to_mlx(tiny_dir, tiny_dir, force=True)
     assert not any(tmp_path.iterdir())
 
@@ -186,7 +190,7 @@ def test_destination_holding_or_inside_the_source_is_refused(tiny_dir, tmp_path)
     before = {p: digest(p) for p in (src, parent / "mlx")}
     cases = [
         (hf_to_mlx, src, parent, "contains the source --hf-path"),
-        (hf_to_mlx, src, src, "contains the source --hf-path"),
+        (hf_to_mlx, src, src, "is the source --hf-path"),
         (hf_to_mlx, src, src / "out", "lies inside the source --hf-path"),
         (hf_to_mlx, src, tmp_path, "contains the source --hf-path"),
         (mlx_to_hf, parent / "mlx", parent, "contains the source --mlx-path"),
@@ -209,7 +213,7 @@ def test_raw_weights_file_inside_the_destination_is_refused(tiny_dir, tmp_path):
         hf_to_mlx(src / "model.safetensors", tmp_path, config_path=src / "config.json",
                   force=True)
     shutil.copy(src / "model.safetensors", tmp_path / "weights.pt")  # never read
-    with pytest.raises(ValueError, match="contains the source --config"):
+    with pytest.raises(ValueError, match="is the source --config"):
         hf_to_mlx(tmp_path / "weights.pt", src, config_path=src, force=True)
     assert digest(src) == digest(tiny_dir)
 
@@ -232,9 +236,9 @@ def test_destination_refused_before_any_work(tiny_dir, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="current directory"):
             mlx_to_hf(tiny_dir, dst, force=True)
     monkeypatch.chdir(tmp_path / "..")
-    with pytest.raises(FileExistsError, match="--mlx-path .* --force"):
+    with pytest.raises(ValueError, match="--mlx-path .* --force"):
         hf_to_mlx(tiny_dir, work)
-    with pytest.raises(FileExistsError, match="--hf-path .* --force"):
+    with pytest.raises(ValueError, match="--hf-path .* --force"):
         mlx_to_hf(tiny_dir, work)
     assert [p.name for p in work.iterdir()] == ["notes.txt"]
 
@@ -496,13 +500,13 @@ def test_force_never_replaces_a_file(tiny_dir, tmp_path):
     file.write_text("mine")
     (tmp_path / "link").symlink_to(tmp_path / "gone")
     for dst in (file, tmp_path / "link"):
-        with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        with pytest.raises(ValueError, match="is a (file, not a directory|link)"):
             hf_to_mlx(tiny_dir, dst, force=True)
-        with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        with pytest.raises(ValueError, match="is a (file, not a directory|link)"):
             mlx_to_hf(tiny_dir, dst, force=True)
     from ouro_mlx.random_model import make_random_checkpoint
 
-    with pytest.raises(FileExistsError, match="--out .* is a file"):
+    with pytest.raises(ValueError, match="--out .* is a file"):
         make_random_checkpoint(file, force=True)
     assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
         "link", "notes.txt"]

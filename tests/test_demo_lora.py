@@ -76,7 +76,7 @@ def test_task_script_writes_a_data_directory(tmp_path):
               "--test", "5")
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
-        "test.jsonl", "train.jsonl", "valid.jsonl"]
+        ".ouro-mlx.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
     out = run("-m", "ouro_mlx.demo.task", "--data", str(tmp_path / "e"), "--max-swaps", "13")
     assert out.returncode == 2 and "swaps" in out.stderr.splitlines()[-1]
     assert not (tmp_path / "e").exists()

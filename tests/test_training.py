@@ -310,7 +310,7 @@ def test_non_finite_weights_are_never_saved(data_dir, tmp_path):
         save_checkpoint(out, 4, model, opt, Position(), cfg, None)
     assert (out / "latest").read_text() == "ckpt-0000002"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "ckpt"))) == [
-        "ckpt-0000002"]
+        ".ouro-mlx.json", "ckpt-0000002"]
 
 
 @pytest.mark.parametrize("how", ["raises", "short write"])
@@ -344,7 +344,8 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(data_dir, tmp_path, mo
     assert err.startswith("ouro-mlx train: error: no space left on the device writing ")
     assert err.endswith(f"The last good checkpoint is kept: {out / 'ckpt-0000002'}.")
     assert (out / "latest").read_text() == "ckpt-0000002"
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000002", "history.jsonl", "latest"]
+    assert sorted(p.name for p in out.iterdir()) == [".ouro-mlx.json", "ckpt-0000002",
+                                                     "history.jsonl", "latest"]
     monkeypatch.setattr(mx, "save_safetensors", real)
     assert main(flags) == 0  # the retry resumes from step 2 and finishes
     assert [r["step"] for r in history(out)] == [1, 2, 3, 4]

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_args(p)
     p.add_argument("--seed", type=seed, default=0, help="Seed of the random weights.")
     return p
+
+
+def is_bench_result(path: Path) -> bool:
+    """A file ``--json-out`` wrote before (a JSON object with bench's keys): the only
+    kind of existing file it replaces."""
+    try:
+        if path.stat().st_size > 1 << 26:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"config", "runs"} <= set(data)
 
 
 def shape_config(args) -> dict:
@@ -169,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                               or args.repeats < 1 or args.quality):
         raise ValueError("--compile-step cannot be combined with --no-compile, --kv-bits, "
                          "--no-peer, --repeats 0 or --quality.")
+    if args.json_out:  # before any work: never over a source, only over a bench result
+        from ..outputs import output_file
+
+        output_file(args.json_out, "--json-out", force=None, ours=is_bench_result,
+                    kind="bench result", sources=[
+                        ("--model", args.model), ("--adapter-path", args.adapter_path),
+                        ("--exit-gate", args.exit_gate)])
     if args.no_compile:
         mx.disable_compile()
     try:
@@ -316,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "target_ratio_runs": medians,
                                       "adaptive_overhead": overheads}
     if args.json_out:
-        tmp = f"{args.json_out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:  # a run stopped here leaves the old file whole
-            json.dump(results, f, indent=2)
-        os.replace(tmp, args.json_out)
+        from ..outputs import replace_file
+
+        # a run stopped here leaves the old file whole
+        replace_file(Path(os.path.abspath(args.json_out)), lambda tmp: tmp.write_text(
+            json.dumps(results, indent=2), encoding="utf-8"))
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
 

@@ -103,33 +103,22 @@ def check_args(args: argparse.Namespace) -> list[float]:
     return parse_thresholds(args.thresholds)
 
 
-def check_outputs(args: argparse.Namespace, source: Path | None) -> None:
-    """Before any work: the outputs are writable and never the original model."""
-    from ..loading import destination
+def check_outputs(args: argparse.Namespace, source: str | Path | None) -> None:
+    """Before any work: the outputs are writable and apart from everything read (the
+    model, its adapters, the data), and --force replaces only what ouro-mlx wrote."""
+    from ..calibrate import is_gate_file
+    from ..outputs import output_dir, output_file
 
-    if args.out:
-        dst = destination(args.out, "--out", args.force)
-        if source is not None and dst.resolve() == source.resolve():
-            raise ValueError(f"--out {args.out} is the model being calibrated; "
-                             "name a new directory (the original is never edited).")
     if args.out and args.adapter_path:
         raise ValueError("--out writes the model without its adapters; with --adapter-path "
                          "use --gate-out (or fuse the adapters first with ouro-mlx fuse).")
+    sources = [("--model", source), ("--data", args.data),
+               ("--adapter-path", args.adapter_path)]
+    if args.out:
+        output_dir(args.out, "--out", force=args.force, sources=sources)
     if args.gate_out:
-        gate = Path(args.gate_out)
-        if gate.is_dir():
-            raise IsADirectoryError(f"--gate-out {gate} is a directory; name a file.")
-        if os.path.lexists(gate):
-            if not args.force:
-                raise FileExistsError(f"--gate-out {gate} exists; pass --force to replace it.")
-            if not gate.is_file() or gate.is_symlink():
-                raise FileExistsError(f"--gate-out {gate} is not a regular file; "
-                                      "name another path.")
-            if source is not None and gate.resolve().parent == source.resolve():
-                raise ValueError(f"--gate-out {gate} lies in the model directory being "
-                                 "calibrated; the original is never edited.")
-        if not gate.parent.resolve().is_dir():
-            raise FileNotFoundError(f"--gate-out {gate}: no directory {gate.parent}")
+        output_file(args.gate_out, "--gate-out", force=args.force, sources=sources,
+                    ours=is_gate_file, kind="gate file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
         source = model_path()
     else:
-        source = Path(args.model) if Path(args.model).is_dir() else None
+        source = args.model
     check_outputs(args, source)
     if args.data is None and not demo:
         raise ValueError("--data is required with --model (a directory with train.jsonl, "

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Read a quantized MLX directory as --hf-path and write it "
                         "dequantized to --mlx-path (as mlx-lm's convert -d).")
     p.add_argument("--force", action="store_true",
-                   help="Replace a destination that holds a model (a config.json), never "
-                        "one that holds the source.")
+                   help="Replace a destination that ouro-mlx wrote (it holds only what "
+                        "ouro-mlx put there), never one that holds the source.")
     p.add_argument("--verify", action="store_true",
                    help="Run the written model on a few tokens against the converted one "
                         "(OK within rounding, else exit 1 and write nothing) and report how "

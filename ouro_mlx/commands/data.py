@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pack", action="store_true",
                    help="One document per row, padded (short chat samples); longer ones "
                         "are skipped.")
-    p.add_argument("--force", action="store_true", help="Replace --out if it exists.")
+    p.add_argument("--force", action="store_true",
+                   help="Replace --out if ouro-mlx wrote it (never a directory of yours).")
     args = p.parse_args(argv)
     if args.seq_len < 2:
         p.error(f"argument --seq-len: must be at least 2, got {args.seq_len}")
@@ -36,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..data import check_input, prepare
     from ..loading import load_tokenizer, read_config, resolve
+    from ..outputs import output_dir
 
     for f in args.inputs:  # before loading the tokenizer: fail at once
         check_input(Path(f))
+    inputs = [("input", f) for f in args.inputs]
+    output_dir(args.out, "--out", force=args.force,
+               sources=[("--tokenizer", args.tokenizer), *inputs])
     path = resolve(args.tokenizer)
     tokenizer = load_tokenizer(path, read_config(path) if (path / "config.json").exists() else None)
     meta = prepare(args.inputs, args.out, tokenizer, args.seq_len,

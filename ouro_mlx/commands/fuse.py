@@ -38,29 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="Also write the fused model as an HF PyTorch-format checkpoint here.")
     p.add_argument("--force", action="store_true",
-                   help="Replace --save-path / --export-hf if they hold a model.")
+                   help="Replace --save-path / --export-hf if ouro-mlx wrote them.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..convert.convert import check_apart
     from ..loading import destination, resolve
+    from ..outputs import check_apart, real, relation
 
     adapters = Path(args.adapter_path).expanduser()
     if not adapters.is_dir():
         raise FileNotFoundError(f"--adapter-path {args.adapter_path}: no such directory.")
-    dst = destination(args.save_path, "--save-path", args.force)
-    src = resolve(args.model)
-    sources = {"--model": src, "--adapter-path": adapters}
-    check_apart(dst, "--save-path", sources)
+    sources = [("--model", args.model), ("--adapter-path", args.adapter_path)]
+    dst = destination(args.save_path, "--save-path", args.force, sources)
     hf = None
     if args.export_hf is not None:
-        hf = destination(args.export_hf, "--export-hf", args.force)
-        check_apart(hf, "--export-hf", {**sources, "--save-path": dst})
-        if hf.resolve() in dst.resolve().parents:
-            raise ValueError(f"--export-hf {args.export_hf} contains --save-path "
+        hf = destination(args.export_hf, "--export-hf", args.force,
+                         sources + [("--save-path", args.save_path)])
+        if rel := relation(real(hf), real(dst)):
+            raise ValueError(f"--export-hf {args.export_hf} {rel} --save-path "
                              f"{args.save_path}; write them apart.")
+    src = resolve(args.model)
+    check_apart(dst, "--save-path", [("--model", src)], args.save_path)
+    if hf is not None:
+        check_apart(hf, "--export-hf", [("--model", src)], args.export_hf)
     fuse(src, adapters, dst, dequantize=args.dequantize, force=args.force)
     print(f"wrote {dst}", file=sys.stderr)
     if hf is not None:
@@ -104,7 +106,7 @@ def fuse(src: Path, adapter_dir: Path, dst: Path, *, dequantize: bool = False,
         config.pop("quantization_config", None)
     mx.eval(model.parameters())
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    with atomic_directory(dst, force=force) as tmp, write_errors(dst, nbytes):
+    with atomic_directory(dst, force=force, verb="fuse") as tmp, write_errors(dst, nbytes):
         save_model(tmp, model)
         save_config(dict(config), tmp / "config.json")
         copy_support_files(src, tmp)

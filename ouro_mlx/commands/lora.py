@@ -226,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli import command_line
     from ..finetune import run
 
+    if options.train:  # before any work: a run directory of its own, apart from its sources
+        from pathlib import Path
+
+        from ..finetune import RUN_FILES, STATE
+        from ..outputs import output_dir
+
+        output_dir(options.adapter_path, "--adapter-path", continues=RUN_FILES, verb="lora",
+                   earlier=(Path(options.adapter_path).expanduser() / STATE).is_file(),
+                   sources=[("--model", options.model), ("--data", options.data),
+                            ("--resume-adapter-file", options.resume_adapter_file),
+                            ("-c", options.config)])
+
     try:
         run(options)
     except KeyboardInterrupt as e:  # Ctrl-C: saved at the last update step (or kept)
@@ -236,4 +248,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ouro-mlx lora: {done}. Resume with: {command_line('lora', argv)}",
               file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk while saving: say what survives
+        import errno
+
+        if not (options.train and e.errno == errno.ENOSPC):
+            raise
+        from ..cli import error, os_message
+
+        return error("lora", f"{os_message(e)} {kept(options.adapter_path)}")
     return 0
+
+
+def kept(adapter_path: str) -> str:
+    """What a stopped run leaves in ``adapter_path``: its last checkpoint, or none."""
+    import json
+    from pathlib import Path
+
+    from ..finetune import STATE
+
+    try:
+        n = json.loads((Path(adapter_path) / STATE).read_text())["iteration"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"No checkpoint was written to {adapter_path}."
+    return (f"The last checkpoint is kept: {adapter_path} (iteration {n}); free some space "
+            "and run the same command to continue.")

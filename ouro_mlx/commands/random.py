@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="Random seed, 0 to 2**64 - 1 (default: 0).")
     p.add_argument("--force", action="store_true",
-                   help="Replace --out when it holds a model (a config.json).")
+                   help="Replace --out when ouro-mlx wrote it (never a directory of yours).")
     return p
 
 

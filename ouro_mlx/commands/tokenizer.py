@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sentencepiece algorithm.")
     t.add_argument("--no-default-system", action="store_true",
                    help="Chat template without Ouro's default system message.")
-    t.add_argument("--force", action="store_true", help="Replace --out if it exists.")
+    t.add_argument("--force", action="store_true",
+                   help="Replace --out if ouro-mlx wrote it (never a directory of yours).")
     args = p.parse_args(argv)
 
     from tokenizers import Tokenizer
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         t.error(f"argument --vocab-size: must be between {len(SPECIALS) + 264} (special and "
                 f"byte tokens and a few pieces) and {MAX_VOCAB}, got {args.vocab_size}")
 
+    from ..outputs import output_dir
+
+    output_dir(args.out, "--out", force=args.force,
+               sources=[("input", f) for f in args.inputs])
     out = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size,
                           model_type=args.model_type, force=args.force,
                           default_system=None if args.no_default_system else

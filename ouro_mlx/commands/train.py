@@ -78,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args)
     from ..cli import command_line, error, os_message
-    from ..training import NonFiniteLoss, kept, train
+    from ..outputs import output_dir
+    from ..training import RUN_FILES, NonFiniteLoss, kept, train
+
+    # before any work: a run directory of its own, apart from everything it reads
+    output_dir(cfg.out, "--out", continues=RUN_FILES, verb="train",
+               earlier=(Path(cfg.out).expanduser() / "latest").is_file(),
+               sources=[("--data", cfg.data), ("--val-data", cfg.val_data),
+                        ("--init-from", cfg.init_from), ("--tokenizer", args.tokenizer),
+                        ("--config", args.config)])
 
     tokenizer_dir = None
     if args.tokenizer is not None:

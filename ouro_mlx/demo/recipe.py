@@ -116,6 +116,11 @@ def blas_note() -> str | None:
             f"times longer than with OpenBLAS ({hint})")
 
 
+# What the recipe writes in its --out directory (its manifest names these patterns).
+RUN_FILES = ["recipe.json", "data/*", "tokenizer/*", "stage1/*", "stage2/*", "stage1.yaml",
+             "stage2.yaml", "model/*", "threshold_sweep.json", "eval.json", PROGRESS]
+
+
 def run(out: str | Path, *, force: bool = False, scale: float = 1.0, resume: bool = False,
         log=print) -> dict:
     """Run the whole recipe into ``out``; ``scale`` multiplies the training steps
@@ -126,20 +131,25 @@ def run(out: str | Path, *, force: bool = False, scale: float = 1.0, resume: boo
 
     from ..data import prepare
     from ..loading import load, load_tokenizer
+    from ..outputs import output_dir, write_manifest
     from ..tokenizer import train_tokenizer
     from ..training import TrainConfig, train
     from . import task
     from .evaluate import evaluate
 
-    out = Path(out)
     R = RECIPE
     recipe = {"model": MODEL, **R, "scale": scale}
-    done = resume_point(out, recipe) if resume else None
+    if resume:  # only a demo-train run of its own, apart from the cwd
+        out = output_dir(out, "--out", continues=RUN_FILES, verb="demo-train",
+                         earlier=(Path(out).expanduser() / "recipe.json").is_file())
+        done = resume_point(out, recipe)
+    else:
+        done = None
+        out = output_dir(out, "--out", force=force)  # --force: only a directory it wrote
     if done is None and out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} is not empty (use --force to start over).")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, "demo-train", RUN_FILES)
     if note := blas_note():
         log(f"note: {note}")
     tic = time.perf_counter()

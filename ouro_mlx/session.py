@@ -374,7 +374,7 @@ class ChatSession:
             self.messages.pop()
             raise
         out_tokens: list[int] = []
-        text, stopped = "", False
+        text, stopped, shown = "", False, 0  # shown: the part of text handed out
         thinking = self._thinking_at(ids)
         parts: dict[bool, list[str]] = {True: [], False: []}  # reasoning, answer
         s = self.stats = Stats()
@@ -396,16 +396,18 @@ class ChatSession:
                 piece, marker = r.text, r.token in self.think_ids
                 if marker:
                     thinking, piece = True, ""
-                start = len(text)
                 text += piece
                 hits = [text.find(x) for x in self.stop if x in text]
                 if hits:  # a stop string: show what precedes it, then end the answer
                     text, stopped = text[: min(hits)], True
-                    piece, finish = text[start:], "stop_string"
+                    finish = "stop_string"
                     s.finish, s.cut = "finished: stop string", False
                 elif not finish and self._cancel.is_set():
                     finish = "cancelled"
                     s.finish = "finished: cancelled"
+                # text that may begin a stop string is held back until it is clear
+                end = len(text) - (0 if finish or marker else held_back(text, self.stop))
+                piece, shown = text[shown:end], max(shown, end)
                 s.finish_reason = finish
                 event = TokenEvent(piece, r.token, r.loops, thinking, finish)
                 parts[thinking].append(piece)
@@ -499,6 +501,12 @@ LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loo
              "hidden_eps")
 SAMPLING_KEYS = ("sampler", "logits_processors", "max_tokens")
 DECODING_KEYS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` may begin one of ``stops``."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
 
 
 def check_int(value, name: str, low: int | None = None) -> None:

@@ -60,6 +60,10 @@ def check_unicode(text, what: str) -> None:
                          f"character {e.start}, which is not Unicode text.") from None
 
 
+class TemplateFailure(ValueError):
+    """The model's chat template cannot render (its file named in the message)."""
+
+
 def apply_template(tokenizer, messages: list[dict], **kwargs):
     """``tokenizer.apply_chat_template``, with a template that fails (a syntax error,
     or an attribute Jinja's sandbox refuses, such as ``''.__class__``) reported in one
@@ -73,7 +77,7 @@ def apply_template(tokenizer, messages: list[dict], **kwargs):
 
         what = ("tries something Jinja's sandbox refuses" if isinstance(e, SecurityError)
                 else "failed")
-        raise ValueError(f"{template_file(tokenizer)}: the chat template {what}: "
+        raise TemplateFailure(f"{template_file(tokenizer)}: the chat template {what}: "
                          f"{e}".rstrip(".") + ".") from None
 
 

@@ -623,7 +623,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
     model with those adapters applied (same tokenizer), chosen per request by the
     ``adapter`` field. ``decoding``: default draft_loops / num_draft_tokens /
     pipeline / compile_step for the requests they fit (see the module's docstring)."""
-    from .encoding import encode_chat, encode_text
+    from .encoding import TemplateFailure, encode_chat, encode_text
 
     server = Server(model, tokenizer, model_id, limits, prompt_cache, adapters, decoding)
     @contextlib.asynccontextmanager
@@ -683,7 +683,10 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         options = server.options(req)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]
-        ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        try:
+            ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        except TemplateFailure as e:  # the served model's fault, said in words
+            raise APIError(500, str(e), type="server_error", code="chat_template") from None
         ids = server.check_prompt(ids, "messages")
         text = Assembler(tokenizer, req.stops(), think=True, prompt=ids)
         job = server.submit(ids, options, req.adapter)

@@ -140,6 +140,22 @@ def test_a_template_jinja_refuses_is_one_line_naming_its_file(tmp_path, capsys, 
     assert session.messages == []
 
 
+def test_a_template_jinja_refuses_is_a_500_saying_so_in_the_server(tmp_path):
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from ouro_mlx.server import create_app
+
+    d = demo_copy(tmp_path)
+    where = "chat_template.jinja"
+    (d / where).write_text("{{ ''.__class__.__mro__ }}")
+    with TestClient(create_app(*ouro_mlx.load(d))) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 500
+    assert r.json()["error"]["message"].startswith(f"{d / where}: the chat template")
+
+
 def test_a_broken_template_is_one_line_too(tmp_path):
     d = demo_copy(tmp_path)
     edit_json(d / "tokenizer_config.json", chat_template="{% for m in messages %}")

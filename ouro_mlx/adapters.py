@@ -47,6 +47,9 @@ ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LORA_DEFAULTS = {"rank": 8, "dropout": 0.0, "scale": 20.0}
+# LoRA scales in use are ~1-100 (mlx-lm's 20, alpha/rank elsewhere); far beyond, the
+# adapter's term swamps the model or overflows float16/bfloat16 to inf.
+MAX_LORA_SCALE = 10_000
 ATTN_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_KEYS = ("gate_proj", "up_proj", "down_proj")
 LAYER_KEYS = tuple(f"self_attn.{k}" for k in ATTN_KEYS) + tuple(f"mlp.{k}" for k in MLP_KEYS)
@@ -111,6 +114,10 @@ def lora_settings(params: Any, where: str, model: nn.Module) -> dict:
     s = out["scale"]
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
         raise ValueError(f"{where}: lora_parameters.scale must be a finite number, got {s!r}.")
+    if abs(s) > MAX_LORA_SCALE:  # finite yet overflowing: inf/NaN outputs, or noise
+        raise ValueError(f"{where}: lora_parameters.scale {s!r} is far outside what "
+                         f"adapters use (|scale| <= {MAX_LORA_SCALE:,}; mlx-lm's default "
+                         f"is {LORA_DEFAULTS['scale']:g}).")
     d = out["dropout"]
     if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
         raise ValueError(f"{where}: lora_parameters.dropout must be in [0, 1), got {d!r}.")

@@ -23,25 +23,76 @@ import uuid
 def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
     """The chat template's ids for ``messages``; their content (and role: a data
     file's roles are text from a stranger too) is always plain text."""
+    for i, m in enumerate(messages):
+        for key, value in m.items():
+            check_unicode(value, f"messages[{i}].{key}")
     specials = _added_tokens(tokenizer)
     if not any(_has_special(v, specials) for m in messages for v in m.values()):
-        return list(tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt))
+        return list(apply_template(
+            tokenizer, messages, add_generation_prompt=add_generation_prompt))
     marks = {s: f"\ue000{uuid.uuid4().hex}{i}\ue001" for i, s in enumerate(specials)}
     hidden = [{k: _replace(v, marks) if isinstance(v, str) else v for k, v in m.items()}
               for m in messages]
-    text = tokenizer.apply_chat_template(
-        hidden, add_generation_prompt=add_generation_prompt, tokenize=False)
+    text = apply_template(
+        tokenizer, hidden, add_generation_prompt=add_generation_prompt, tokenize=False)
     back = {v: k for k, v in marks.items()}
     return _encode_plain(tokenizer, text, specials, restore=back)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
     """``text`` as plain text: an added-token string in it is never a special token."""
+    check_unicode(text, "the prompt")
     specials = _added_tokens(tokenizer)
     if not _has_special(text, specials):
         return list(tokenizer.encode(text, add_special_tokens=False))
     return _plain_encoder(tokenizer).encode(text, first=True)
+
+
+def check_unicode(text, what: str) -> None:
+    """Refuse a str holding a lone surrogate (from JSON's ``"\\ud800"``, or bytes
+    that are not UTF-8 in a file name or argument): no tokenizer can encode it."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate (\\u{ord(text[e.start]):04x}) at "
+                         f"character {e.start}, which is not Unicode text.") from None
+
+
+class TemplateFailure(ValueError):
+    """The model's chat template cannot render (its file named in the message)."""
+
+
+def apply_template(tokenizer, messages: list[dict], **kwargs):
+    """``tokenizer.apply_chat_template``, with a template that fails (a syntax error,
+    or an attribute Jinja's sandbox refuses, such as ``''.__class__``) reported in one
+    line naming the file it came from."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as e:
+        from jinja2.exceptions import SecurityError
+
+        what = ("tries something Jinja's sandbox refuses" if isinstance(e, SecurityError)
+                else "failed")
+        raise TemplateFailure(f"{template_file(tokenizer)}: the chat template {what}: "
+                         f"{e}".rstrip(".") + ".") from None
+
+
+def template_file(tokenizer) -> str:
+    """Where ``tokenizer``'s chat template was read from, as well as it can be told."""
+    from pathlib import Path
+
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper
+    name = getattr(inner, "name_or_path", None) or ""
+    folder = Path(name)
+    if name and folder.is_dir():
+        for file in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+            if (folder / file).is_file():
+                return str(folder / file)
+    return f"the chat template of {name}" if name else "the tokenizer's chat template"
 
 
 def _added_tokens(tokenizer) -> dict[str, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
@@ -25,8 +25,7 @@ from mlx_lm.models.cache import BatchKVCache, CacheList
 
 from .exit import CdfTracker, ExitRule, exit_steps, gather_steps
 from .model import Model, cache_depth, check_cache, commit_kv
-
-Sampler = Callable[[mx.array], mx.array]
+from .sampling import Sampler, check_token, sample
 
 
 @dataclass
@@ -147,8 +146,7 @@ def _sample(
 ) -> tuple[mx.array, mx.array]:
     for p in processors or []:
         logits = p(tokens, logits)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs), logprobs
+    return sample(logits, sampler)
 
 
 def generate_step(
@@ -312,6 +310,7 @@ def stream_generate(
                               logits_processors=logits_processors,
                               prefill_step_size=prefill_step_size, compile_step=compile_step)
     for n, (token, logprobs, loops) in enumerate(steps):
+        check_token(token, n)  # NaN/inf logits: an error, not a plausible answer
         if n == 0:
             prompt_time = time.perf_counter() - tic
             prompt_tps = ids.size / prompt_time
@@ -392,6 +391,7 @@ def batch_generate(
         y, _ = _sample(logits, None, sampler, None)
         for i, (tok, lp) in enumerate(zip(y.tolist(), loops.tolist())):
             if not done[i]:
+                check_token(tok, n)
                 done[i] = tok in eos
                 if not done[i]:
                     out_tokens[i].append(tok)

@@ -630,7 +630,35 @@ def remove(path: Path) -> None:
 
 
 def copy_support_files(src: Path, dst: Path) -> None:
-    """Tokenizer files and generation config (never code) from ``src`` to ``dst``."""
+    """Tokenizer files and generation config (never code) from ``src`` to ``dst``
+    (after its config.json), the end-of-turn token declared as an eos."""
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
+    declare_chat_end(dst)
+
+
+def declare_chat_end(dst: Path) -> None:
+    """List ``<|im_end|>`` among the eos ids of ``dst/generation_config.json``, where
+    stock mlx-lm reads them (our loader adds it anyway): the released configs say
+    eos = 0 only, so ``mlx_lm.generate`` would print the end of turn and go on."""
+    file = dst / "tokenizer.json"
+    if not file.is_file():
+        return
+    added = json.loads(file.read_text(encoding="utf-8")).get("added_tokens")
+    chat_end = next((t.get("id") for t in added or [] if isinstance(t, dict)
+                     and t.get("content") == CHAT_END), None)
+    if not isinstance(chat_end, int):
+        return
+    gen_file = dst / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    config = json.loads((dst / "config.json").read_text()) if (
+        dst / "config.json").is_file() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if chat_end in eos and gen_file.is_file():
+        return
+    gen["eos_token_id"] = eos + [chat_end] * (chat_end not in eos)
+    if isinstance(bos := config.get("bos_token_id"), int):
+        gen.setdefault("bos_token_id", bos)
+    gen_file.write_text(json.dumps(gen, indent=2) + "\n")

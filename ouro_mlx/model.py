@@ -329,6 +329,7 @@ def commit_kv(cache: list, kvs: list, executed: int) -> None:
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        check_model_fits(args)  # before any layer exists: stock mlx-lm loaders come here
         self.args = args
         self.model_type = args.model_type
         self.model = OuroModel(args)
@@ -480,3 +481,24 @@ def estimate_model_bytes(args: ModelArgs, bytes_per_param: float = 4) -> int:
     of Python and MLX objects per layer (measured); check it with
     ``limits.check_fits`` before building a model from a stranger's config."""
     return int(num_parameters(args) * bytes_per_param) + args.num_hidden_layers * 2**17
+
+
+# The fewest bytes a weight can take (mlx-lm's smallest quantization, 2 bits): the
+# constructor does not know the stored precision, so it refuses only what cannot fit
+# in any; ``ouro_mlx``'s loader checks the exact precision before building.
+MIN_BYTES_PER_PARAM = 2 / 8
+
+
+def check_model_fits(args: ModelArgs) -> None:
+    """Refuse a config whose model cannot fit in this machine's memory, naming its
+    sizes, before anything is built (a layer count of a million would otherwise end
+    in ``std::bad_alloc`` minutes later)."""
+    nbytes = estimate_model_bytes(args, MIN_BYTES_PER_PARAM)
+    total = limits.memory_bytes()
+    if total is not None and nbytes > total:
+        sizes = ", ".join(f"{name} {getattr(args, name):,}" for name in
+                          ("num_hidden_layers", "hidden_size", "intermediate_size",
+                           "vocab_size"))
+        raise ValueError(f"config.json describes a model ({sizes}) that needs at least "
+                         f"{limits.gib(nbytes)}, but this machine has {limits.gib(total)} "
+                         "of memory.")

@@ -56,6 +56,8 @@ from mlx_lm.models.cache import KVCache
 from .compiled import _Graphs, _graph
 from .exit import ExitRule
 from .model import Model, add_norm, add_norm_norm, cache_depth
+from .sampling import flag_nonfinite
+from .sampling import sample as sample_checked
 from .speculative import (BACKOFF_TOKENS, MAX_BACKOFF, _Meter, check_speculative,
                           plain_decode)
 
@@ -138,7 +140,8 @@ def _tick_graph(model: Model, loops: int, k: int, sampler: Sampler | None):
             out.append(buf)
         x = inner.norm(x)
         logits = model.lm_head(x[:, 0])
-        logprobs = logits[last] - mx.logsumexp(logits[last])
+        lse = mx.logsumexp(logits[last])
+        logprobs = logits[last] - lse
         read = mx.argmax(logits, axis=-1).astype(mx.int32)  # each row's draft
         if sampler is not None:  # the finished row's token is the target's draw
             final = sampler(logprobs[None]).reshape(()).astype(mx.int32)
@@ -157,7 +160,7 @@ def _tick_graph(model: Model, loops: int, k: int, sampler: Sampler | None):
         new_tok = read[src]
         x = mx.concatenate([inner.embed_tokens(new_tok[None])[None], x[:-1]])
         pos = mx.concatenate([(pos[src] + 1)[None], pos[:-1]])
-        finished, token = valid[last], read[last]
+        finished, token = valid[last], flag_nonfinite(read[last], lse)
         valid = mx.concatenate([enter[None], valid[:-1]])
         tok = mx.concatenate([new_tok[None], tok[:-1]])
         return x, pos, valid, tok, finished, token, logprobs, out
@@ -369,8 +372,7 @@ def pipelined_step(
     stats = stats if stats is not None else PipelineStats()
     sample = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    y = sample(logprobs)
+    y, logprobs = sample_checked(logits, sample)
     mx.async_eval(y, logprobs)
     if max_tokens == 1:
         yield y.item(), logprobs[0], depth

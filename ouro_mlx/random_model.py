@@ -14,7 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .limits import check_fits
-from .loading import atomic_directory, destination, parse_dtype, write_errors
+from .loading import (atomic_directory, declare_chat_end, destination, parse_dtype,
+                      write_errors)
 from .model import ModelArgs, check_ut_steps, estimate_model_bytes
 
 SHAPES = {
@@ -221,4 +222,5 @@ def make_random_checkpoint(
                                 metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             write_byte_tokenizer(tmp)
+            declare_chat_end(tmp)  # stock mlx-lm stops at the end of a turn too
     return dest

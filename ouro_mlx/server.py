@@ -42,7 +42,8 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from .prompt_cache import PromptCache
@@ -80,6 +81,23 @@ class APIError(Exception):
 # -- request models (the OpenAI schema, plus Ouro's options) -----------------------
 
 
+def unicode_text(value: Any) -> Any:
+    """``value`` (a str, or a list of str / ``TextPart``) if it is Unicode text. JSON
+    may carry a lone surrogate (``"\\ud800"``), which no tokenizer can encode: a 400
+    naming the field, not a 500 from deep inside the tokenizer."""
+    for text in value if isinstance(value, list) else [value]:
+        text = text.text if isinstance(text, TextPart) else text
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PydanticCustomError(
+                    "invalid_text", "holds a lone surrogate ({char}) at character {pos}, "
+                    "which is not Unicode text", {"char": f"\\u{ord(text[e.start]):04x}",
+                                                  "pos": e.start}) from None
+    return value
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -89,6 +107,8 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    _content = field_validator("content")(unicode_text)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -131,6 +151,8 @@ class GenerationRequest(BaseModel):
     compile_step: bool | None = None
     adapter: str | None = None  # a name given to ouro-mlx serve --adapter, never a path
 
+    _text = field_validator("model", "stop", "adapter")(unicode_text)
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or any(len(s) > 256 for s in stops):
@@ -148,6 +170,8 @@ class ChatRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] = Field(min_length=1)
+
+    _prompt = field_validator("prompt")(unicode_text)
 
 
 # -- the engine: one thread that owns the model -----------------------------------
@@ -530,6 +554,9 @@ class Server:
 
 async def events(job: Job, request: Request | None = None) -> AsyncIterator[Event]:
     """The job's events; cancels it when the consumer leaves (or the client does)."""
+    watch = None
+    if request is not None:
+        watch = asyncio.create_task(cancel_on_disconnect(job, request))
     try:
         if job.first is not None:
             item, job.first = job.first, None
@@ -537,24 +564,38 @@ async def events(job: Job, request: Request | None = None) -> AsyncIterator[Even
                 return
             yield item
         while True:
-            try:
-                item = await asyncio.wait_for(job.out.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
-            if item is DONE:
+            item = await job.out.get()
+            if item is DONE or job.cancelled.is_set():
                 return
             if isinstance(item, Exception):
                 raise error_of(item)
             yield item
     finally:
         job.cancelled.set()
+        if watch is not None:
+            watch.cancel()
+
+
+async def cancel_on_disconnect(job: Job, request: Request) -> None:
+    """Cancel ``job`` the moment its client disconnects. A streamed response notices
+    at its next write, a whole one would not until the end: waiting on the ASGI
+    receive channel (the body is already read) returns as soon as the client goes,
+    and the engine checks the flag before every token."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            job.cancelled.set()
+            job.out.put_nowait(DONE)  # wakes the reader now
+            return
 
 
 def error_of(e: Exception) -> APIError:
+    from .sampling import NonFiniteLogits
+
     if isinstance(e, APIError):
         return e
+    if isinstance(e, NonFiniteLogits):  # the served model is broken, not the request
+        return APIError(500, str(e), type="server_error", code="non_finite_logits")
     if isinstance(e, ValueError):  # the request asks what the model cannot do
         return APIError(400, str(e))
     return APIError(500, "Generation failed.", type="server_error")
@@ -582,7 +623,7 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
     model with those adapters applied (same tokenizer), chosen per request by the
     ``adapter`` field. ``decoding``: default draft_loops / num_draft_tokens /
     pipeline / compile_step for the requests they fit (see the module's docstring)."""
-    from .encoding import encode_chat, encode_text
+    from .encoding import TemplateFailure, encode_chat, encode_text
 
     server = Server(model, tokenizer, model_id, limits, prompt_cache, adapters, decoding)
     @contextlib.asynccontextmanager
@@ -642,7 +683,10 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         options = server.options(req)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]
-        ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        try:
+            ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        except TemplateFailure as e:  # the served model's fault, said in words
+            raise APIError(500, str(e), type="server_error", code="chat_template") from None
         ids = server.check_prompt(ids, "messages")
         text = Assembler(tokenizer, req.stops(), think=True, prompt=ids)
         job = server.submit(ids, options, req.adapter)

@@ -125,9 +125,11 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
                  kv_mode: str = "full", kv_bits: int | None = None, kv_group_size: int = 64,
                  loop: dict | None = None, sampling: dict | None = None,
-                 stop: list[str] | None = None, decoding: dict | None = None):
+                 stop: str | list[str] | None = None, decoding: dict | None = None):
         from .generation import make_rule
 
+        check_options(kv_group_size=kv_group_size, loop=loop, sampling=sampling,
+                      decoding=decoding)
         if kv_mode not in ("full", "last"):
             raise ValueError(f"kv_mode must be 'full' or 'last', got {kv_mode!r}.")
         check_kv_quantization(model, kv_bits, kv_group_size)
@@ -150,7 +152,7 @@ class ChatSession:
         self.sampling = dict(sampling or {})
         if (n := self.sampling.get("max_tokens", 256)) < 1:
             raise ValueError(f"sampling: max_tokens must be >= 1, got {n}.")
-        self.stop = [s for s in (stop or []) if s]
+        self.stop = [s for s in stop_strings(stop) if s]
         self.decoding = {k: v for k, v in (decoding or {}).items() if v is not None}
         for name in ("compile_step", "pipeline"):
             if self.decoding.get(name, False) not in (True, False):
@@ -200,6 +202,26 @@ class ChatSession:
 
     # -- settings -------------------------------------------------------------------
 
+    @property
+    def system_prompt(self) -> str | None:
+        return self._system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, value: str | None) -> None:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"system_prompt must be a str or None, got {value!r}.")
+        self._system_prompt = value
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation: ``{"role", "content"}`` dicts (an answer that thought also
+        has ``"reasoning"``). Assign a list of them to restore one."""
+        return self._messages
+
+    @messages.setter
+    def messages(self, value: list[dict]) -> None:
+        self._messages = check_messages(value)
+
     def _reset(self) -> None:
         self.forget()
         self.cache = self.model.make_cache(self.loop.get("ut_steps"), **self.kv)
@@ -222,6 +244,7 @@ class ChatSession:
         from .commands.options import check_loop_steps
         from .generation import make_rule
 
+        check_int(n, "set_loops: n", low=1)
         with self._idle("set_loops"):
             check_loop_steps(n, "/loops")
             make_rule(self.model, **{**self.loop, "ut_steps": n})
@@ -237,6 +260,7 @@ class ChatSession:
         ``DecodingClash`` if ``decoding`` cannot run with it (an adaptive exit)."""
         from .exit import check_threshold
 
+        check_number(q, "set_threshold: q")
         q = check_threshold(q)
         self._check_decoding({**self.loop, "exit_threshold": q})
         self.loop["exit_threshold"] = q
@@ -325,6 +349,9 @@ class ChatSession:
         iterated."""
         if not isinstance(text, str):
             raise TypeError(f"send: text must be a str, got {type(text).__name__}.")
+        from .encoding import check_unicode
+
+        check_unicode(text, "send: text")
         if not self._busy.acquire(blocking=False):
             raise SessionBusy("ChatSession.send: another send() is running on this "
                               "session; use one thread per session, or cancel() first.")
@@ -347,7 +374,7 @@ class ChatSession:
             self.messages.pop()
             raise
         out_tokens: list[int] = []
-        text, stopped = "", False
+        text, stopped, shown = "", False, 0  # shown: the part of text handed out
         thinking = self._thinking_at(ids)
         parts: dict[bool, list[str]] = {True: [], False: []}  # reasoning, answer
         s = self.stats = Stats()
@@ -369,16 +396,18 @@ class ChatSession:
                 piece, marker = r.text, r.token in self.think_ids
                 if marker:
                     thinking, piece = True, ""
-                start = len(text)
                 text += piece
                 hits = [text.find(x) for x in self.stop if x in text]
                 if hits:  # a stop string: show what precedes it, then end the answer
                     text, stopped = text[: min(hits)], True
-                    piece, finish = text[start:], "stop_string"
+                    finish = "stop_string"
                     s.finish, s.cut = "finished: stop string", False
                 elif not finish and self._cancel.is_set():
                     finish = "cancelled"
                     s.finish = "finished: cancelled"
+                # text that may begin a stop string is held back until it is clear
+                end = len(text) - (0 if finish or marker else held_back(text, self.stop))
+                piece, shown = text[shown:end], max(shown, end)
                 s.finish_reason = finish
                 event = TokenEvent(piece, r.token, r.loops, thinking, finish)
                 parts[thinking].append(piece)
@@ -472,6 +501,80 @@ LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loo
              "hidden_eps")
 SAMPLING_KEYS = ("sampler", "logits_processors", "max_tokens")
 DECODING_KEYS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` may begin one of ``stops``."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
+
+
+def check_int(value, name: str, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}.")
+
+
+def check_number(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+
+
+INT_OPTIONS = {"ut_steps": 1, "exit_at_step": 0, "min_loops": 1, "max_loops": 1,
+               "max_tokens": 1, "draft_loops": 1, "num_draft_tokens": 1}
+
+
+def check_options(kv_group_size, loop: dict | None, sampling: dict | None,
+                  decoding: dict | None) -> None:
+    """The types of ``ChatSession``'s options, so that a wrong one is refused when
+    the session is built, naming it, not deep inside the first ``send``."""
+    check_int(kv_group_size, "kv_group_size")
+    for group, options in (("loop", loop), ("sampling", sampling), ("decoding", decoding)):
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"{group} must be a dict or None, got {options!r}.")
+        for key, value in (options or {}).items():
+            name = f"{group}: {key}"
+            if value is None and key != "max_tokens":
+                continue  # the default
+            if key in INT_OPTIONS:
+                check_int(value, name, low=INT_OPTIONS[key])
+            elif key in ("exit_threshold", "hidden_eps"):
+                check_number(value, name)
+            elif key == "sampler" and not callable(value):
+                raise TypeError(f"{name} must be callable (logprobs -> token), got "
+                                f"{value!r}.")
+            elif key == "logits_processors" and (
+                    not isinstance(value, (list, tuple)) or not all(map(callable, value))):
+                raise TypeError(f"{name} must be a list of callables, got {value!r}.")
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """``stop`` as a list: a str is one stop string (not its characters)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a str or a list of str, got {stop!r}.")
+    return list(stop)
+
+
+def check_messages(messages) -> list[dict]:
+    """A copy of ``messages`` if it is a conversation: a list of dicts, each with a str
+    ``role`` and ``content`` (and other values str or None)."""
+    if not isinstance(messages, list):
+        raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got "
+                        f"{type(messages).__name__}.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            raise TypeError(f"messages[{i}] must be a dict with str 'role' and 'content', "
+                            f"got {m!r:.80}.")
+        if bad := [k for k, v in m.items() if not isinstance(k, str)
+                   or not (v is None or isinstance(v, str))]:
+            raise TypeError(f"messages[{i}][{bad[0]!r}] must be a str, got {m[bad[0]]!r:.80}.")
+    return list(messages)
 
 
 def check_kv_quantization(model, kv_bits: int | None, kv_group_size: int) -> None:

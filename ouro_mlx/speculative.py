@@ -61,6 +61,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from .exit import ExitRule
 from .model import Model, cache_depth, commit_kv
+from .sampling import sample
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -212,8 +213,7 @@ def plain_decode(
 
     def step(y):
         logits, draft = decode_one(y)
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(lp)
+        y, lp = sample(logits, sampler)
         mx.async_eval(y, lp, draft)
         return y, lp, draft
 
@@ -260,8 +260,7 @@ def speculative_step(
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     stats = stats if stats is not None else SpecStats()
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    y = sampler(logprobs)
+    y, logprobs = sample(logits, sampler)
     mx.async_eval(y, logprobs)
     if compile_step:
         from .compiled import CompiledDecoder
@@ -386,8 +385,7 @@ def _rounds(y, logprobs, sampler, stats, k, depth, n_max, adaptive, max_tokens, 
         policy.flush()
         m = min(n, max_tokens - emitted - 1)
         drafts, logits, settle = round_(y, m)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        targets = sampler(logprobs)
+        targets, logprobs = sample(logits, sampler)
         mx.eval(drafts, targets, logprobs)
         d, t = drafts.tolist(), targets.tolist()
         a = 0

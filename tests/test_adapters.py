@@ -171,6 +171,8 @@ def edit_config(path, **changes):
     ({"num_layers": "2"}, "num_layers must be -1"),
     ({"lora_parameters": {"rank": 10**9}}, "rank must be an integer"),
     ({"lora_parameters": {"rank": 8, "scale": "big"}}, "scale must be a finite number"),
+    ({"lora_parameters": {"rank": 8, "scale": 1e38}}, r"scale 1e\+38 is far outside"),
+    ({"lora_parameters": {"rank": 8, "scale": -2e4}}, r"scale -20000.0 is far outside"),
     ({"lora_parameters": {"rank": 8, "keys": ["__class__"]}}, "keys must be a list"),
     ({"lora_parameters": {"rank": 4}}, "has shape"),
     ({"per_loop_adapters": "yes"}, "per_loop_adapters must be true or false"),

@@ -262,6 +262,46 @@ def test_disconnected_stream_stops_its_generation(tiny_dir):
         run.stop()
 
 
+def test_disconnected_whole_request_stops_its_generation(tiny_dir):
+    """A non-streamed request writes nothing until the end, so only the receive
+    channel tells that its client left: the generation stops within a few tokens."""
+    model, tokenizer = load(str(tiny_dir))
+    run = Running(model, tokenizer, model_id="tiny")
+    engine = run.app.state.server.engine
+    handed = []  # tokens the engine handed out, as (time, job)
+    advance = engine._advance
+
+    def counting(r):
+        going = advance(r)
+        handed.append(time.monotonic())
+        return going
+
+    engine._advance = counting
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 1800}).encode()
+        port = int(run.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while len(handed) < 20:  # generating
+                assert time.monotonic() < deadline, "the generation did not start"
+                time.sleep(0.01)
+        left = time.monotonic()
+        # 1800 tokens take ~10 s on a CPU; without its client the job ends at once
+        while httpx.get(run.url + "/health", timeout=5).json()["active"]:
+            assert time.monotonic() - left < 3, "the generation went on without its client"
+            time.sleep(0.02)
+        after = [t for t in handed if t > left]
+        assert len(handed) < 1000 and len(after) < 10, (len(handed), len(after))
+        count = len(handed)
+        time.sleep(0.3)
+        assert len(handed) == count  # nothing runs on
+    finally:
+        run.stop()
+
+
 def test_serve_cli_starts_on_loopback_and_refuses_bad_flags():
     import subprocess
     import sys
@@ -539,3 +579,42 @@ def test_prompt_cache_stores_exactly_the_tokens_handed_out(tiny_dir):
     assert len(store) == 1
     got, held = store.fetch(("a", 4, "full"), tokens[:15] + [1, 2])
     assert held == 15 and {c.offset for lc in got for c in lc.caches} == {15}
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages.0.content"),
+    ("chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages.0.content"),
+    ("completions", b'{"prompt": "x\\ud800"}', "prompt"),
+    ("completions", b'{"prompt": ["\\udc80"]}', "prompt"),
+    ("completions", b'{"prompt": "x", "stop": ["\\ud800"]}', "stop"),
+])
+def test_lone_surrogates_are_400_naming_the_field(demo, route, body, param):
+    r = httpx.post(f"{demo.url}/v1/{route}", content=body, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"]
+    assert error["message"].startswith(param + ":")
+
+
+def test_nan_weights_are_an_error_not_an_answer(tiny_dir):
+    import mlx.core as mx
+
+    model, tokenizer = load(str(tiny_dir))
+    w = model.model.layers[0].mlp.down_proj.weight
+    model.model.layers[0].mlp.down_proj.weight = w * mx.nan
+    mx.eval(model.parameters())  # (the engine thread cannot run this thread's graph)
+    run = Running(model, tokenizer, model_id="tiny")
+    try:
+        for stream in (False, True):
+            body = {"model": "tiny", "messages": user("hi"), "max_tokens": 8, "stream": stream}
+            r = httpx.post(run.url + "/v1/chat/completions", json=body, timeout=30)
+            assert r.status_code == 500, r.text
+            error = r.json()["error"]
+            assert "non-finite logits" in error["message"] and "weights" in error["message"]
+            assert error["code"] == "non_finite_logits"
+    finally:
+        run.stop()

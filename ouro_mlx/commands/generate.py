@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def encode_prompt(tokenizer, prompt: str, system: str | None, chat: bool,
                   raw: bool = False) -> list[int]:
     """The prompt's ids; special-token strings in it are plain text unless ``raw``."""
-    from ..encoding import encode_chat, encode_text
+    from ..encoding import apply_template, encode_chat, encode_text
 
     if not prompt:
         raise ValueError("The prompt is empty.")
@@ -59,7 +59,7 @@ def encode_prompt(tokenizer, prompt: str, system: str | None, chat: bool,
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
         if raw:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return apply_template(tokenizer, messages, add_generation_prompt=True)
         return encode_chat(tokenizer, messages, add_generation_prompt=True)
     if raw:
         return tokenizer.encode(prompt, add_special_tokens=False)

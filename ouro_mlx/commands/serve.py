@@ -7,7 +7,7 @@ num_draft_tokens, pipeline, compile_step; every chunk and response carries "ouro
 {"loops": [...], "avg_loops": ...}. --draft-loops / --pipeline / --compile-step set
 defaults for the requests at a fixed depth (exit_threshold 1.0 or exit_at_step);
 others decode plainly.
-Needs the server extra: pip install 'ouro-mlx[server]'.
+Needs FastAPI and uvicorn: pip install fastapi uvicorn.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from ..server import DEMO_ID, Limits, create_app
     except ImportError as e:
-        raise ImportError(f"ouro-mlx serve needs the server extra ({e.name} is missing): "
-                          "pip install 'ouro-mlx[server]'") from None
+        raise ImportError(f"ouro-mlx serve needs FastAPI and uvicorn ({e.name} is "
+                          "missing): pip install fastapi uvicorn") from None
     from ..loading import load
     from ..prompt_cache import PromptCache
 

@@ -15,7 +15,9 @@ import pytest
 
 from ouro_mlx.convert import hf_to_mlx
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# NO_COLOR from the caller's shell would turn off the colours some tests look for
+ENV = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
+       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 300):

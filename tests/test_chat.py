@@ -259,18 +259,18 @@ def test_chat_fast_decoding_flags_give_the_same_answers():
     out = ouro("chat", "--exit-threshold", "1.0", "--draft-loops", "2",
                stdin="/exit-threshold 0.5\n/loops 2\n/loops 3\n2,23,14,31\n/exit\n")
     assert out.returncode == 0
-    assert "(exit threshold unchanged: draft_loops needs a fixed depth" in out.stdout
-    assert "(loop steps unchanged: draft_loops must be an integer in [1, 2)" in out.stdout
+    assert "(exit threshold unchanged: --draft-loops needs a fixed depth" in out.stdout
+    assert "(loop steps unchanged: --draft-loops must be an integer in [1, 2)" in out.stdout
     assert "(loop steps per token: 3)" in out.stdout
     for flags, message in [
-        (["--draft-loops", "2"], "draft_loops needs a fixed depth"),  # the model's threshold
-        (["--compile-step"], "compile_step (--compile-step) needs a fixed depth"),
+        (["--draft-loops", "2"], "--draft-loops needs a fixed depth"),  # the model's threshold
+        (["--compile-step"], "--compile-step needs a fixed depth"),
         (["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-loops"),
         (["--exit-threshold", "1.0", "--draft-loops", "2", "--kv-mode", "last"],
          "--draft-loops needs --kv-mode full"),
         (["--exit-threshold", "1.0", "--draft-loops", "2", "--repetition-penalty", "1.1"],
          "--draft-loops cannot be combined with --repetition-penalty"),
-        (["--pipeline"], "pipeline needs a fixed depth"),
+        (["--pipeline"], "--pipeline needs a fixed depth"),
         (["--exit-threshold", "1.0", "--pipeline", "--num-draft-tokens", "2"],
          "--num-draft-tokens cannot be combined with --pipeline"),
     ]:

@@ -94,6 +94,32 @@ def test_generate_bad_input_is_a_clear_error(tiny_dir, args, message):
     assert out.stderr.strip().splitlines()[-1].startswith("ouro-mlx generate: error: ")
 
 
+def test_errors_name_flags_as_typed():
+    """A bad option is named as the user typed it (--max-loops, not max_loops), also
+    where the check lives in the library, in one style across generate and chat."""
+    import re
+
+    from ouro_mlx.commands.options import flag_names
+
+    assert flag_names("max_loops must be in [min_loops=3, 4], got 2.") == \
+        "--max-loops must be in [--min-loops 3, 4], got 2."
+    assert flag_names("config.json: early_exit_threshold must be") == \
+        "config.json: early_exit_threshold must be"  # a config field stays a field
+    for verb, flags, flag in [
+        ("generate", ["--exit-threshold", "1.5"], "--exit-threshold must be in [0, 1]"),
+        ("generate", ["--min-loops", "3", "--max-loops", "2"], "--max-loops must be in"),
+        ("generate", ["--compile-step"], "--compile-step needs a fixed depth"),
+        ("chat", ["--ut-steps", "2", "--exit-at-step", "5"], "--exit-at-step must be in"),
+        ("chat", ["--exit-threshold", "1", "--draft-loops", "4"], "--draft-loops must be"),
+    ]:
+        out = ouro(verb, *(["-p", "4,34,12,23"] if verb == "generate" else []), *flags,
+                   stdin="/exit\n")
+        line = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 1 and line.startswith(f"ouro-mlx {verb}: error: {flag}"), \
+            (flags, out.stderr)
+        assert not re.search(r"\b[a-z]+_[a-z_]+\b", line), line  # no Python names
+
+
 def test_generate_rejects_non_utf8_prompt(tiny_dir):
     """argv bytes that are not UTF-8 arrive as surrogate escapes: one line, no traceback."""
     out = subprocess.run([sys.executable, "-m", "ouro_mlx", "generate", "--model", str(tiny_dir),

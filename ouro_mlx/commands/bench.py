@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .. import bench as B
     from ..exit import ExitRule
+    from .options import flag_terms
 
     if args.compile_step and (args.no_compile or args.kv_bits or args.no_peer
                               or args.repeats < 1 or args.quality):
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"building a random {args.random} model in {dtype} ...", file=sys.stderr)
             base = B.random_model(config, dtype, args.seed)
-        T = base._steps(args.ut_steps)
+        with flag_terms():
+            T = base._steps(args.ut_steps)
         if args.quality:
             kl = B.quality_table(base, config, ids[None])
             results["runs"][dtype] = {"kl_per_step": kl}

@@ -27,6 +27,8 @@ from .options import (
     check_loop_args,
     cli_text,
     decoding_kwargs,
+    flag_names,
+    flag_terms,
     loop_kwargs,
     model_or_demo,
     sampling_kwargs,
@@ -123,7 +125,7 @@ def command(session: ChatSession, line: str) -> str | None:
         try:
             session.set_loops(int(arg))
         except DecodingClash as e:
-            return f"(loop steps unchanged: {e})"
+            return f"(loop steps unchanged: {flag_names(str(e))})"
         except ValueError as e:
             return f"usage: /loops N with N >= 1 ({e})"
         return f"(loop steps per token: {arg})"
@@ -131,7 +133,7 @@ def command(session: ChatSession, line: str) -> str | None:
         try:
             session.set_threshold(float(arg))
         except DecodingClash as e:
-            return f"(exit threshold unchanged: {e})"
+            return f"(exit threshold unchanged: {flag_names(str(e))})"
         except ValueError as e:
             return f"usage: /exit-threshold Q with Q in [0, 1] ({e})"
         return f"(exit threshold: {arg})"
@@ -155,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
     check_kv_args(args, model)
-    session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
-                          kv_mode=args.kv_mode, kv_bits=args.kv_bits,
-                          kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
-                          sampling=sampling, stop=args.stop, decoding=decoding)
+    with flag_terms():
+        session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
+                              kv_mode=args.kv_mode, kv_bits=args.kv_bits,
+                              kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
+                              sampling=sampling, stop=args.stop, decoding=decoding)
     colour = use_colour()
     print(f"ouro-mlx chat with {args.model}. /help lists commands, Ctrl-D quits."
           + (" Every message is a new conversation." if single_turn else ""))
@@ -209,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
             answer.close()  # keeps the partial answer and repairs the cache
             print(f"{RESET if colour else ''}\n(stopped)")
         except ValueError as e:
-            print(f"error: {e}")
+            print(f"error: {flag_names(str(e))}")

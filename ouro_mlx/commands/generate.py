@@ -18,6 +18,7 @@ from .options import (
     check_loop_args,
     cli_text,
     decoding_kwargs,
+    flag_terms,
     loop_kwargs,
     model_or_demo,
     rate,
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
                             adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
-    make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
+    with flag_terms():
+        make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
     check_kv_args(args, model)
     ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template,
                         args.raw_special_tokens)
@@ -101,14 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     # colour on a terminal without NO_COLOR; otherwise the per-token list on stderr
     colour = args.show_depth and use_colour(sys.stdout)
     r, loops = None, []
-    for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode, kv_bits=args.kv_bits,
-                             kv_group_size=args.kv_group_size, **loop_kwargs(args),
-                             **sampling, **speculative):
-        if colour:
-            print(f"{depth_colour(r.loops)}{r.text}{RESET}", end="", flush=True)
-        else:
-            print(r.text, end="", flush=True)
-        loops.append(r.loops)
+    with flag_terms():
+        for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode,
+                                 kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                                 **loop_kwargs(args), **sampling, **speculative):
+            if colour:
+                print(f"{depth_colour(r.loops)}{r.text}{RESET}", end="", flush=True)
+            else:
+                print(r.text, end="", flush=True)
+            loops.append(r.loops)
     print(flush=True)
     if args.show_depth:
         T = args.ut_steps or model.ut_steps

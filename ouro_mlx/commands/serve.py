@@ -24,6 +24,7 @@ from .options import (
     apply_compile_flag,
     apply_exit_gate,
     decoding_kwargs,
+    flag_terms,
     model_or_demo,
 )
 
@@ -143,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     max_active=args.max_concurrency)
-    app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
-                     limits=limits, adapters=adapters, decoding=decoding,
-                     prompt_cache=PromptCache(args.prompt_cache_bytes, args.prompt_cache_size))
+    with flag_terms():  # the server-wide defaults, named as the flags that set them
+        app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
+                         limits=limits, adapters=adapters, decoding=decoding,
+                         prompt_cache=PromptCache(args.prompt_cache_bytes,
+                                                  args.prompt_cache_size))
     if note:
         print(note, file=sys.stderr)
     if not is_loopback(args.host):

@@ -4,9 +4,11 @@ Runs, in one process, Ouro at full depth, at every fixed depth, with adaptive ex
 in kv_mode "last", next to a peer: mlx-lm's own llama with Ouro's layers unrolled to
 L×T (sharing Ouro's weights). Prints a table per dtype/quantization and writes JSON.
 
+Without --model or --random it measures the bundled demo model.
+
   ouro-mlx bench --random ouro-1.4b --quant none,4 --gen-tokens 8
   ouro-mlx bench --model ouro-1.4b-4bit --exits q0.5,q0.9 --context 4096
-  ouro-mlx bench --model ../shared/fixtures/ouro-reference/A --quality
+  ouro-mlx bench --quality                  # 8-/4-bit error per loop step
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ouro-mlx bench", description=__doc__,
                                 formatter_class=HelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="A checkpoint directory or repo id.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="A checkpoint directory or repo id (default: the "
+                                     "bundled demo model).")
     src.add_argument("--random", choices=[*SHAPES, "custom"],
                      help="A random-weight model of a named shape.")
     p.add_argument("--hidden", type=int, default=2048, help="custom shape: hidden size")
@@ -65,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --compile-step (greedy, full depth; single runs), with their "
                         "decode speed-up over full depth.")
     p.add_argument("--quality", action="store_true",
-                   help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
+                   help="Only the quantization error: the KL divergence of the 8-bit and "
+                        "4-bit model's next-token distribution from the bfloat16 one, "
+                        "after each loop step.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
     add_adapter_args(p)
     p.add_argument("--seed", type=seed, default=0, help="Seed of the random weights.")
@@ -138,16 +144,42 @@ def parse_exit(spec: str, T: int):
 def table(rows: list[dict], peer: dict | None) -> str:
     from .options import rate
 
-    head = f"{'run':<28} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
+    w = max([28, *(len(r["name"]) for r in rows)])
+    head = f"{'run':<{w}} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
            f"{'avg loops':>9} {'peak GB':>8} {'KV MiB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "-"
         loops = f"{r['avg_loops']:.2f}" if r["avg_loops"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r["kv_bytes"] is not None else "-"
-        lines.append(f"{r['name']:<28} {rate(r['prompt_tps']):>12} {rate(r['decode_tps']):>12} "
-                     f"{ratio:>8} {loops:>9} {r['peak_gb']:>8.3f} {kv:>8}")
+        lines.append(f"{r['name']:<{w}} {rate(r['prompt_tps']):>12} "
+                     f"{rate(r['decode_tps']):>12} {ratio:>8} {loops:>9} "
+                     f"{r['peak_gb']:>8.3f} {kv:>8}")
     return "\n".join(lines)
+
+
+def legend(rows: list[dict], peer: dict | None, random_weights: bool) -> str:
+    """What the table's columns and row suffixes mean (only those it shows)."""
+    names = " ".join(r["name"] for r in rows)
+    lines = ["decode tok/s: tokens after the first; avg loops: loop steps per decoded "
+             "token; peak GB: peak memory; KV MiB: the KV cache after the run"]
+    if peer:
+        lines.append("vs peer: decode speed over the peer (mlx-lm's llama with the "
+                     "loop unrolled into a plain stack, sharing these weights)")
+    if "draft" in names:
+        lines.append("draft K loops: self-speculative decoding, drafting with the first "
+                     "K loop steps; 'N% kept': drafts accepted; 'no drafts': drafting "
+                     "would not pay, so every token was decoded plainly")
+    if "pipeline" in names:
+        lines.append("pipeline k=K: pipelined loop decoding; 'passes/tok': passes of "
+                     "the shared layers per token (plain decoding: avg loops); 'N plain': "
+                     "tokens decoded plainly where it measured itself slower; 'all "
+                     "plain': the run ended before its first measurement")
+    if random_weights and ("draft" in names or "pipeline" in names):
+        lines.append("random weights: early loop steps rarely agree with the last, so "
+                     "drafts are rarely kept; a trained checkpoint's figures differ")
+    return "\n".join(textwrap.fill(line, 88, initial_indent="  ", subsequent_indent="    ")
+                     for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: decode tok/s here times {args.gen_tokens - 1} token(s) after the first; "
               "use --gen-tokens 8 or more for decode figures", file=sys.stderr)
 
-    if (args.adapter_path or args.exit_gate) and not args.model:
-        raise ValueError("--adapter-path and --exit-gate need --model.")
+    if (args.adapter_path or args.exit_gate) and args.random:
+        raise ValueError("--adapter-path and --exit-gate need --model, not --random.")
+    if not args.random:
+        from .options import model_or_demo
+
+        args.model = model_or_demo(args)
     if args.model:
         from ..loading import model_args, read_config, resolve
 
@@ -229,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, vals in kl.items():
                 print(f"{name:>6} KL per loop step vs bfloat16: "
                       + "  ".join(f"t{t + 1}: {v:.3g}" for t, v in enumerate(vals)))
+            print(textwrap.fill("(KL divergence of the quantized model's next-token "
+                                "distribution from the bfloat16 one after loop step t, in "
+                                "nats: 0 = the same; weights in groups of 64, exit gate "
+                                "and norms unquantized)", 88, initial_indent="  ",
+                                subsequent_indent="   "))
             continue
         for quant in quants:
             model = base if quant == "none" else B.quantize(copy.deepcopy(base), config, int(quant))
@@ -303,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {label}, prompt {args.prompt_tokens} + context {args.context} tokens, "
                   f"{args.gen_tokens} generated")
             print(table(([peer] if peer else []) + rows, peer))
+            print(legend(rows, peer, bool(args.random)))
             if medians:
                 print(f"  (ratios to the peer and exit at step 1: medians of {args.repeats} "
                       "alternating runs each; the rows above are single runs)")

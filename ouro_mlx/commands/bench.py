@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ouro-mlx bench", description=__doc__,
                                 formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="A checkpoint directory or repo id (default: the "
-                                     "bundled demo model).")
+    src.add_argument("--model", help="A checkpoint directory, repo id, or demo (the bundled "
+                                     "demo model, the default without --random).")
     src.add_argument("--random", choices=[*SHAPES, "custom"],
                      help="A random-weight model of a named shape.")
     p.add_argument("--hidden", type=int, default=2048, help="custom shape: hidden size")

@@ -66,11 +66,11 @@ def test_generate_is_reproducible_with_seed_and_reads_stdin(tiny_dir):
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "x", "--ut-steps", "0"], "--ut-steps must be >= 1, got 0."),
     (["--prompt", "x", "--exit-at-step", "-1"], "--exit-at-step must be >= 0, got -1."),
-    (["--prompt", "x", "--exit-threshold", "1.5"], "exit_threshold"),
+    (["--prompt", "x", "--exit-threshold", "1.5"], "--exit-threshold must be in [0, 1]"),
     (["--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
     (["--prompt", "x" * 3000], "positions"),
     (["--prompt", "x", "--kv-mode", "middle"], "invalid choice"),
-    (["--prompt", "x", "--min-loops", "9"], "min_loops"),
+    (["--prompt", "x", "--min-loops", "9"], "--min-loops must be in [1, 4]"),
     # absurd depths fail at once, before anything is allocated
     (["--prompt", "x", "--ut-steps", "1000000"], "--ut-steps: 1000000 loop steps per token "
                                                  "are above the limit of 64"),

@@ -391,7 +391,7 @@ def run_group(docs: list[str], root: Path) -> list[Result]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[Result]]:
-    """Every file's commands, two files at a time (each file's in order)."""
+    """Every group of files, two groups at a time (each group in document order)."""
     assert OURO.exists(), f"the console script {OURO} is missing: install the package"
     root = tmp_path_factory.mktemp("documented")
     hub_cache(root)

@@ -16,7 +16,7 @@ def _torch():
         import torch
     except ImportError as e:
         raise ImportError(
-            "Reading .bin/.pt checkpoints needs PyTorch: pip install 'ouro-mlx[torch]'"
+            "Reading .bin/.pt checkpoints needs PyTorch: pip install torch"
         ) from e
     return torch
 

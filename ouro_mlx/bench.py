@@ -123,9 +123,9 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
              kv_bits=None, context=0, name="ouro", compile_step=False,
              draft_loops=None, num_draft_tokens=None, pipeline=False) -> Run:
     """``draft_loops``: self-speculative decoding (``ouro_mlx.speculative``); the
-    name gets the acceptance appended. ``pipeline``: pipelined loop decoding
+    name gets the share of drafts kept appended. ``pipeline``: pipelined loop decoding
     (``ouro_mlx.pipeline``) drafting from step ``draft_loops`` - 1 (default 1); the
-    name gets the ticks (passes) per token appended."""
+    name gets the passes of the layers per token appended."""
     cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
     a = model.args
     dtype = model.model.norm.weight.dtype  # the activation dtype, quantized or not
@@ -150,11 +150,15 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
     p, d, loops = timed(gen, prompt.size, n_gen, loops_of=lambda item: item[2])
     if pipeline:
         gen.close()  # (after the timing) its stats are final once it is closed
-        name += f", {stats.ticks_per_token:.2f} ticks/tok"
-        if stats.plain_tokens:  # decoded plainly where the pipeline measured slower
-            name += f", {stats.plain_tokens} plain"
+        if not stats.tokens:  # the run ended before the pipeline's first probe
+            name += ", all plain"
+        else:
+            name += f", {stats.ticks_per_token:.2f} passes/tok"
+            if stats.plain_tokens:  # decoded plainly where the pipeline measured slower
+                name += f", {stats.plain_tokens} plain"
     elif draft_loops:
-        name += f", acc {stats.acceptance:.2f}"
+        # no drafts at all: speculation never paid, so every token was decoded plainly
+        name += f", {stats.acceptance:.0%} kept" if stats.drafted else ", no drafts"
     hist = {k: loops.count(k) for k in sorted(set(loops))}
     return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),
                sum(lc.nbytes for lc in cache), hist)

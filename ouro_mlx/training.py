@@ -708,7 +708,7 @@ def plot_history(history: Path, png: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(no plot: pip install 'ouro-mlx[plot]' for training.png)")
+        print("(no plot: pip install matplotlib for training.png)")
         return None
     rows = read_history(history)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))

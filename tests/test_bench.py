@@ -54,6 +54,49 @@ def test_quality_table(capsys):
     assert "8-bit KL per loop step" in capsys.readouterr().out
 
 
+def test_quality_as_documented_runs_on_the_bundled_model(capsys):
+    """`ouro-mlx bench --quality` with no --model or --random: the bundled model, the
+    same figures as naming it, and a line saying what the numbers are."""
+    from ouro_mlx.demo import model_path
+
+    assert cmd.main(["--quality"]) == 0
+    captured = capsys.readouterr()
+    assert "bundled demo model" in captured.err
+    assert cmd.main(["--quality", "--model", str(model_path())]) == 0
+    assert capsys.readouterr().out == captured.out
+    lines = captured.out.splitlines()
+    assert any(line.startswith(" 8-bit KL per loop step vs bfloat16: t1: ") for line in lines)
+    assert any(line.startswith(" 4-bit KL per loop step vs bfloat16: t1: ") for line in lines)
+    assert "KL divergence of the quantized model's next-token" in captured.out
+
+
+def test_help_speaks_the_users_terms():
+    text = cmd.build_parser().format_help()
+    assert "../shared" not in text and "fixtures" not in text
+    assert "ouro-mlx bench --quality" in text and "bundled demo model" in text
+
+
+def test_rows_say_what_their_figures_mean(tmp_path, capsys):
+    """No bare 'acc 0.00' or 'ticks/tok': draft rows give the share of drafts kept
+    or say none were drafted, pipeline rows the passes per token or that they ran
+    plainly, and a legend under the table explains the columns and suffixes."""
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "8", "--exits", "", "--no-fixed", "--repeats", "0",
+                     "--draft-loops", "1", "--pipeline", "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "acc 0" not in text and "ticks/tok" not in text
+    names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
+    assert any(re.fullmatch(r"ouro draft 1 loops, (\d+% kept|no drafts)", n) for n in names)
+    assert any(re.fullmatch(r"ouro T=4 pipeline k=1, (\d+\.\d\d passes/tok(, \d+ plain)?"
+                            r"|all plain)", n) for n in names)
+    legend = " ".join(text[text.index("decode tok/s: tokens after the first"):].split())
+    for words in ("vs peer: decode speed over the peer", "'N% kept': drafts accepted",
+                  "'no drafts'", "'passes/tok'", "random weights: early loop steps"):
+        assert words in legend, words
+    assert all(len(line) <= 88 for line in text.splitlines()[-12:])
+
+
 def test_peer_is_the_unrolled_loop():
     """Without the sandwich norms and the per-step final norm the two would
     coincide; check instead that the peer really runs L×T layers on Ouro's weights."""

@@ -190,14 +190,58 @@ def test_stats_say_why_the_answer_ended(session):
 
 def test_generate_show_depth_on_a_terminal_prints_a_legend():
     """On a terminal the tokens are coloured and the legend says what the colours
-    mean; piped, the per-token list has its own label (tests/test_cli.py)."""
+    mean (an empty NO_COLOR does not count as set); piped, the per-token list has its
+    own label (tests/test_cli.py)."""
     child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "generate", "-p", "2,23,14,31",
                                            "--show-depth"],
-                          env=ENV, timeout=120, encoding="utf-8", codec_errors="replace")
+                          env={**ENV, "NO_COLOR": ""}, timeout=120, encoding="utf-8",
+                          codec_errors="replace")
     child.expect(pexpect.EOF)
     out = child.before
     assert "colours by loop steps: " in out and "loop steps per token" not in out
     assert "\x1b[3" in out and "finished: end of answer" in out
+
+
+def depth_lists(text: str) -> list[list[int]]:
+    return [[int(n) for n in line.split(":", 1)[1].split()]
+            for line in text.splitlines() if line.startswith("loop steps per token: ")]
+
+
+def test_show_depth_with_no_color_on_a_terminal_lists_the_depths():
+    """NO_COLOR set (no-color.org): no escape codes even on a terminal; the depths
+    come as a plain list instead, one number per token."""
+    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "generate", "-p", "4,34,12,23",
+                                           "--show-depth"],
+                          env={**ENV, "NO_COLOR": "1"}, timeout=120, encoding="utf-8",
+                          codec_errors="replace")
+    child.expect(pexpect.EOF)
+    out = child.before
+    assert "\x1b[" not in out and "colours by loop steps" not in out
+    (depths,) = depth_lists(out)
+    assert depths and all(1 <= d <= 4 for d in depths)
+    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "chat", "--show-depth"],
+                          env={**ENV, "NO_COLOR": "1"}, timeout=120, encoding="utf-8",
+                          codec_errors="replace")
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("4,34,12,23")
+        child.expect(r"loop steps per token: [\d ]+\r?\n")
+        child.expect_exact(PROMPT)
+        assert "\x1b[" not in child.before
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+def test_chat_show_depth_into_a_pipe_writes_no_escape_codes():
+    """Piped output is plain text: the answer, then its tokens' loop steps."""
+    out = ouro("chat", "--show-depth", stdin="4,34,12,23\n2,23,14,31\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "colours by loop steps" not in out.stdout
+    lists = depth_lists(out.stdout)
+    assert len(lists) == 2 and all(1 <= d <= 4 for d in lists[0] + lists[1])
+    assert ">> =233\nloop steps per token: " in out.stdout  # the answer, then its list
 
 
 def test_chat_fast_decoding_flags_give_the_same_answers():
@@ -215,18 +259,18 @@ def test_chat_fast_decoding_flags_give_the_same_answers():
     out = ouro("chat", "--exit-threshold", "1.0", "--draft-loops", "2",
                stdin="/exit-threshold 0.5\n/loops 2\n/loops 3\n2,23,14,31\n/exit\n")
     assert out.returncode == 0
-    assert "(exit threshold unchanged: draft_loops needs a fixed depth" in out.stdout
-    assert "(loop steps unchanged: draft_loops must be an integer in [1, 2)" in out.stdout
+    assert "(exit threshold unchanged: --draft-loops needs a fixed depth" in out.stdout
+    assert "(loop steps unchanged: --draft-loops must be an integer in [1, 2)" in out.stdout
     assert "(loop steps per token: 3)" in out.stdout
     for flags, message in [
-        (["--draft-loops", "2"], "draft_loops needs a fixed depth"),  # the model's threshold
-        (["--compile-step"], "compile_step (--compile-step) needs a fixed depth"),
+        (["--draft-loops", "2"], "--draft-loops needs a fixed depth"),  # the model's threshold
+        (["--compile-step"], "--compile-step needs a fixed depth"),
         (["--num-draft-tokens", "3"], "--num-draft-tokens needs --draft-loops"),
         (["--exit-threshold", "1.0", "--draft-loops", "2", "--kv-mode", "last"],
          "--draft-loops needs --kv-mode full"),
         (["--exit-threshold", "1.0", "--draft-loops", "2", "--repetition-penalty", "1.1"],
          "--draft-loops cannot be combined with --repetition-penalty"),
-        (["--pipeline"], "pipeline needs a fixed depth"),
+        (["--pipeline"], "--pipeline needs a fixed depth"),
         (["--exit-threshold", "1.0", "--pipeline", "--num-draft-tokens", "2"],
          "--num-draft-tokens cannot be combined with --pipeline"),
     ]:

@@ -15,7 +15,9 @@ import pytest
 
 from ouro_mlx.convert import hf_to_mlx
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# NO_COLOR from the caller's shell would turn off the colours some tests look for
+ENV = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
+       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 300):
@@ -64,11 +66,11 @@ def test_generate_is_reproducible_with_seed_and_reads_stdin(tiny_dir):
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "x", "--ut-steps", "0"], "--ut-steps must be >= 1, got 0."),
     (["--prompt", "x", "--exit-at-step", "-1"], "--exit-at-step must be >= 0, got -1."),
-    (["--prompt", "x", "--exit-threshold", "1.5"], "exit_threshold"),
+    (["--prompt", "x", "--exit-threshold", "1.5"], "--exit-threshold must be in [0, 1]"),
     (["--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
     (["--prompt", "x" * 3000], "positions"),
     (["--prompt", "x", "--kv-mode", "middle"], "invalid choice"),
-    (["--prompt", "x", "--min-loops", "9"], "min_loops"),
+    (["--prompt", "x", "--min-loops", "9"], "--min-loops must be in [1, 4]"),
     # absurd depths fail at once, before anything is allocated
     (["--prompt", "x", "--ut-steps", "1000000"], "--ut-steps: 1000000 loop steps per token "
                                                  "are above the limit of 64"),
@@ -90,6 +92,32 @@ def test_generate_bad_input_is_a_clear_error(tiny_dir, args, message):
     assert out.returncode in (1, 2) and message in out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("ouro-mlx generate: error: ")
+
+
+def test_errors_name_flags_as_typed():
+    """A bad option is named as the user typed it (--max-loops, not max_loops), also
+    where the check lives in the library, in one style across generate and chat."""
+    import re
+
+    from ouro_mlx.commands.options import flag_names
+
+    assert flag_names("max_loops must be in [min_loops=3, 4], got 2.") == \
+        "--max-loops must be in [--min-loops 3, 4], got 2."
+    assert flag_names("config.json: early_exit_threshold must be") == \
+        "config.json: early_exit_threshold must be"  # a config field stays a field
+    for verb, flags, flag in [
+        ("generate", ["--exit-threshold", "1.5"], "--exit-threshold must be in [0, 1]"),
+        ("generate", ["--min-loops", "3", "--max-loops", "2"], "--max-loops must be in"),
+        ("generate", ["--compile-step"], "--compile-step needs a fixed depth"),
+        ("chat", ["--ut-steps", "2", "--exit-at-step", "5"], "--exit-at-step must be in"),
+        ("chat", ["--exit-threshold", "1", "--draft-loops", "4"], "--draft-loops must be"),
+    ]:
+        out = ouro(verb, *(["-p", "4,34,12,23"] if verb == "generate" else []), *flags,
+                   stdin="/exit\n")
+        line = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 1 and line.startswith(f"ouro-mlx {verb}: error: {flag}"), \
+            (flags, out.stderr)
+        assert not re.search(r"\b[a-z]+_[a-z_]+\b", line), line  # no Python names
 
 
 def test_generate_rejects_non_utf8_prompt(tiny_dir):

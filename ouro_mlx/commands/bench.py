@@ -4,9 +4,11 @@ Runs, in one process, Ouro at full depth, at every fixed depth, with adaptive ex
 in kv_mode "last", next to a peer: mlx-lm's own llama with Ouro's layers unrolled to
 L×T (sharing Ouro's weights). Prints a table per dtype/quantization and writes JSON.
 
+Without --model or --random it measures the bundled demo model.
+
   ouro-mlx bench --random ouro-1.4b --quant none,4 --gen-tokens 8
   ouro-mlx bench --model ouro-1.4b-4bit --exits q0.5,q0.9 --context 4096
-  ouro-mlx bench --model ../shared/fixtures/ouro-reference/A --quality
+  ouro-mlx bench --quality                  # 8-/4-bit error per loop step
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -67,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --compile-step (greedy, full depth; single runs), with their "
                         "decode speed-up over full depth.")
     p.add_argument("--quality", action="store_true",
-                   help="Only the per-loop-step KL of 8/4-bit against bfloat16.")
+                   help="Only the quantization error: the KL divergence of the 8-bit and "
+                        "4-bit model's next-token distribution from the bfloat16 one, "
+                        "after each loop step.")
     p.add_argument("--json-out", default=None, help="Write the results here.")
     add_adapter_args(p)
     p.add_argument("--seed", type=seed, default=0, help="Seed of the random weights.")
@@ -152,16 +157,42 @@ def parse_exit(spec: str, T: int):
 def table(rows: list[dict], peer: dict | None) -> str:
     from .options import rate
 
-    head = f"{'run':<28} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
+    w = max([28, *(len(r["name"]) for r in rows)])
+    head = f"{'run':<{w}} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
            f"{'avg loops':>9} {'peak GB':>8} {'KV MiB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "-"
         loops = f"{r['avg_loops']:.2f}" if r["avg_loops"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r["kv_bytes"] is not None else "-"
-        lines.append(f"{r['name']:<28} {rate(r['prompt_tps']):>12} {rate(r['decode_tps']):>12} "
-                     f"{ratio:>8} {loops:>9} {r['peak_gb']:>8.3f} {kv:>8}")
+        lines.append(f"{r['name']:<{w}} {rate(r['prompt_tps']):>12} "
+                     f"{rate(r['decode_tps']):>12} {ratio:>8} {loops:>9} "
+                     f"{r['peak_gb']:>8.3f} {kv:>8}")
     return "\n".join(lines)
+
+
+def legend(rows: list[dict], peer: dict | None, random_weights: bool) -> str:
+    """What the table's columns and row suffixes mean (only those it shows)."""
+    names = " ".join(r["name"] for r in rows)
+    lines = ["decode tok/s: tokens after the first; avg loops: loop steps per decoded "
+             "token; peak GB: peak memory; KV MiB: the KV cache after the run"]
+    if peer:
+        lines.append("vs peer: decode speed over the peer (mlx-lm's llama with the "
+                     "loop unrolled into a plain stack, sharing these weights)")
+    if "draft" in names:
+        lines.append("draft K loops: self-speculative decoding, drafting with the first "
+                     "K loop steps; 'N% kept': drafts accepted; 'no drafts': drafting "
+                     "would not pay, so every token was decoded plainly")
+    if "pipeline" in names:
+        lines.append("pipeline k=K: pipelined loop decoding; 'passes/tok': passes of "
+                     "the shared layers per token (plain decoding: avg loops); 'N plain': "
+                     "tokens decoded plainly where it measured itself slower; 'all "
+                     "plain': the run ended before its first measurement")
+    if random_weights and ("draft" in names or "pipeline" in names):
+        lines.append("random weights: early loop steps rarely agree with the last, so "
+                     "drafts are rarely kept; a trained checkpoint's figures differ")
+    return "\n".join(textwrap.fill(line, 88, initial_indent="  ", subsequent_indent="    ")
+                     for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .. import bench as B
     from ..exit import ExitRule
+    from .options import flag_terms
 
     if args.compile_step and (args.no_compile or args.kv_bits or args.no_peer
                               or args.repeats < 1 or args.quality):
@@ -212,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: decode tok/s here times {args.gen_tokens - 1} token(s) after the first; "
               "use --gen-tokens 8 or more for decode figures", file=sys.stderr)
 
-    if (args.adapter_path or args.exit_gate) and not args.model:
-        raise ValueError("--adapter-path and --exit-gate need --model.")
+    if (args.adapter_path or args.exit_gate) and args.random:
+        raise ValueError("--adapter-path and --exit-gate need --model, not --random.")
     if args.model:
         from ..loading import model_args, read_config, resolve
 
@@ -246,13 +278,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"building a random {args.random} model in {dtype} ...", file=sys.stderr)
             base = B.random_model(config, dtype, args.seed)
-        T = base._steps(args.ut_steps)
+        with flag_terms():
+            T = base._steps(args.ut_steps)
         if args.quality:
             kl = B.quality_table(base, config, ids[None])
             results["runs"][dtype] = {"kl_per_step": kl}
             for name, vals in kl.items():
                 print(f"{name:>6} KL per loop step vs bfloat16: "
                       + "  ".join(f"t{t + 1}: {v:.3g}" for t, v in enumerate(vals)))
+            print(textwrap.fill("(KL divergence of the quantized model's next-token "
+                                "distribution from the bfloat16 one after loop step t, in "
+                                "nats: 0 = the same; weights in groups of 64, exit gate "
+                                "and norms unquantized)", 88, initial_indent="  ",
+                                subsequent_indent="   "))
             continue
         for quant in quants:
             model = base if quant == "none" else B.quantize(copy.deepcopy(base), config, int(quant))
@@ -327,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {label}, prompt {args.prompt_tokens} + context {args.context} tokens, "
                   f"{args.gen_tokens} generated")
             print(table(([peer] if peer else []) + rows, peer))
+            print(legend(rows, peer, bool(args.random)))
             if medians:
                 print(f"  (ratios to the peer and exit at step 1: medians of {args.repeats} "
                       "alternating runs each; the rows above are single runs)")

@@ -1,4 +1,4 @@
-"""ouro-mlx calibrate-exit: teach the exit gate your workload (Stage II, spec §6.2).
+"""ouro-mlx calibrate-exit: teach the exit gate when your tokens are done (gate only).
 
 Trains only the exit gate, the language model frozen, on your own data (mlx-lm's
 layout: a directory with train.jsonl and optionally valid.jsonl, or one .jsonl/.txt

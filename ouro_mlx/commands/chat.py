@@ -9,6 +9,7 @@ Type a message and press Enter. Commands: /help, /reset, /loops N, /exit-thresho
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -26,6 +27,8 @@ from .options import (
     check_loop_args,
     cli_text,
     decoding_kwargs,
+    flag_names,
+    flag_terms,
     loop_kwargs,
     model_or_demo,
     sampling_kwargs,
@@ -47,6 +50,22 @@ def depth_colour(loops: int) -> str:
     return DEPTH_COLOURS.get(loops, DEEPER)
 
 
+def use_colour(stream=None) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
+def depth_list(loops: list[int]) -> str:
+    """--show-depth without colour: the loop steps of every token, in order."""
+    return "loop steps per token: " + " ".join(map(str, loops))
+
+
 def legend(max_loops: int) -> str:
     cells = [f"{depth_colour(n)}{n}{RESET}" for n in range(1, max_loops + 1)]
     return "colours by loop steps: " + " ".join(cells)
@@ -61,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hide-thinking", action="store_true",
                    help="Hide <think>…</think> reasoning (default: shown dimmed).")
     p.add_argument("--show-depth", action="store_true",
-                   help="Colour every token by the loop steps it ran.")
+                   help="Colour every token by the loop steps it ran (on a terminal; "
+                        "piped or with NO_COLOR set, each answer is followed by the "
+                        "list of its tokens' loop steps).")
     p.add_argument("--stop", action="append", default=[], type=cli_text,
                    help="End the answer where this text appears (repeatable).")
     p.add_argument("--single-turn", action="store_true",
@@ -104,7 +125,7 @@ def command(session: ChatSession, line: str) -> str | None:
         try:
             session.set_loops(int(arg))
         except DecodingClash as e:
-            return f"(loop steps unchanged: {e})"
+            return f"(loop steps unchanged: {flag_names(str(e))})"
         except ValueError as e:
             return f"usage: /loops N with N >= 1 ({e})"
         return f"(loop steps per token: {arg})"
@@ -112,7 +133,7 @@ def command(session: ChatSession, line: str) -> str | None:
         try:
             session.set_threshold(float(arg))
         except DecodingClash as e:
-            return f"(exit threshold unchanged: {e})"
+            return f"(exit threshold unchanged: {flag_names(str(e))})"
         except ValueError as e:
             return f"usage: /exit-threshold Q with Q in [0, 1] ({e})"
         return f"(exit threshold: {arg})"
@@ -136,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
     check_kv_args(args, model)
-    session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
-                          kv_mode=args.kv_mode, kv_bits=args.kv_bits,
-                          kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
-                          sampling=sampling, stop=args.stop, decoding=decoding)
-    colour = sys.stdout.isatty()
+    with flag_terms():
+        session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
+                              kv_mode=args.kv_mode, kv_bits=args.kv_bits,
+                              kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
+                              sampling=sampling, stop=args.stop, decoding=decoding)
+    colour = use_colour()
     print(f"ouro-mlx chat with {args.model}. /help lists commands, Ctrl-D quits."
           + (" Every message is a new conversation." if single_turn else ""))
-    if args.show_depth:
+    if args.show_depth and colour:
         print(legend(session.loop.get("ut_steps") or model.ut_steps))
     while True:
         try:
@@ -168,22 +190,26 @@ def main(argv: list[str] | None = None) -> int:
         if single_turn:
             session.forget()
         answer = session.send(line)
+        depths: list[int] = []  # shown after the answer where there is no colour
         try:
             for event in answer:
                 piece, loops, thinking = event.text, event.loops, event.thinking
                 if not piece or (thinking and args.hide_thinking):
                     continue
-                if args.show_depth:
+                if args.show_depth and colour:
                     piece = f"{depth_colour(loops)}{piece}{RESET}"
                 elif thinking and colour:
                     piece = f"{DIM}{piece}{RESET}"
+                depths.append(loops)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             print()
+            if args.show_depth and not colour:
+                print(depth_list(depths))
             if session.stats.cut:
                 print(f"({session.stats.finish})")
         except KeyboardInterrupt:
             answer.close()  # keeps the partial answer and repairs the cache
-            print(f"{RESET}\n(stopped)")
+            print(f"{RESET if colour else ''}\n(stopped)")
         except ValueError as e:
-            print(f"error: {e}")
+            print(f"error: {flag_names(str(e))}")

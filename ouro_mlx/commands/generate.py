@@ -18,6 +18,7 @@ from .options import (
     check_loop_args,
     cli_text,
     decoding_kwargs,
+    flag_terms,
     loop_kwargs,
     model_or_demo,
     rate,
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "special tokens; by default they are plain text. Unsafe with "
                         "untrusted text.")
     p.add_argument("--show-depth", action="store_true",
-                   help="Colour every token by the loop steps it ran (on a terminal).")
+                   help="Colour every token by the loop steps it ran (on a terminal; "
+                        "piped or with NO_COLOR set, the list of every token's loop "
+                        "steps follows on stderr).")
     add_loop_args(p)
     add_sampling_args(p)
     add_speculative_args(p)
@@ -90,26 +93,30 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
                             adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
-    make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
+    with flag_terms():
+        make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt
     check_kv_args(args, model)
     ids = encode_prompt(tokenizer, prompt, args.system_prompt, not args.no_chat_template,
                         args.raw_special_tokens)
-    from .chat import RESET, depth_colour, finish_note, legend
+    from .chat import RESET, depth_colour, depth_list, finish_note, legend, use_colour
 
+    # colour on a terminal without NO_COLOR; otherwise the per-token list on stderr
+    colour = args.show_depth and use_colour(sys.stdout)
     r, loops = None, []
-    for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode, kv_bits=args.kv_bits,
-                             kv_group_size=args.kv_group_size, **loop_kwargs(args),
-                             **sampling, **speculative):
-        if args.show_depth and sys.stdout.isatty():
-            print(f"{depth_colour(r.loops)}{r.text}{RESET}", end="", flush=True)
-        else:
-            print(r.text, end="", flush=True)
-        loops.append(r.loops)
+    with flag_terms():
+        for r in stream_generate(model, tokenizer, ids, kv_mode=args.kv_mode,
+                                 kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                                 **loop_kwargs(args), **sampling, **speculative):
+            if colour:
+                print(f"{depth_colour(r.loops)}{r.text}{RESET}", end="", flush=True)
+            else:
+                print(r.text, end="", flush=True)
+            loops.append(r.loops)
     print(flush=True)
     if args.show_depth:
         T = args.ut_steps or model.ut_steps
-        print(legend(T) if sys.stdout.isatty() else
-              "loop steps per token: " + " ".join(map(str, loops)), file=sys.stderr)
+        print(legend(T) if colour and use_colour(sys.stderr) else depth_list(loops),
+              file=sys.stderr)
     print(
         f"prompt: {r.prompt_tokens} tokens, {rate(r.prompt_tps)} tok/s | "
         f"generation: {r.generation_tokens} tokens, {rate(r.generation_tps)} tok/s | "

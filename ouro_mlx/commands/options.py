@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from contextlib import contextmanager
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -44,6 +46,34 @@ def cli_text(value: str) -> str:
     except UnicodeEncodeError as e:
         raise argparse.ArgumentTypeError(f"not valid UTF-8 (byte {e.start})") from None
     return value
+
+
+# The library names its options as Python keywords (max_tokens); on the command line
+# they are flags (--max-tokens). Only names with an underscore: never English words.
+_KEYWORDS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loops",
+             "hidden_eps", "kv_mode", "kv_bits", "kv_group_size", "draft_loops",
+             "num_draft_tokens", "compile_step", "max_tokens", "repetition_penalty",
+             "top_p", "top_k", "min_p", "system_prompt")
+_KEYWORD = re.compile(r"(?<![\w.\-'\"])(" + "|".join(_KEYWORDS) + r")\b")
+
+
+def flag_names(message: str) -> str:
+    """A library message in the command line's terms: ``max_tokens`` -> ``--max-tokens``."""
+    text = message.replace("compile_step (--compile-step)", "--compile-step")
+    text = text.replace("no hidden_eps (--exit-threshold 1.0)", "no hidden_eps")
+    text = re.sub(r"kv_mode '(full|last)'", r"kv_mode \1", text)
+    text = re.sub(r"^pipeline\b", "--pipeline", text)
+    text = _KEYWORD.sub(lambda m: "--" + m.group(1).replace("_", "-"), text)
+    return re.sub(r"(--[a-z-]+)=", r"\1 ", text)  # [--min-loops 3, 4], not min_loops=3
+
+
+@contextmanager
+def flag_terms():
+    """Re-raise a ValueError from the library with its option names as flags."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(flag_names(str(e))) from None
 
 
 def check_loop_steps(n: int, name: str) -> int:

@@ -7,7 +7,7 @@ num_draft_tokens, pipeline, compile_step; every chunk and response carries "ouro
 {"loops": [...], "avg_loops": ...}. --draft-loops / --pipeline / --compile-step set
 defaults for the requests at a fixed depth (exit_threshold 1.0 or exit_at_step);
 others decode plainly.
-Needs the server extra: pip install 'ouro-mlx[server]'.
+Needs FastAPI and uvicorn: pip install fastapi uvicorn.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .options import (
     apply_compile_flag,
     apply_exit_gate,
     decoding_kwargs,
+    flag_terms,
     model_or_demo,
 )
 
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from ..server import DEMO_ID, Limits, create_app
     except ImportError as e:
-        raise ImportError(f"ouro-mlx serve needs the server extra ({e.name} is missing): "
-                          "pip install 'ouro-mlx[server]'") from None
+        raise ImportError(f"ouro-mlx serve needs FastAPI and uvicorn ({e.name} is "
+                          "missing): pip install fastapi uvicorn") from None
     from ..loading import load
     from ..prompt_cache import PromptCache
 
@@ -143,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     max_active=args.max_concurrency)
-    app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
-                     limits=limits, adapters=adapters, decoding=decoding,
-                     prompt_cache=PromptCache(args.prompt_cache_bytes, args.prompt_cache_size))
+    with flag_terms():  # the server-wide defaults, named as the flags that set them
+        app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
+                         limits=limits, adapters=adapters, decoding=decoding,
+                         prompt_cache=PromptCache(args.prompt_cache_bytes,
+                                                  args.prompt_cache_size))
     if note:
         print(note, file=sys.stderr)
     if not is_loopback(args.host):

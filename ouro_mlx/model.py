@@ -493,12 +493,7 @@ def check_model_fits(args: ModelArgs) -> None:
     """Refuse a config whose model cannot fit in this machine's memory, naming its
     sizes, before anything is built (a layer count of a million would otherwise end
     in ``std::bad_alloc`` minutes later)."""
-    nbytes = estimate_model_bytes(args, MIN_BYTES_PER_PARAM)
-    total = limits.memory_bytes()
-    if total is not None and nbytes > total:
-        sizes = ", ".join(f"{name} {getattr(args, name):,}" for name in
-                          ("num_hidden_layers", "hidden_size", "intermediate_size",
-                           "vocab_size"))
-        raise ValueError(f"config.json describes a model ({sizes}) that needs at least "
-                         f"{limits.gib(nbytes)}, but this machine has {limits.gib(total)} "
-                         "of memory.")
+    sizes = ", ".join(f"{name} {getattr(args, name):,}" for name in
+                      ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size"))
+    limits.check_fits(estimate_model_bytes(args, MIN_BYTES_PER_PARAM),
+                      f"config.json describes a model ({sizes}) that, even at 2 bits a weight,")

@@ -56,12 +56,10 @@ from mlx_lm.models.cache import KVCache
 from .compiled import _Graphs, _graph
 from .exit import ExitRule
 from .model import Model, add_norm, add_norm_norm, cache_depth
-from .sampling import flag_nonfinite
+from .sampling import Sampler, flag_nonfinite
 from .sampling import sample as sample_checked
 from .speculative import (BACKOFF_TOKENS, MAX_BACKOFF, _Meter, check_speculative,
                           plain_decode)
-
-Sampler = Callable[[mx.array], mx.array]
 
 _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions

@@ -61,9 +61,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from .exit import ExitRule
 from .model import Model, cache_depth, commit_kv
-from .sampling import sample
-
-Sampler = Callable[[mx.array], mx.array]
+from .sampling import Sampler, sample
 
 MAX_DRAFT_TOKENS = 64
 WINDOW = 32  # adaptive n: the acceptance estimate looks at this many recent outcomes

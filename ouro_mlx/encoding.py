@@ -51,13 +51,27 @@ def encode_text(tokenizer, text: str) -> list[int]:
 def check_unicode(text, what: str) -> None:
     """Refuse a str holding a lone surrogate (from JSON's ``"\\ud800"``, or bytes
     that are not UTF-8 in a file name or argument): no tokenizer can encode it."""
+    if (at := surrogate_at(text)) is not None:
+        raise ValueError(f"{what} holds a lone surrogate (\\u{ord(text[at]):04x}) at "
+                         f"character {at}, which is not Unicode text.")
+
+
+def surrogate_at(text) -> int | None:
+    """Where a str holds a lone surrogate (not encodable as UTF-8), else None."""
     if not isinstance(text, str):
-        return
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone surrogate (\\u{ord(text[e.start]):04x}) at "
-                         f"character {e.start}, which is not Unicode text.") from None
+        return e.start
+    return None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` may begin one of ``stops``: text a
+    stream holds back until it is clear whether a stop string follows."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
 
 
 class TemplateFailure(ValueError):

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
+from .encoding import held_back, surrogate_at
 from .prompt_cache import PromptCache
 
 DEMO_ID = "ouro-demo"
@@ -87,14 +88,10 @@ def unicode_text(value: Any) -> Any:
     naming the field, not a 500 from deep inside the tokenizer."""
     for text in value if isinstance(value, list) else [value]:
         text = text.text if isinstance(text, TextPart) else text
-        if isinstance(text, str):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise PydanticCustomError(
-                    "invalid_text", "holds a lone surrogate ({char}) at character {pos}, "
-                    "which is not Unicode text", {"char": f"\\u{ord(text[e.start]):04x}",
-                                                  "pos": e.start}) from None
+        if (at := surrogate_at(text)) is not None:
+            raise PydanticCustomError(
+                "invalid_text", "holds a lone surrogate ({char}) at character {pos}, "
+                "which is not Unicode text", {"char": f"\\u{ord(text[at]):04x}", "pos": at})
     return value
 
 
@@ -367,9 +364,7 @@ class Assembler:
                 self.pending, self.stopped = "", True
                 return (delta, "")
             if not last:
-                hold = max((k for s in self.stops for k in range(1, len(s))
-                            if self.pending.endswith(s[:k])), default=0)
-                delta = self.pending[: len(self.pending) - hold]
+                delta = self.pending[: len(self.pending) - held_back(self.pending, self.stops)]
                 self.pending = self.pending[len(delta):]
                 self.content += delta
                 return (delta, "")

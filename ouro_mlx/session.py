@@ -363,7 +363,7 @@ class ChatSession:
             self._busy.release()
 
     def _send(self, user: str, on_token) -> Iterator[TokenEvent]:
-        from .encoding import encode_chat
+        from .encoding import encode_chat, held_back
         from .generation import stream_generate
 
         self.messages.append({"role": "user", "content": user})
@@ -501,12 +501,6 @@ LOOP_KEYS = ("ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loo
              "hidden_eps")
 SAMPLING_KEYS = ("sampler", "logits_processors", "max_tokens")
 DECODING_KEYS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of ``text`` may begin one of ``stops``."""
-    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
-                if text.endswith(stop[:k])), default=0)
 
 
 def check_int(value, name: str, low: int | None = None) -> None:

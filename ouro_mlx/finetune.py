@@ -37,7 +37,6 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .losses import fixed_depth_loss, stage1_loss
 
 ADAPTERS = "adapters.safetensors"
-GATE_FILE = "exit_gate.safetensors"  # as ouro_mlx.adapters.GATE_FILE
 CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
@@ -360,6 +359,8 @@ def resume(model, opt, args, adapter_path: Path, saved: dict, log=print) -> Trai
                 f"--adapter-path {adapter_path} holds a run with {k}="
                 f"{saved.get('structure', {}).get(k)!r}, not {v!r}; choose another "
                 "--adapter-path to start a new run.")
+    from .adapters import GATE_FILE
+
     load_trainable(model, adapter_path / ADAPTERS)
     if (adapter_path / GATE_FILE).is_file():  # --train-gate's gate, kept apart
         load_trainable(model, adapter_path / GATE_FILE)

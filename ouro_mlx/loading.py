@@ -24,7 +24,8 @@ from mlx.utils import tree_flatten
 
 from .limits import check_fits
 from .model import Model, ModelArgs, estimate_model_bytes
-from .outputs import describe, files_in, foreign_files, output_dir, write_manifest
+from .outputs import (describe, files_in, foreign_files, looks_like_repo_id, output_dir,
+                      write_manifest)
 
 # Files a checkpoint directory may hold that we read. No "*.py": we never run them.
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -81,7 +82,7 @@ def resolve(
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory.")
     repo = str(path_or_repo)
-    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+    if not looks_like_repo_id(repo):
         raise FileNotFoundError(f"No such directory: {path_or_repo}")
     from huggingface_hub import snapshot_download
 

@@ -41,7 +41,7 @@ def source_path(value: str | os.PathLike) -> Path | None:
     its local snapshot when the cache holds one (never a download)."""
     p = Path(os.path.expanduser(os.fspath(value)))
     text = os.fspath(value)
-    if os.path.lexists(p) or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if os.path.lexists(p) or not looks_like_repo_id(text):
         return real(p)  # a path (compared even before it exists)
     try:
         from huggingface_hub import snapshot_download
@@ -49,6 +49,11 @@ def source_path(value: str | os.PathLike) -> Path | None:
         return real(snapshot_download(text, local_files_only=True))
     except Exception:  # not cached (or no hub library): nothing local to protect
         return None
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``org/name``: what is not a local path is taken for a Hugging Face repo id."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 
 def regions(src: Path) -> list[Path]:

@@ -188,16 +188,21 @@ def test_stats_say_why_the_answer_ended(session):
     assert "e+" not in str(session.stats)
 
 
+def generate_on_a_terminal(prompt: str, no_color: str) -> str:
+    """What ``generate --show-depth`` shows on a terminal with NO_COLOR=``no_color``."""
+    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "generate", "-p", prompt,
+                                           "--show-depth"],
+                          env={**ENV, "NO_COLOR": no_color}, timeout=120, encoding="utf-8",
+                          codec_errors="replace")
+    child.expect(pexpect.EOF)
+    return child.before
+
+
 def test_generate_show_depth_on_a_terminal_prints_a_legend():
     """On a terminal the tokens are coloured and the legend says what the colours
     mean (an empty NO_COLOR does not count as set); piped, the per-token list has its
     own label (tests/test_cli.py)."""
-    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "generate", "-p", "2,23,14,31",
-                                           "--show-depth"],
-                          env={**ENV, "NO_COLOR": ""}, timeout=120, encoding="utf-8",
-                          codec_errors="replace")
-    child.expect(pexpect.EOF)
-    out = child.before
+    out = generate_on_a_terminal("2,23,14,31", no_color="")
     assert "colours by loop steps: " in out and "loop steps per token" not in out
     assert "\x1b[3" in out and "finished: end of answer" in out
 
@@ -210,12 +215,7 @@ def depth_lists(text: str) -> list[list[int]]:
 def test_show_depth_with_no_color_on_a_terminal_lists_the_depths():
     """NO_COLOR set (no-color.org): no escape codes even on a terminal; the depths
     come as a plain list instead, one number per token."""
-    child = pexpect.spawn(sys.executable, ["-m", "ouro_mlx", "generate", "-p", "4,34,12,23",
-                                           "--show-depth"],
-                          env={**ENV, "NO_COLOR": "1"}, timeout=120, encoding="utf-8",
-                          codec_errors="replace")
-    child.expect(pexpect.EOF)
-    out = child.before
+    out = generate_on_a_terminal("4,34,12,23", no_color="1")
     assert "\x1b[" not in out and "colours by loop steps" not in out
     (depths,) = depth_lists(out)
     assert depths and all(1 <= d <= 4 for d in depths)

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "loading",
     "load_model": "loading",
-    "CheckpointError": "loading",
+    "CheckpointError": "untrusted",
     "Model": "model",
     "ModelArgs": "model",
     "LoopOutputs": "model",

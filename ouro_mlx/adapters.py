@@ -282,7 +282,7 @@ def replace_atomically(file: Path, write) -> None:
 
 def read_adapter_config(adapter_dir: Path, model: nn.Module) -> dict:
     """adapter_config.json of ``adapter_dir``, every field the loader uses checked."""
-    from .loading import read_json_object
+    from .untrusted import read_json_object
     from .model import check_ut_steps
 
     file = inside(adapter_dir, CONFIG_FILE)
@@ -315,7 +315,7 @@ def read_adapter_config(adapter_dir: Path, model: nn.Module) -> dict:
 def inside(adapter_dir: Path, name: str) -> Path:
     """``adapter_dir/name`` if it is a regular file lying inside the directory (no
     link out of it)."""
-    from .loading import lies_inside
+    from .untrusted import lies_inside
 
     file = adapter_dir / name
     if not file.is_file():
@@ -328,7 +328,7 @@ def inside(adapter_dir: Path, name: str) -> Path:
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> dict:
     """Apply the adapters in directory ``adapter_path`` to ``model`` (shared or
     per-loop LoRA, DoRA, full, a trained gate) and return their checked config."""
-    from .loading import check_tensor
+    from .untrusted import check_tensor
 
     adapter_dir = Path(adapter_path).expanduser()
     if not adapter_dir.is_dir():

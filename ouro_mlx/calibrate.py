@@ -326,7 +326,7 @@ def load_exit_gate(model, path: str | Path) -> float | None:
     The file is checked first (a regular safetensors file holding exactly the gate's
     two tensors, of the model's shapes, floating and finite); every refusal is one
     ValueError naming the file. The model's ``exit_threshold`` is left to the caller."""
-    from .loading import check_tensor
+    from .untrusted import check_tensor
 
     path = Path(path)
     if not path.exists():

@@ -26,6 +26,7 @@ from .limits import check_fits
 from .model import Model, ModelArgs, estimate_model_bytes
 from .outputs import (describe, files_in, foreign_files, looks_like_repo_id, output_dir,
                       write_manifest)
+from .untrusted import CheckpointError, lies_inside, read_json_object
 
 # Files a checkpoint directory may hold that we read. No "*.py": we never run them.
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -46,10 +47,6 @@ TORCH_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 CHAT_END = "<|im_end|>"
 DEMO = "demo"  # the short name of the bundled demo model
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is; the message says why."""
 
 
 def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
@@ -118,23 +115,6 @@ def latest_checkpoint(run: Path) -> Path | None:
         raise CheckpointError(f"{latest} does not name a checkpoint directory of {run} "
                               f"(it holds {name[:40]!r}); give a ckpt-STEP directory.")
     return ckpt
-
-
-JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
-              bool: "a boolean", type(None): "null"}
-
-
-def read_json_object(file: Path) -> dict[str, Any]:
-    """The JSON object in ``file``; anything else is refused naming the file."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise CheckpointError(f"{file} is nested too deeply to be a config.") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds {JSON_TYPES[type(data)]}; expected a JSON object.")
-    return data
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -236,17 +216,6 @@ def files_inside(path: Path, names: list[str], named_by: Path | None = None) -> 
     return [path / n for n in names]
 
 
-def lies_inside(path: Path, name: str) -> bool:
-    """Whether file ``name`` of directory ``path``, links followed, lies inside it
-    (or, in the HF cache, in the ``blobs`` folder its snapshot links point to)."""
-    root = path.resolve()
-    file = Path(os.path.normpath(root / name))
-    if not file.is_relative_to(root):
-        return False
-    roots = [root] + ([root.parents[1] / "blobs"] if root.parent.name == "snapshots" else [])
-    return any(file.resolve().is_relative_to(r) for r in roots)
-
-
 def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     """Lazily read tensors (nothing is materialised until evaluated)."""
     weights = {}
@@ -288,18 +257,6 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 def is_float(x: mx.array) -> bool:
     return mx.issubdtype(x.dtype, mx.floating)
-
-
-def check_tensor(file: Path | str, name: str, w: mx.array, shape: tuple) -> None:
-    """One tensor from an untrusted file that replaces a float parameter of ``shape``:
-    the right shape, floating point, finite (one-line errors naming file and tensor)."""
-    if tuple(w.shape) != tuple(shape):
-        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(w.shape)}, "
-                              f"expected {tuple(shape)}.")
-    if not mx.issubdtype(w.dtype, mx.floating):
-        raise CheckpointError(f"{file}: tensor {name} is {w.dtype}, expected floating point.")
-    if not mx.all(mx.isfinite(w)).item():
-        raise CheckpointError(f"{file}: tensor {name} holds non-finite values (inf or nan).")
 
 
 def apply_quantization(model: nn.Module, config: dict, weights: dict) -> None:

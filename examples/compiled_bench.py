@@ -16,7 +16,8 @@ import mlx.core as mx
 import ouro_mlx
 from ouro_mlx.bench import random_model, timed
 from ouro_mlx.demo import model_path
-from ouro_mlx.generation import generate_step, make_rule
+from ouro_mlx.decoding.plain import generate_step
+from ouro_mlx.decoding.steps import make_rule
 from ouro_mlx.random_model import SHAPES, hf_config
 
 

@@ -28,8 +28,9 @@ import ouro_mlx
 from ouro_mlx.bench import random_model, timed
 from ouro_mlx.demo import model_path
 from ouro_mlx.encoding import encode_text
-from ouro_mlx.generation import generate_step, make_rule
-from ouro_mlx.pipeline import PipelineStats, pipelined_step
+from ouro_mlx.decoding.plain import generate_step
+from ouro_mlx.decoding.steps import make_rule
+from ouro_mlx.decoding.pipeline import PipelineStats, pipelined_step
 from ouro_mlx.random_model import SHAPES, hf_config
 
 med = statistics.median

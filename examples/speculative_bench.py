@@ -26,9 +26,10 @@ import ouro_mlx
 from ouro_mlx.bench import random_model, timed
 from ouro_mlx.demo import model_path
 from ouro_mlx.encoding import encode_text
-from ouro_mlx.generation import decode, generate_step, make_rule, prefill
+from ouro_mlx.decoding.plain import generate_step
+from ouro_mlx.decoding.steps import decode, make_rule, prefill
 from ouro_mlx.random_model import SHAPES, hf_config
-from ouro_mlx.speculative import SpecStats, round_gain, shadow_decode, speculative_step
+from ouro_mlx.decoding.speculative import SpecStats, round_gain, shadow_decode, speculative_step
 
 med = statistics.median
 
@@ -162,7 +163,7 @@ def main() -> None:
     p.add_argument("--ut-steps", type=int, default=4)
     p.add_argument("--compile-step", action="store_true",
                    help="also compiled rows: plain decoding and every setting through "
-                        "compiled graphs (ouro_mlx.compiled)")
+                        "compiled graphs (ouro_mlx.decoding.compiled)")
     p.add_argument("--verify-hidden", type=int, default=None,
                    help="measure the verify cost on a random model of this hidden size")
     p.add_argument("--layers", type=int, default=2, help="random model: layers")

@@ -17,7 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .exit import ExitRule
-from .generation import _sample, decode, generate_step, prefill
+from .decoding.plain import generate_step
+from .decoding.steps import decode, prefill, sample_with
 from .model import Model, ModelArgs
 
 
@@ -122,9 +123,9 @@ def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = 
 def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_mode="full",
              kv_bits=None, context=0, name="ouro", compile_step=False,
              draft_loops=None, num_draft_tokens=None, pipeline=False) -> Run:
-    """``draft_loops``: self-speculative decoding (``ouro_mlx.speculative``); the
+    """``draft_loops``: self-speculative decoding (``ouro_mlx.decoding.speculative``); the
     name gets the share of drafts kept appended. ``pipeline``: pipelined loop decoding
-    (``ouro_mlx.pipeline``) drafting from step ``draft_loops`` - 1 (default 1); the
+    (``ouro_mlx.decoding.pipeline``) drafting from step ``draft_loops`` - 1 (default 1); the
     name gets the passes of the layers per token appended."""
     cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
     a = model.args
@@ -132,13 +133,13 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
     fill_context(cache, context, mx.zeros((1, a.num_key_value_heads, 1, a.head_dim), dtype))
     mx.reset_peak_memory()
     if pipeline:
-        from .pipeline import PipelineStats, pipelined_step
+        from .decoding.pipeline import PipelineStats, pipelined_step
 
         stats = PipelineStats()
         gen = pipelined_step(prompt, model, rule, cache, draft_loops=draft_loops or 1,
                              max_tokens=n_gen + 1, stats=stats, compile_step=compile_step)
     elif draft_loops:
-        from .speculative import SpecStats, speculative_step
+        from .decoding.speculative import SpecStats, speculative_step
 
         stats = SpecStats()
         gen = speculative_step(prompt, model, rule, cache, draft_loops=draft_loops,
@@ -186,13 +187,13 @@ def _decode_seconds(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, 
         return seconds, (tokens, loops)
     tokens, loops = replay
     logits, _ = prefill(model, prompt[None], cache, rule)
-    mx.eval(logits, _sample(logits, None, lambda lp: mx.argmax(lp, -1), None))
+    mx.eval(logits, sample_with(logits, None, lambda lp: mx.argmax(lp, -1), None))
     mx.synchronize()
     tic = time.perf_counter()
     pending, got = None, []
     for y, n in zip(tokens[:-1], loops[1:]):
         logits, _ = decode(model, mx.array([[y]]), cache, ExitRule(rule.ut_steps, at_step=n - 1))
-        nxt, _ = _sample(logits, None, lambda lp: mx.argmax(lp, -1), None)
+        nxt, _ = sample_with(logits, None, lambda lp: mx.argmax(lp, -1), None)
         mx.async_eval(nxt)
         if pending is not None:
             got.append(pending.item())  # hand out the previous token, as generate_step does
@@ -260,7 +261,7 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
         "exit1": lambda: run_ouro(model, ExitRule(T, at_step=0), prompt, n_gen,
                                   name="ouro exit at step 1", **kw),
     }
-    if compile_step:  # full depth through the compiled loop step (ouro_mlx.compiled)
+    if compile_step:  # full depth through the compiled loop step (ouro_mlx.decoding.compiled)
         make["compiled"] = lambda: run_ouro(model, ExitRule(T), prompt, n_gen, compile_step=True,
                                             name=f"ouro T={T} compiled", **kw)
     names = list(make)

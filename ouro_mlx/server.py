@@ -472,9 +472,9 @@ class Server:
         With pipeline, draft_loops is where its draft starts (default 1); a default
         pipeline that is dropped (it cannot run, the request turns it off, or asks for
         num_draft_tokens) takes the default draft_loops with it."""
-        from .compiled import check_compilable
-        from .pipeline import check_pipeline
-        from .speculative import check_speculative
+        from .decoding.compiled import check_compilable
+        from .decoding.pipeline import check_pipeline
+        from .decoding.speculative import check_speculative
 
         given = req.model_fields_set & set(DECODING_FIELDS)
         chosen = {name: getattr(req, name) if name in given else self.decoding.get(name)

@@ -276,9 +276,9 @@ class ChatSession:
         rule = make_rule(self.model, **loop)
         if cache is None:  # empty caches of that depth: nothing is allocated
             cache = self.model.make_cache(rule.ut_steps, **self.kv)
-        from .compiled import check_compilable
-        from .pipeline import check_pipeline
-        from .speculative import check_speculative
+        from .decoding.compiled import check_compilable
+        from .decoding.pipeline import check_pipeline
+        from .decoding.speculative import check_speculative
 
         try:
             if d.get("pipeline"):

@@ -1,4 +1,4 @@
-"""The compiled decode step (ouro_mlx.compiled): the same tokens as the plain path,
+"""The compiled decode step (ouro_mlx.decoding.compiled): the same tokens as the plain path,
 buffers that grow, a prompt cache kept up to date, clear refusals."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from mlx_lm.models.cache import CacheList, QuantizedKVCache
 
 import ouro_mlx
 from ouro_mlx import demo, stream_generate
-from ouro_mlx.compiled import CompiledDecoder, check_compilable
+from ouro_mlx.decoding.compiled import CompiledDecoder, check_compilable
 
 PROMPT = [5, 17, 300, 42, 7, 99, 128]
 

@@ -1,4 +1,4 @@
-"""Pipelined loop decoding (ouro_mlx.pipeline): greedy tokens and caches identical to
+"""Pipelined loop decoding (ouro_mlx.decoding.pipeline): greedy tokens and caches identical to
 plain decoding at the same fixed depth, fewer passes than plain when early steps
 agree, the sampling distribution equal to the target's, and clear refusals."""
 
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 import ouro_mlx
-from ouro_mlx import pipeline
+from ouro_mlx.decoding import pipeline
 from ouro_mlx.encoding import encode_text
-from ouro_mlx.generation import generate_step, make_rule, stream_generate
-from ouro_mlx.pipeline import PipelineStats, pipelined_step
+from ouro_mlx.decoding.plain import generate_step
+from ouro_mlx.decoding.steps import make_rule
+from ouro_mlx.generation import stream_generate
+from ouro_mlx.decoding.pipeline import PipelineStats, pipelined_step
 from tests.conftest import IdsOnly, assert_pairs_follow_the_target
 
 PROMPT = mx.array([5, 17, 300, 42, 7, 99, 128], dtype=mx.int32)
@@ -145,13 +147,12 @@ def test_adaptive_follows_measured_speed(agreeing, monkeypatch, compiled, pipe_c
     passes as dear as plain tokens make the pipeline slower (over one pass per
     token), so plain decoding takes over after each probe; cheap passes keep it.
     Either way, plain decoding's tokens and caches."""
-    from ouro_mlx import compiled as compiled_mod
-    from ouro_mlx import generation
+    from ouro_mlx.decoding import compiled as compiled_mod
 
     agreeing.__dict__.pop("_ouro_pipeline", None)  # no verdict from an earlier test
     now = [0.0]
     monkeypatch.setattr(pipeline, "clock", lambda: now[0])
-    tick, dec, step = (pipeline.PipelinedDecoder.tick, generation.decode,
+    tick, dec, step = (pipeline.PipelinedDecoder.tick, pipeline.decode,
                        compiled_mod.CompiledDecoder.__call__)
 
     def cost(fn, seconds):
@@ -161,7 +162,7 @@ def test_adaptive_follows_measured_speed(agreeing, monkeypatch, compiled, pipe_c
         return timed
 
     monkeypatch.setattr(pipeline.PipelinedDecoder, "tick", cost(tick, pipe_cost))
-    monkeypatch.setattr(generation, "decode", cost(dec, plain_cost))
+    monkeypatch.setattr(pipeline, "decode", cost(dec, plain_cost))
     monkeypatch.setattr(compiled_mod.CompiledDecoder, "__call__", cost(step, plain_cost))
     want, plain = plain_run(agreeing, PROMPT, 120, exit_threshold=1.0)
     stats = PipelineStats()

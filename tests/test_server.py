@@ -567,7 +567,7 @@ def test_prompt_cache_stores_exactly_the_tokens_handed_out(tiny_dir):
     (e.g. after an eos): store trims them, so the entry holds exactly its tokens."""
     import mlx.core as mx
 
-    from ouro_mlx.generation import make_rule, prefill
+    from ouro_mlx.decoding.steps import make_rule, prefill
     from ouro_mlx.prompt_cache import PromptCache
 
     model, _ = load(tiny_dir)

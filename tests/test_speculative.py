@@ -1,4 +1,4 @@
-"""Self-speculative decoding (ouro_mlx.speculative): greedy output identical to plain
+"""Self-speculative decoding (ouro_mlx.decoding.speculative): greedy output identical to plain
 decoding at the same fixed depth, caches identical after rollback, the sampling
 distribution equal to the target's, and clear refusals."""
 
@@ -13,9 +13,10 @@ import pytest
 
 import ouro_mlx
 from ouro_mlx import stream_generate
-from ouro_mlx.generation import generate_step, make_rule
-from ouro_mlx import speculative
-from ouro_mlx.speculative import SpecStats, speculative_step
+from ouro_mlx.decoding.plain import generate_step
+from ouro_mlx.decoding.steps import make_rule
+from ouro_mlx.decoding import speculative
+from ouro_mlx.decoding.speculative import SpecStats, speculative_step
 from tests.conftest import (REFERENCE, IdsOnly, assert_pairs_follow_the_target,
                             needs_reference)
 
@@ -105,7 +106,7 @@ def test_bundled_fixed_n_greedy_is_identical(bundled, k, n):
 def test_compiled_rounds_across_a_growing_buffer(tiny):
     """Chunk of 8 positions: rounds that straddle a chunk boundary grow the buffers
     (new traces), and rollback across the boundary keeps the right tokens."""
-    from ouro_mlx.compiled import CompiledDecoder
+    from ouro_mlx.decoding.compiled import CompiledDecoder
 
     rule = make_rule(tiny)
     plain = tiny.make_cache()
@@ -140,7 +141,7 @@ def test_compiled_graphs_are_kept_across_generations(tiny):
     and a deep copy of the model starts without them."""
     import copy
 
-    from ouro_mlx.compiled import _graph
+    from ouro_mlx.decoding.compiled import _graph
 
     rule = make_rule(tiny)
     ids = mx.array(PROMPT, dtype=mx.int32)
@@ -221,7 +222,7 @@ def test_rounds_measured_slower_than_plain_back_off(agreeing, monkeypatch):
 
 
 def test_draft_count_follows_the_cost_model():
-    from ouro_mlx.speculative import draft_count
+    from ouro_mlx.decoding.speculative import draft_count
 
     assert draft_count(0.0, 1, 4, 8) == 0
     assert draft_count(1.0, 1, 4, 8) == 8  # every draft accepted: the most

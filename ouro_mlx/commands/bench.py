@@ -58,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
     p.add_argument("--compile-step", action="store_true",
                    help="Also time full depth through the compiled loop step "
-                        "(ouro_mlx.compiled) against the plain path and the peer.")
+                        "(ouro_mlx.decoding.compiled) against the plain path and the peer.")
     p.add_argument("--draft-loops", default="",
                    help="Comma list of K: also rows of self-speculative decoding drafting "
                         "with the first K loop steps (greedy, full depth; single runs).")
     p.add_argument("--num-draft-tokens", type=int, default=None,
                    help="Most drafts per verify call, adaptive (default: 4).")
     p.add_argument("--pipeline", action="store_true",
-                   help="Also rows of pipelined loop decoding (ouro_mlx.pipeline), its draft "
+                   help="Also rows of pipelined loop decoding (ouro_mlx.decoding.pipeline), its draft "
                         "from step K-1 for each K of --draft-loops (default 1), compiled too "
                         "with --compile-step (greedy, full depth; single runs), with their "
                         "decode speed-up over full depth.")

@@ -258,7 +258,7 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict:
 
 def add_compile_step_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-step", action="store_true",
-                   help="Decode each token through one compiled graph (ouro_mlx.compiled): "
+                   help="Decode each token through one compiled graph (ouro_mlx.decoding.compiled): "
                         "the same tokens, faster on small models; needs a fixed depth "
                         "(--exit-threshold 1.0 or --exit-at-step), --kv-mode full, no "
                         "--kv-bits.")

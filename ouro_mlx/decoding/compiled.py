@@ -24,10 +24,16 @@ exit) are compiled; :func:`check_compilable` names what stands in the way otherw
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .model import Model, add_norm, add_norm_norm, cache_depth
+from ..exit import ExitRule
+from ..model import Model, add_norm, add_norm_norm, cache_depth
+from ..sampling import Sampler
+from . import host
+from .steps import prefill, sampling_step
 
 
 def check_compilable(cache: list, fixed_loops: int | None, batch: int = 1) -> None:
@@ -284,20 +290,34 @@ class CompiledDecoder:
                 layer_cache[t].state = (k, v, self.offset)
 
 
-def compiled_steps(model: Model, cache: list, loops: int, y: mx.array, logprobs: mx.array,
-                   sample, max_tokens: int):
-    """``generate_step``'s fixed-depth loop on a :class:`CompiledDecoder`: yields
-    ``(token, logprobs, loops)``, token n+1 queued before token n is handed out.
-    ``sample(logits) -> (y, logprobs)``. The prompt cache is brought up to date
-    when the loop ends (or is closed)."""
+def compiled_step(
+    prompt: mx.array,
+    model: Model,
+    rule: ExitRule,
+    cache: list,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list | None = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[tuple[int, mx.array, int]]:
+    """Yield ``(token, logprobs, loops)`` like ``plain.generate_step`` at a fixed
+    depth, each token one call of a :class:`CompiledDecoder`, token n+1 queued before
+    token n is read. The prompt cache is brought up to date when the generator ends
+    or is closed."""
+    loops = rule.fixed_loops
+    check_compilable(cache, loops)
+    step = sampling_step(prompt, sampler, logits_processors)
+    logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
+    y, logprobs = step(logits)
     decoder = CompiledDecoder(model, cache, loops)
     mx.async_eval(y, logprobs)
     try:
         for n in range(max_tokens):
             if n + 1 < max_tokens:
-                next_y, next_logprobs = sample(decoder(y[:, None]))
+                next_y, next_logprobs = step(decoder(y[:, None]))
                 mx.async_eval(next_y, next_logprobs)
-            yield y.item(), logprobs[0], loops
+            yield host.read(y[0]), logprobs[0], loops
             if n + 1 < max_tokens:
                 y, logprobs = next_y, next_logprobs
             if n % 256 == 255:

@@ -45,7 +45,7 @@ decodes plainly where none promises 1.1x. Where early loop steps rarely agree wi
 last (alpha at k = 1 below ~0.3 for depth 4), speculation never starts.
 
 ``compile_step``: every draft, verify call and plain token runs through compiled graphs
-(``ouro_mlx.compiled.CompiledDecoder``); rejected tokens are rolled back by moving the
+(``ouro_mlx.decoding.compiled.CompiledDecoder``); rejected tokens are rolled back by moving the
 buffers' offset.
 """
 
@@ -59,9 +59,13 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 
-from .exit import ExitRule
-from .model import Model, cache_depth, commit_kv
-from .sampling import Sampler, sample
+from ..exit import ExitRule
+from ..model import Model, cache_depth, commit_kv
+from ..sampling import Sampler, sample
+from . import host
+from .compiled import CompiledDecoder, check_compilable
+from .plain import Meter, plain_decode
+from .steps import greedy, prefill
 
 MAX_DRAFT_TOKENS = 64
 WINDOW = 32  # adaptive n: the acceptance estimate looks at this many recent outcomes
@@ -70,7 +74,6 @@ MIN_GAIN = 1.1  # speculate only where the cost model promises at least this spe
 CHECK_ROUNDS = 4  # rounds between checks of their measured speed against plain decoding
 BACKOFF_TOKENS = 32  # plain tokens after rounds measured slower; doubles while they are
 MAX_BACKOFF = 512
-HALF_LIFE = 64  # tokens: the speed meters forget older work at this rate
 clock = time.perf_counter  # the speed meters' clock (a test replaces it)
 
 
@@ -195,36 +198,6 @@ def draft_count(alpha: float, k: int, depth: int, n_max: int) -> int:
     return best
 
 
-def plain_decode(
-    decode_one: Callable[[mx.array], tuple[mx.array, mx.array]], y: mx.array,
-    sampler: Sampler, more: Callable[[], bool], first: mx.array | None = None
-) -> Iterator[tuple[mx.array, mx.array, mx.array | None]]:
-    """Tokens after the pending ``y`` [1] as ``generation.generate_step`` decodes
-    them: each queued before the previous one is handed out, for as long as
-    ``more()`` says so when a token is about to be handed out (the pipeline runs
-    on across decisions); ``decode_one(y)`` gives the logits [1, V] of token ``y``
-    and its shadow draft [1] (or None). Yields ``(token, logprobs, draft)``,
-    ``draft`` [1] what steps 0..k-1 proposed for that token; the last token handed out is the
-    new pending one. ``first``: the logprobs of ``y`` when ``y`` itself is still to
-    be handed out (the prompt's token: its successor is queued first; its draft is
-    None)."""
-
-    def step(y):
-        logits, draft = decode_one(y)
-        y, lp = sample(logits, sampler)
-        mx.async_eval(y, lp, draft)
-        return y, lp, draft
-
-    cur = (y, first, None) if first is not None else step(y)
-    while True:
-        go_on = more()
-        nxt = step(cur[0]) if go_on else None  # queued before cur is handed out
-        yield cur
-        if not go_on:
-            return
-        cur = nxt
-
-
 def speculative_step(
     prompt: mx.array,
     model: Model,
@@ -244,25 +217,19 @@ def speculative_step(
     """Yield ``(token, logprobs, loops)`` like ``generation.generate_step``, drafting
     with the first ``draft_loops`` steps (see the module's docstring).
     ``compile_step``: drafts, verify calls and plain tokens run through compiled
-    graphs (``ouro_mlx.compiled.CompiledDecoder``), rejected tokens are rolled back
+    graphs (``ouro_mlx.decoding.compiled.CompiledDecoder``), rejected tokens are rolled back
     by moving its offset; the prompt cache is brought up to date when the
     generator ends or is closed."""
-    from .generation import prefill
-
     depth, n_max = check_speculative(model, rule, cache, draft_loops, num_draft_tokens,
                                      logits_processors)
     if compile_step:
-        from .compiled import check_compilable
-
         check_compilable(cache, depth)
-    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    sampler = sampler or greedy
     stats = stats if stats is not None else SpecStats()
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
     y, logprobs = sample(logits, sampler)
     mx.async_eval(y, logprobs)
     if compile_step:
-        from .compiled import CompiledDecoder
-
         dec = CompiledDecoder(model, cache, depth)
         decode_one = lambda y: dec.shadow(y[None], draft_loops)  # noqa: E731
 
@@ -286,22 +253,6 @@ def speculative_step(
             dec.sync()
 
 
-class _Meter:
-    """Wall seconds per handed-out token of one way of decoding, over recent work
-    (older work's weight halves every ``HALF_LIFE`` tokens)."""
-
-    def __init__(self):
-        self.seconds = self.tokens = 0.0
-
-    def add(self, seconds: float, tokens: int) -> None:
-        keep = 0.5 ** (tokens / HALF_LIFE)
-        self.seconds = keep * self.seconds + seconds
-        self.tokens = keep * self.tokens + tokens
-
-    def per_token(self) -> float | None:
-        return self.seconds / self.tokens if self.tokens else None
-
-
 class _Policy:
     """Adaptive n: the acceptance estimate from recent outcomes (plain tokens'
     shadow drafts and real drafts) chooses n through ``draft_count``; measured
@@ -312,16 +263,14 @@ class _Policy:
     def __init__(self, k: int, depth: int, n_max: int, adaptive: bool):
         self.k, self.depth, self.n_max, self.adaptive = k, depth, n_max, adaptive
         self.seen: deque[bool] = deque(maxlen=WINDOW)  # recent drafts: accepted or not
-        self.shadows: list[tuple[mx.array, int]] = []  # (shadow draft, token), read lazily
-        self.plain, self.spec = _Meter(), _Meter()
+        self.shadows: list[tuple[int, int]] = []  # (shadow draft, token)
+        self.plain, self.spec = Meter(), Meter()
         self.rounds = 0  # since the last check of the rounds' speed
         self.backoff, self.resume_at = BACKOFF_TOKENS, 0  # plain until this token
 
-    def flush(self) -> None:  # the drafts are computed already: reading them does not wait
-        if self.shadows:
-            drafts = mx.concatenate([d for d, _ in self.shadows]).tolist()
-            self.seen.extend(d == t for d, (_, t) in zip(drafts, self.shadows))
-            self.shadows.clear()
+    def flush(self) -> None:
+        self.seen.extend(d == t for d, t in self.shadows)
+        self.shadows.clear()
 
     def choose(self, emitted: int) -> int:
         if not self.adaptive:
@@ -339,7 +288,7 @@ class _Policy:
             if spec > plain:
                 self.resume_at = emitted + self.backoff
                 self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-                self.spec = _Meter()
+                self.spec = Meter()
             else:
                 self.backoff = BACKOFF_TOKENS
             self.rounds = 0
@@ -364,13 +313,12 @@ def _rounds(y, logprobs, sampler, stats, k, depth, n_max, adaptive, max_tokens, 
     while emitted < max_tokens:
         n = policy.choose(emitted)
         if n and first is not None:  # rounds start from a handed-out token
-            yield y.item(), first[0], depth
+            yield host.read(y[0]), first[0], depth
             emitted, first = 1, None
             continue
         tic, start = clock(), emitted
         if n == 0:  # plain, pipelined decoding; each token's shadow draft is scored
-            for y, lp, draft in plain_decode(decode_one, y, sampler, more, first):
-                token = y.item()
+            for token, y, lp, draft in plain_decode(decode_one, y, sampler, more, first):
                 if draft is not None:
                     policy.shadows.append((draft, token))
                 first = None
@@ -384,8 +332,8 @@ def _rounds(y, logprobs, sampler, stats, k, depth, n_max, adaptive, max_tokens, 
         m = min(n, max_tokens - emitted - 1)
         drafts, logits, settle = round_(y, m)
         targets, logprobs = sample(logits, sampler)
-        mx.eval(drafts, targets, logprobs)
-        d, t = drafts.tolist(), targets.tolist()
+        both = host.read(mx.concatenate([drafts.astype(mx.int32), targets]))  # one sync a round
+        d, t = both[:m], both[m:]
         a = 0
         while a < m and d[a] == t[a]:
             a += 1

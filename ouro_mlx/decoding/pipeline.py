@@ -53,13 +53,15 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .compiled import _Graphs, _graph
-from .exit import ExitRule
-from .model import Model, add_norm, add_norm_norm, cache_depth
-from .sampling import Sampler, flag_nonfinite
-from .sampling import sample as sample_checked
-from .speculative import (BACKOFF_TOKENS, MAX_BACKOFF, _Meter, check_speculative,
-                          plain_decode)
+from ..exit import ExitRule
+from ..model import Model, add_norm, add_norm_norm, cache_depth
+from ..sampling import Sampler, flag_nonfinite
+from ..sampling import sample as sample_checked
+from . import host
+from .compiled import CompiledDecoder, _Graphs, _graph
+from .plain import Meter, plain_decode
+from .speculative import BACKOFF_TOKENS, MAX_BACKOFF, check_speculative
+from .steps import decode, greedy, prefill
 
 _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions
@@ -254,24 +256,39 @@ class PipelinedDecoder:
 
 def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None = None
                 ) -> Iterator[tuple[int, mx.array]]:
-    """Tokens out of the pipeline, for as long as they are asked for, each pass
-    queued before the one before it is looked at; on close, the K/V of the tokens
-    handed out go back into the cache and the last one is left pending. ``head``:
-    (the pending token [1], its logprobs), still to be handed out first."""
-    handed, queued = 1, deque([dec.tick(0, 0)])  # the pending token counts as one
-    try:
-        if head is not None:
-            yield head[0].item(), head[1]
-        while True:
+    """Tokens out of the pipeline, for as long as they are asked for; on close, the
+    K/V of the tokens handed out go back into the cache and the last one is left
+    pending. ``head``: (the pending token [1], its logprobs), still to be handed out
+    first.
+
+    Ticks are read in groups of ``loops``, each group queued before the one before
+    it is read, in one sync: the oldest row in the pipeline is never dropped and
+    advances one step a tick, so every ``loops`` ticks finish at least one token and
+    the host reads at most once per token."""
+    group = dec.loops
+    handed, seen, queued = 1, 0, deque()  # the pending token counts as one
+
+    def queue_group():
+        for _ in range(group):
             queued.append(dec.tick(handed - 1, len(queued)))
-            finished, token, lp = queued.popleft()
-            if finished.item():
-                handed += 1
-                yield token.item(), lp
-            if dec.ticks % 1024 == 0:
+
+    try:
+        queue_group()
+        if head is not None:
+            yield host.read(head[0][0]), head[1]
+        while True:
+            queue_group()
+            ticks = [queued.popleft() for _ in range(group)]
+            out = host.read(mx.stack([mx.stack([f.astype(mx.int32), t]) for f, t, _ in ticks]))
+            for (finished, token), (_, _, lp) in zip(out, ticks):
+                seen += 1
+                if finished:
+                    handed += 1
+                    yield token, lp
+            if dec.ticks % 1024 < 2 * group:
                 mx.clear_cache()
     finally:
-        stats.ticks += dec.ticks - len(queued)
+        stats.ticks += seen
         stats.tokens += handed - 1
         dec.sync(handed)
 
@@ -290,8 +307,9 @@ def _plain_tokens(decode_one: Callable[[mx.array], mx.array], y: mx.array,
         return left > 0
 
     first = None if head is None else head[1][None]
-    for t, lp, _ in plain_decode(lambda y: (decode_one(y), None), y, sampler, more, first):
-        yield t.item(), lp[0]
+    for token, _, lp, _ in plain_decode(lambda y: (decode_one(y), None), y, sampler, more,
+                                        first):
+        yield token, lp[0]
 
 
 class _Switch:
@@ -304,7 +322,7 @@ class _Switch:
 
     def __init__(self, adaptive: bool, memory: dict | None = None):
         self.adaptive, self.memory = adaptive, memory
-        self.plain, self.pipe = _Meter(), _Meter()
+        self.plain, self.pipe = Meter(), Meter()
         self.backoff, self.resume_at = BACKOFF_TOKENS, PROBE_TOKENS if adaptive else 0
         if adaptive and memory:  # the last generation's verdict
             self.plain, self.pipe = memory["plain"], memory["pipe"]
@@ -325,7 +343,7 @@ class _Switch:
         if piped and plain is not None and pipe > plain:
             self.resume_at = emitted + self.backoff
             self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-            self.pipe = _Meter()
+            self.pipe = Meter()
         elif piped:
             self.backoff = BACKOFF_TOKENS
         if self.memory is not None:
@@ -363,17 +381,14 @@ def pipelined_step(
     to date when the generator ends or is closed. ``adaptive``: measured speed
     decides, every PROBE_TOKENS tokens, between the pipeline and plain decoding
     (the same tokens either way); False: always the pipeline."""
-    from .compiled import CompiledDecoder
-    from .generation import decode, prefill
-
     depth = check_pipeline(model, rule, cache, draft_loops, logits_processors)
     stats = stats if stats is not None else PipelineStats()
-    sample = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    sample = sampler or greedy
     logits, _ = prefill(model, prompt[None], cache, rule, prefill_step_size)
     y, logprobs = sample_checked(logits, sample)
     mx.async_eval(y, logprobs)
     if max_tokens == 1:
-        yield y.item(), logprobs[0], depth
+        yield host.read(y[0]), logprobs[0], depth
         return
     memory = _memory(model, (depth, draft_loops, compile_step)) if adaptive else None
     switch, head, emitted = _Switch(adaptive, memory), (y, logprobs[0]), 0

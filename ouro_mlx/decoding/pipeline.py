@@ -67,6 +67,7 @@ _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions
 SPAN = 32  # attention reads the buffers up to a multiple of this past the live rows
 PROBE_TOKENS = 16  # adaptive: tokens per speed measurement
+READ_EVERY = None  # ticks read in one sync (None: the depth, at most one read per token)
 clock = time.perf_counter  # the speed check's clock (a test replaces it)
 
 
@@ -254,22 +255,26 @@ class PipelinedDecoder:
                                     ) + (end,)
 
 
-def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None = None
-                ) -> Iterator[tuple[int, mx.array]]:
-    """Tokens out of the pipeline, for as long as they are asked for; on close, the
-    K/V of the tokens handed out go back into the cache and the last one is left
-    pending. ``head``: (the pending token [1], its logprobs), still to be handed out
-    first.
+def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None = None,
+                 limit: int | None = None) -> Iterator[tuple[int, mx.array]]:
+    """Tokens out of the pipeline, for as long as they are asked for (at most
+    ``limit`` after the head: no ticks are queued past what that many tokens could
+    need); on close, the K/V of the tokens handed out go back into the cache and the
+    last one is left pending. ``head``: (the pending token [1], its logprobs), still
+    to be handed out first.
 
     Ticks are read in groups of ``loops``, each group queued before the one before
     it is read, in one sync: the oldest row in the pipeline is never dropped and
     advances one step a tick, so every ``loops`` ticks finish at least one token and
     the host reads at most once per token."""
-    group = dec.loops
+    group = READ_EVERY or dec.loops
     handed, seen, queued = 1, 0, deque()  # the pending token counts as one
+    cleared = 0
 
     def queue_group():
         for _ in range(group):
+            if limit is not None and len(queued) >= limit - (handed - 1):
+                return  # each tick finishes at most one token: these may be enough
             queued.append(dec.tick(handed - 1, len(queued)))
 
     try:
@@ -278,15 +283,18 @@ def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None
             yield host.read(head[0][0]), head[1]
         while True:
             queue_group()
-            ticks = [queued.popleft() for _ in range(group)]
+            if not queued:
+                return
+            ticks = [queued.popleft() for _ in range(min(group, len(queued)))]
             out = host.read(mx.stack([mx.stack([f.astype(mx.int32), t]) for f, t, _ in ticks]))
             for (finished, token), (_, _, lp) in zip(out, ticks):
                 seen += 1
                 if finished:
                     handed += 1
                     yield token, lp
-            if dec.ticks % 1024 < 2 * group:
+            if dec.ticks - cleared >= 1024:
                 mx.clear_cache()
+                cleared = dec.ticks
     finally:
         stats.ticks += seen
         stats.tokens += handed - 1
@@ -397,7 +405,8 @@ def pipelined_step(
         tic, dec, piped = clock(), None, switch.pipelined(mark)
         if piped:  # until the speed check says otherwise
             tokens = _pipe_tokens(PipelinedDecoder(model, cache, depth, draft_loops, y,
-                                                   sampler, compile_step), stats, head)
+                                                   sampler, compile_step), stats, head,
+                                  limit=max_tokens - mark)
         else:
             n = min(switch.segment(mark), max_tokens - mark)
             if compile_step:

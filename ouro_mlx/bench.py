@@ -168,7 +168,9 @@ def _decode_seconds(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, 
                     kv_bits, context, replay: tuple[list, list] | None = None):
     """Seconds for the n_gen - 1 decoded tokens, and (tokens, loops) of every token.
     ``replay=(tokens, loops)``: feed those tokens with their depths forced, queued one
-    token ahead like fixed depth (no decisions, no host syncs)."""
+    token ahead like fixed depth (no decisions; one read per token, as a generator
+    hands tokens out); the trace returned is the replay's own argmax tokens, which a
+    backend that is not bitwise repeatable may not agree with the fed ones."""
     cache = model.make_cache(rule.ut_steps, kv_mode, kv_bits)
     a = model.args
     dtype = model.model.norm.weight.dtype
@@ -185,23 +187,26 @@ def _decode_seconds(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, 
         seconds = time.perf_counter() - tic
         return seconds, (tokens, loops)
     tokens, loops = replay
+    argmax = lambda lp: mx.argmax(lp, -1)  # noqa: E731
     logits, _ = prefill(model, prompt[None], cache, rule)
-    mx.eval(logits, _sample(logits, None, lambda lp: mx.argmax(lp, -1), None))
+    first, _ = _sample(logits, None, argmax, None)
+    got = [first.item()]
     mx.synchronize()
     tic = time.perf_counter()
-    pending, got = None, []
+    pending = None
+    # token i + 1's input is recorded token i, never the replay's own argmax: the
+    # same work as the adaptive run even where the two disagree
     for y, n in zip(tokens[:-1], loops[1:]):
         logits, _ = decode(model, mx.array([[y]]), cache, ExitRule(rule.ut_steps, at_step=n - 1))
-        nxt, _ = _sample(logits, None, lambda lp: mx.argmax(lp, -1), None)
+        nxt, _ = _sample(logits, None, argmax, None)
         mx.async_eval(nxt)
         if pending is not None:
             got.append(pending.item())  # hand out the previous token, as generate_step does
         pending = nxt
-    got.append(pending.item())
+    if pending is not None:
+        got.append(pending.item())
     seconds = time.perf_counter() - tic
-    if got != tokens[1:]:  # the same depths must give the same tokens
-        raise RuntimeError("the fixed-depth replay diverged from the adaptive run")
-    return seconds, replay
+    return seconds, (got, list(loops))
 
 
 def _median(xs: list[float]) -> float:
@@ -213,20 +218,47 @@ def adaptive_overhead(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int
                       repeats: int = 3, kv_mode="full", kv_bits=None, context=0) -> dict:
     """Decode time of an adaptive exit rule against the *same* tokens at the *same*
     per-token depths with the depths known in advance (fixed-depth decoding, queued
-    ahead): the cost of deciding. Runs alternate; medians of ``repeats`` each."""
+    ahead): the cost of deciding. Runs alternate; medians of ``repeats`` each.
+
+    Every replay feeds the first adaptive run's tokens at its depths. On a backend
+    whose runs are not bitwise repeatable (CUDA, some Metal kernels) later adaptive
+    runs may pick other tokens or depths, and a replay's own argmax may differ from
+    the tokens it is fed: both are counted (``adaptive_runs_differing``,
+    ``replay_tokens_differing``, the most of any replay, of ``tokens``) and said in
+    ``note``, never raised."""
     kw = dict(kv_mode=kv_mode, kv_bits=kv_bits, context=context)
-    adaptive, fixed, trace = [], [], None
+    adaptive, fixed, trace, runs_differing, tokens_differing = [], [], None, 0, 0
     for _ in range(repeats):
         seconds, run = _decode_seconds(model, rule, prompt, n_gen, **kw)
         trace = trace or run
-        if run != trace:
-            raise RuntimeError("adaptive decoding is not deterministic across repeats")
+        runs_differing += run != trace
         adaptive.append(seconds)
-        fixed.append(_decode_seconds(model, rule, prompt, n_gen, replay=trace, **kw)[0])
+        seconds, (got, _) = _decode_seconds(model, rule, prompt, n_gen, replay=trace, **kw)
+        fixed.append(seconds)
+        tokens_differing = max(tokens_differing, sum(a != b for a, b in zip(got, trace[0])))
     loops = trace[1][1:]
-    return {"adaptive_s": _median(adaptive), "same_depths_fixed_s": _median(fixed),
-            "ratio": round(_median(adaptive) / _median(fixed), 3),
-            "avg_loops": sum(loops) / len(loops), "repeats": repeats}
+    out = {"adaptive_s": _median(adaptive), "same_depths_fixed_s": _median(fixed),
+           "ratio": round(_median(adaptive) / _median(fixed), 3),
+           "avg_loops": sum(loops) / len(loops), "repeats": repeats,
+           "tokens": len(trace[0]), "adaptive_runs_differing": runs_differing,
+           "replay_tokens_differing": tokens_differing}
+    out["note"] = overhead_note(out)
+    return out
+
+
+def overhead_note(o: dict) -> str | None:
+    """What ``adaptive_overhead`` found unrepeatable, in words (None: nothing)."""
+    said = []
+    if o["adaptive_runs_differing"]:
+        said.append(f"{o['adaptive_runs_differing']} of {o['repeats']} adaptive runs chose "
+                    "other tokens or depths than the first")
+    if o["replay_tokens_differing"]:
+        said.append(f"replay: {o['replay_tokens_differing']} of {o['tokens']} tokens differ "
+                    "from the adaptive run")
+    if not said:
+        return None
+    return ("; ".join(said) + " (backend not bitwise repeatable); timing fed the first "
+            "adaptive run's tokens at its depths")
 
 
 def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=mx.bfloat16) -> Run:

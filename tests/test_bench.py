@@ -145,3 +145,52 @@ def test_bad_config_is_one_line_naming_the_field(tiny_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
     with pytest.raises(ValueError, match="config.json: hidden_size must be a positive integer"):
         cmd.main(["--model", str(bad)])
+
+
+def test_replay_feeds_the_recorded_tokens():
+    """The fixed-depth replay decodes each recorded token as the next input, not its
+    own argmax: a recorded token that differs from what the replay computes (a
+    backend that is not bitwise repeatable) changes what follows, never the work."""
+    from ouro_mlx.exit import ExitRule
+
+    model = B.random_model(hf_config("tiny"), "float32")
+    prompt, kw = mx.array([5, 9, 2, 7]), dict(kv_mode="full", kv_bits=None, context=0)
+    _, (tokens, loops) = B._decode_seconds(model, ExitRule(4), prompt, 6, **kw)
+    fed = list(tokens)
+    fed[2] = (fed[2] + 1) % 512
+    _, (got, got_loops) = B._decode_seconds(model, ExitRule(4), prompt, 6, replay=(fed, loops),
+                                            **kw)
+    assert got[:3] == tokens[:3] and got_loops == loops  # its own argmax at token 2
+    after_fed = mx.argmax(model(mx.array([prompt.tolist() + fed[:3]]))[0, -1]).item()
+    assert got[3] == after_fed != tokens[3]  # token 3 followed the fed token 2
+
+
+def test_unrepeatable_runs_are_said_not_raised(tmp_path, capsys, monkeypatch):
+    """Adaptive runs that differ from repeat to repeat, and a replay whose own argmax
+    differs from the tokens it is fed (as on CUDA): the bench finishes, counts both
+    and says so under the table and in the JSON."""
+    real_sample, real_step = B._sample, B.generate_step
+    monkeypatch.setattr(B, "_sample", lambda logits, *a: (
+        (real_sample(logits, *a)[0] + 1) % 512, None))  # the replay's argmax, moved
+    calls = []
+
+    def drifting(*a, **k):  # every run a different token 2
+        calls.append(1)
+        shift = 7 * len(calls)
+        for i, (tok, lp, n) in enumerate(real_step(*a, **k)):
+            yield ((tok + shift) % 512 if i == 2 else tok), lp, n
+
+    monkeypatch.setattr(B, "generate_step", drifting)
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "4", "--exits", "q0.5", "--no-fixed", "--no-peer",
+                     "--repeats", "2", "--json-out", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    over = json.loads(out.read_text())["runs"]["float32"]["adaptive_overhead"]["q0.5"]
+    assert over["adaptive_runs_differing"] == 1 and over["tokens"] == 4
+    assert over["replay_tokens_differing"] >= 3 and over["ratio"] > 0
+    assert (f"ouro adaptive q0.5: 1 of 2 adaptive runs chose other tokens or depths than "
+            f"the first; replay: {over['replay_tokens_differing']} of 4 tokens differ from "
+            "the adaptive run (backend not bitwise repeatable); timing fed the first "
+            "adaptive run's tokens at its depths") in text
+    assert over["note"] in text

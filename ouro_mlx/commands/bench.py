@@ -371,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                       "alternating runs each; the rows above are single runs)")
             for k, v in summary.items():
                 print(f"  {k}: {v}")
+            for spec, o in overheads.items():
+                if o["note"]:
+                    print(textwrap.fill(f"ouro adaptive {spec}: {o['note']}", 88,
+                                        initial_indent="  ", subsequent_indent="    "))
             results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary,
                                       "target_ratio_runs": medians,
                                       "adaptive_overhead": overheads}

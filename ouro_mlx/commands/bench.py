@@ -297,11 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{dtype}" + ("" if quant == "none" else f", {quant}-bit")
             rows, peer = [], None
             kw = dict(kv_bits=args.kv_bits, context=args.context)
-            B.run_ouro(model, ExitRule(T, threshold=0.5), ids[:2], 3)  # warm-up (compile)
+            # warm-up at the prompt's length: mx.compile traces, and CUDA compiles its
+            # kernels on first use (the prompt's matrix products included)
+            B.run_ouro(model, ExitRule(T, threshold=0.5), ids, 3)
+            if args.compile_step:
+                B.run_ouro(model, ExitRule(T), ids, 3, compile_step=True)
             medians, first = None, {}  # first: the medians' first runs, reused as rows
             if not args.no_peer:
                 peer_model = B.unrolled_peer(model, T)
-                B.run_peer(peer_model, ids[:2], 3)
+                B.run_peer(peer_model, ids, 3)
                 if args.repeats > 0:
                     medians, first = B.target_ratios(model, peer_model, ids, args.gen_tokens,
                                                      repeats=args.repeats, context=args.context,

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .exit import ExitRule
 from .generation import _sample, decode, generate_step, prefill
@@ -30,6 +31,7 @@ class Run:
     avg_loops: float | None = None
     kv_bytes: int | None = None
     loops: dict = field(default_factory=dict)
+    bytes_per_token: float | None = None  # what decoding one token reads (decode_bytes)
 
 
 def random_model(config: dict, dtype: str, seed: int = 0) -> Model:
@@ -91,6 +93,75 @@ def fill_context(cache: list, n: int, like: mx.array) -> None:
         k = mx.random.normal((B, heads, n, hd), key=mx.random.key(i)).astype(like.dtype)
         c.update_and_fetch(k, k)
         mx.eval(c.state)
+
+
+def param_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters (quantized: packed weights, scales and biases)."""
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def kv_position_bytes(args, dtype: mx.Dtype, kv_bits: int | None = None,
+                      group_size: int = 64) -> float:
+    """Bytes of one token's K and V in one layer's cache (quantized: the packed
+    values plus a scale and a bias per group of a head, as ``QuantizedKVCache`` stores
+    them)."""
+    hd, size = args.head_dim, dtype.size
+    per_head = hd * size if kv_bits is None else hd * kv_bits / 8 + 2 * (hd // group_size) * size
+    return 2 * args.num_key_value_heads * per_head
+
+
+def decode_bytes(model: Model, loops: float, positions: float,
+                 kv_bits: int | None = None) -> float:
+    """Bytes one decoded token reads at batch 1, the memory-bandwidth bound's
+    numerator: every loop step reads the shared layers, the final norm, the exit gate
+    and each layer's K/V of ``positions`` tokens; once per token, ``lm_head`` and one
+    embedding row. ``loops``: loop steps run (an average is fine)."""
+    inner = model.model
+    step = (sum(param_bytes(layer) for layer in inner.layers) + param_bytes(inner.norm)
+            + param_bytes(inner.early_exit_gate))
+    dtype = inner.norm.weight.dtype  # the activation dtype, quantized or not
+    kv = len(inner.layers) * positions * kv_position_bytes(model.args, dtype, kv_bits)
+    row = param_bytes(inner.embed_tokens) / model.args.vocab_size
+    return loops * (step + kv) + param_bytes(model.lm_head) + row
+
+
+def peer_decode_bytes(peer: nn.Module, positions: float) -> float:
+    """``decode_bytes`` of the unrolled peer: its L×T layers (shared modules, read
+    once per application), one final norm, no exit gate."""
+    inner = peer.model
+    dtype = inner.norm.weight.dtype
+    kv = len(inner.layers) * positions * kv_position_bytes(peer.args, dtype)
+    row = param_bytes(inner.embed_tokens) / peer.args.vocab_size
+    return (sum(param_bytes(layer) for layer in inner.layers) + kv + param_bytes(inner.norm)
+            + param_bytes(peer.lm_head) + row)
+
+
+def decode_positions(prompt: int, n_gen: int, context: int = 0) -> float:
+    """Cached tokens a timed decode step attends to, on average over the run: the
+    context and prompt, then one more per decoded token."""
+    return context + prompt + n_gen / 2
+
+
+def gemv_bandwidth(nbytes: int | None = None, calls: int = 4,
+                   trials: int = 3) -> tuple[float, int]:
+    """(bytes/s, matrix bytes) of a bfloat16 matrix-vector product, the best of
+    ``trials`` evaluations of ``calls`` products each: the memory bandwidth decode can
+    reach in this process. Default size: 268 MB on a GPU (well past its caches),
+    64 MB on the CPU (well under a second)."""
+    if nbytes is None:
+        nbytes = 2**28 if mx.default_device().type == mx.DeviceType.gpu else 2**26
+    cols = 8192
+    W = mx.random.uniform(shape=(nbytes // (2 * cols), cols), dtype=mx.bfloat16,
+                          key=mx.random.key(0))
+    xs = [mx.random.uniform(shape=(cols,), dtype=mx.bfloat16, key=mx.random.key(i + 1))
+          for i in range(calls)]
+    mx.eval(W, xs, W @ xs[0])  # allocated, and the kernel compiled
+    best = float("inf")
+    for _ in range(trials):
+        tic = time.perf_counter()
+        mx.eval([W @ x for x in xs])
+        best = min(best, time.perf_counter() - tic)
+    return calls * W.nbytes / best, W.nbytes
 
 
 def timed(gen: Iterator, n_prompt: int, n_gen: int, loops_of: Callable | None = None) -> tuple:
@@ -160,8 +231,12 @@ def run_ouro(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_m
         # no drafts at all: speculation never paid, so every token was decoded plainly
         name += f", {stats.acceptance:.0%} kept" if stats.drafted else ", no drafts"
     hist = {k: loops.count(k) for k in sorted(set(loops))}
-    return Run(name, p, d, mx.get_peak_memory() / 1e9, sum(loops) / len(loops),
-               sum(lc.nbytes for lc in cache), hist)
+    avg = sum(loops) / len(loops)
+    # drafts and pipelines read the weights once for several tokens: no simple figure
+    read = None if pipeline or draft_loops else decode_bytes(
+        model, avg, decode_positions(prompt.size, n_gen, context), kv_bits)
+    return Run(name, p, d, mx.get_peak_memory() / 1e9, avg, sum(lc.nbytes for lc in cache),
+               hist, read)
 
 
 def _decode_seconds(model: Model, rule: ExitRule, prompt: mx.array, n_gen: int, *, kv_mode,
@@ -272,7 +347,9 @@ def run_peer(peer: nn.Module, prompt: mx.array, n_gen: int, *, context=0, dtype=
     gen = mlx_lm_generate_step(prompt, peer, max_tokens=n_gen + 1, prompt_cache=cache)
     p, d, _ = timed(gen, prompt.size, n_gen)
     return Run("mlx-lm llama, unrolled", p, d, mx.get_peak_memory() / 1e9, None,
-               sum(c.nbytes for c in cache))
+               sum(c.nbytes for c in cache),
+               bytes_per_token=peer_decode_bytes(peer, decode_positions(prompt.size, n_gen,
+                                                                        context)))
 
 
 def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *,

@@ -147,6 +147,81 @@ def test_bad_config_is_one_line_naming_the_field(tiny_dir, tmp_path):
         cmd.main(["--model", str(bad)])
 
 
+def _linear_bytes(out: int, inp: int, size: int, bits: int | None) -> float:
+    """A bias-free linear layer's bytes: plain, or packed with a float scale and bias
+    per group of 64 inputs."""
+    if bits is None:
+        return out * inp * size
+    return out * inp * bits / 8 + out * (inp // 64) * 2 * size
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_decode_bytes_by_hand(bits):
+    """Bytes one decoded token reads, against the tiny shape's dims: per loop step the
+    two layers (4 projections, 3 MLP matrices, 4 norms), the final norm, the exit gate
+    (never quantized) and each layer's K/V; once lm_head and one embedding row."""
+    config = hf_config("tiny")
+    model = B.random_model(config, "float32")
+    if bits:
+        model = B.quantize(model, config, bits)
+    H, I, V, L = 64, 128, 512, 2
+    q, kv = 4 * 16, 2 * 16  # heads x head_dim, kv heads x head_dim
+    lin = lambda o, i: _linear_bytes(o, i, 4, bits)  # noqa: E731
+    layer = lin(q, H) + 2 * lin(kv, H) + lin(H, q) + 2 * lin(I, H) + lin(H, I) + 4 * H * 4
+    step = L * layer + H * 4 + (H + 1) * 4
+    kv_per_position = L * 2 * kv * 4
+    once = lin(V, H) + lin(V, H) / V  # lm_head, and one row of the embedding
+    want = 2.5 * (step + 10 * kv_per_position) + once
+    assert B.decode_bytes(model, 2.5, 10) == pytest.approx(want)
+    # the unrolled peer: L x T llama blocks (two norms, not four) and their caches,
+    # one final norm
+    peer = B.unrolled_peer(model, 4)
+    assert B.peer_decode_bytes(peer, 10) == pytest.approx(
+        4 * L * (layer - 2 * H * 4 + 10 * 2 * kv * 4) + H * 4 + once)
+
+
+def test_kv_position_bytes_match_the_caches():
+    """What a token adds to a layer's cache, plain and quantized (small: head_dim 64)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    args = B.Model(B.ModelArgs.from_dict(hf_config("small"))).args
+    for cache, bits in ((KVCache(), None), (QuantizedKVCache(group_size=64, bits=4), 4),
+                        (QuantizedKVCache(group_size=64, bits=8), 8)):
+        k = mx.zeros((1, args.num_key_value_heads, 256, args.head_dim), mx.bfloat16)
+        cache.update_and_fetch(k, k)  # 256 tokens: exactly one chunk of the buffer
+        assert cache.nbytes == 256 * B.kv_position_bytes(args, mx.bfloat16, bits)
+
+
+def test_bandwidth_column(tmp_path, capsys, monkeypatch):
+    """Each plain decode row's share of the bandwidth bound: its bytes per token x
+    tok/s over the GEMV bandwidth printed above the table and written to the JSON."""
+    real = B.gemv_bandwidth
+    monkeypatch.setattr(B, "gemv_bandwidth", lambda trials: real(2**22, trials=trials))
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "4", "--exits", "", "--no-fixed", "--repeats", "1",
+                     "--draft-loops", "1", "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    bw = data["gemv_bandwidth"]
+    assert bw["gb_per_s"] > 0 and bw["matrix_mb"] == 4.2
+    assert f"GEMV bandwidth: {bw['gb_per_s']:,.1f} GB/s" in text
+    header = next(line for line in text.splitlines() if line.startswith("run "))
+    assert header.split()[7] == "bw%"
+    run = data["runs"]["float32"]
+    model = B.random_model(hf_config("tiny"), "float32")
+    full, draft = run["ouro"][0], run["ouro"][1]
+    assert full["bytes_per_token"] == B.decode_bytes(model, 4, B.decode_positions(6, 4))
+    for r in [run["peer"], full]:
+        assert r["bw_share"] == pytest.approx(
+            r["bytes_per_token"] * r["decode_tps"] / (bw["gb_per_s"] * 1e9), abs=1e-4)
+        line = next(line for line in text.splitlines() if line.startswith(r["name"]))
+        assert line.split()[-4] == f"{100 * r['bw_share']:.1f}"
+    assert draft["bw_share"] is None  # drafts read the weights once for several tokens
+    assert "bw%: share of the memory-bandwidth bound" in " ".join(text.split())
+    assert 0 < run["summary"]["full-depth decode, share of the memory-bandwidth bound"]
+
+
 def test_replay_feeds_the_recorded_tokens():
     """The fixed-depth replay decodes each recorded token as the next input, not its
     own argmax: a recorded token that differs from what the replay computes (a
@@ -158,8 +233,8 @@ def test_replay_feeds_the_recorded_tokens():
     _, (tokens, loops) = B._decode_seconds(model, ExitRule(4), prompt, 6, **kw)
     fed = list(tokens)
     fed[2] = (fed[2] + 1) % 512
-    _, (got, got_loops) = B._decode_seconds(model, ExitRule(4), prompt, 6, replay=(fed, loops),
-                                            **kw)
+    _, (got, got_loops) = B._decode_seconds(model, ExitRule(4), prompt, 6,
+                                            replay=(fed, loops), **kw)
     assert got[:3] == tokens[:3] and got_loops == loops  # its own argmax at token 2
     after_fed = mx.argmax(model(mx.array([prompt.tolist() + fed[:3]]))[0, -1]).item()
     assert got[3] == after_fed != tokens[3]  # token 3 followed the fed token 2

@@ -269,3 +269,27 @@ def test_unrepeatable_runs_are_said_not_raised(tmp_path, capsys, monkeypatch):
             "the adaptive run (backend not bitwise repeatable); timing fed the first "
             "adaptive run's tokens at its depths") in text
     assert over["note"] in text
+
+
+def test_gpu_suite_runs_at_tiny_sizes(tmp_path):
+    """examples/gpu_suite.sh (written for a GPU machine) with a tiny model and a few
+    tokens: every step runs and the summary has a figure for every target."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "SUITE_PYTHON": sys.executable,
+           "SUITE_MODEL": "tiny", "SUITE_PROMPT": "8", "SUITE_TOKENS": "4",
+           "SUITE_REPEATS": "1", "SUITE_ROUNDS": "1", "SUITE_PIPE_LAYERS": "2",
+           "SUITE_PIPE_HIDDEN": "", "SUITE_OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(repo / "examples" / "gpu_suite.sh")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = out.stdout[out.stdout.index("######## summary"):]
+    targets = [line for line in summary.splitlines() if line.startswith("(")]
+    assert len(targets) == 7 and not any("no figure" in t for t in targets), summary
+    assert all(t.rstrip().endswith((" met", " NOT met")) for t in targets)  # a verdict each
+    assert {p.name for p in tmp_path.iterdir()} == {"bf16.json", "quant.json",
+                                                    "pipeline.json"}

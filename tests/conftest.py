@@ -3,11 +3,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
+# CUDA and Apple M5 run float32 matmuls as TF32; float32 parity needs full float32.
+# Set before mlx is imported; subprocesses inherit it (every test's env copies os.environ).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from ouro_mlx.random_model import make_random_checkpoint
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ouro_mlx.random_model import make_random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Reference data of the official PyTorch code lives outside the repository:

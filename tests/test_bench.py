@@ -145,3 +145,151 @@ def test_bad_config_is_one_line_naming_the_field(tiny_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
     with pytest.raises(ValueError, match="config.json: hidden_size must be a positive integer"):
         cmd.main(["--model", str(bad)])
+
+
+def _linear_bytes(out: int, inp: int, size: int, bits: int | None) -> float:
+    """A bias-free linear layer's bytes: plain, or packed with a float scale and bias
+    per group of 64 inputs."""
+    if bits is None:
+        return out * inp * size
+    return out * inp * bits / 8 + out * (inp // 64) * 2 * size
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_decode_bytes_by_hand(bits):
+    """Bytes one decoded token reads, against the tiny shape's dims: per loop step the
+    two layers (4 projections, 3 MLP matrices, 4 norms), the final norm, the exit gate
+    (never quantized) and each layer's K/V; once lm_head and one embedding row."""
+    config = hf_config("tiny")
+    model = B.random_model(config, "float32")
+    if bits:
+        model = B.quantize(model, config, bits)
+    H, I, V, L = 64, 128, 512, 2
+    q, kv = 4 * 16, 2 * 16  # heads x head_dim, kv heads x head_dim
+    lin = lambda o, i: _linear_bytes(o, i, 4, bits)  # noqa: E731
+    layer = lin(q, H) + 2 * lin(kv, H) + lin(H, q) + 2 * lin(I, H) + lin(H, I) + 4 * H * 4
+    step = L * layer + H * 4 + (H + 1) * 4
+    kv_per_position = L * 2 * kv * 4
+    once = lin(V, H) + lin(V, H) / V  # lm_head, and one row of the embedding
+    want = 2.5 * (step + 10 * kv_per_position) + once
+    assert B.decode_bytes(model, 2.5, 10) == pytest.approx(want)
+    # the unrolled peer: L x T llama blocks (two norms, not four) and their caches,
+    # one final norm
+    peer = B.unrolled_peer(model, 4)
+    assert B.peer_decode_bytes(peer, 10) == pytest.approx(
+        4 * L * (layer - 2 * H * 4 + 10 * 2 * kv * 4) + H * 4 + once)
+
+
+def test_kv_position_bytes_match_the_caches():
+    """What a token adds to a layer's cache, plain and quantized (small: head_dim 64)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    args = B.Model(B.ModelArgs.from_dict(hf_config("small"))).args
+    for cache, bits in ((KVCache(), None), (QuantizedKVCache(group_size=64, bits=4), 4),
+                        (QuantizedKVCache(group_size=64, bits=8), 8)):
+        k = mx.zeros((1, args.num_key_value_heads, 256, args.head_dim), mx.bfloat16)
+        cache.update_and_fetch(k, k)  # 256 tokens: exactly one chunk of the buffer
+        assert cache.nbytes == 256 * B.kv_position_bytes(args, mx.bfloat16, bits)
+
+
+def test_bandwidth_column(tmp_path, capsys, monkeypatch):
+    """Each plain decode row's share of the bandwidth bound: its bytes per token x
+    tok/s over the GEMV bandwidth printed above the table and written to the JSON."""
+    real = B.gemv_bandwidth
+    monkeypatch.setattr(B, "gemv_bandwidth", lambda trials: real(2**22, trials=trials))
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "4", "--exits", "", "--no-fixed", "--repeats", "1",
+                     "--draft-loops", "1", "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    bw = data["gemv_bandwidth"]
+    assert bw["gb_per_s"] > 0 and bw["matrix_mb"] == 4.2
+    assert f"GEMV bandwidth: {bw['gb_per_s']:,.1f} GB/s" in text
+    header = next(line for line in text.splitlines() if line.startswith("run "))
+    assert header.split()[7] == "bw%"
+    run = data["runs"]["float32"]
+    model = B.random_model(hf_config("tiny"), "float32")
+    full, draft = run["ouro"][0], run["ouro"][1]
+    assert full["bytes_per_token"] == B.decode_bytes(model, 4, B.decode_positions(6, 4))
+    for r in [run["peer"], full]:
+        assert r["bw_share"] == pytest.approx(
+            r["bytes_per_token"] * r["decode_tps"] / (bw["gb_per_s"] * 1e9), abs=1e-4)
+        line = next(line for line in text.splitlines() if line.startswith(r["name"]))
+        assert line.split()[-4] == f"{100 * r['bw_share']:.1f}"
+    assert draft["bw_share"] is None  # drafts read the weights once for several tokens
+    assert "bw%: share of the memory-bandwidth bound" in " ".join(text.split())
+    assert 0 < run["summary"]["full-depth decode, share of the memory-bandwidth bound"]
+
+
+def test_replay_feeds_the_recorded_tokens():
+    """The fixed-depth replay decodes each recorded token as the next input, not its
+    own argmax: a recorded token that differs from what the replay computes (a
+    backend that is not bitwise repeatable) changes what follows, never the work."""
+    from ouro_mlx.exit import ExitRule
+
+    model = B.random_model(hf_config("tiny"), "float32")
+    prompt, kw = mx.array([5, 9, 2, 7]), dict(kv_mode="full", kv_bits=None, context=0)
+    _, (tokens, loops) = B._decode_seconds(model, ExitRule(4), prompt, 6, **kw)
+    fed = list(tokens)
+    fed[2] = (fed[2] + 1) % 512
+    _, (got, got_loops) = B._decode_seconds(model, ExitRule(4), prompt, 6,
+                                            replay=(fed, loops), **kw)
+    assert got[:3] == tokens[:3] and got_loops == loops  # its own argmax at token 2
+    after_fed = mx.argmax(model(mx.array([prompt.tolist() + fed[:3]]))[0, -1]).item()
+    assert got[3] == after_fed != tokens[3]  # token 3 followed the fed token 2
+
+
+def test_unrepeatable_runs_are_said_not_raised(tmp_path, capsys, monkeypatch):
+    """Adaptive runs that differ from repeat to repeat, and a replay whose own argmax
+    differs from the tokens it is fed (as on CUDA): the bench finishes, counts both
+    and says so under the table and in the JSON."""
+    real_sample, real_step = B.sample_with, B.generate_step
+    monkeypatch.setattr(B, "sample_with", lambda logits, *a: (
+        (real_sample(logits, *a)[0] + 1) % 512, None))  # the replay's argmax, moved
+    calls = []
+
+    def drifting(*a, **k):  # every run a different token 2
+        calls.append(1)
+        shift = 7 * len(calls)
+        for i, (tok, lp, n) in enumerate(real_step(*a, **k)):
+            yield ((tok + shift) % 512 if i == 2 else tok), lp, n
+
+    monkeypatch.setattr(B, "generate_step", drifting)
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "tiny", "--dtype", "float32", "--prompt-tokens", "6",
+                     "--gen-tokens", "4", "--exits", "q0.5", "--no-fixed", "--no-peer",
+                     "--repeats", "2", "--json-out", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    over = json.loads(out.read_text())["runs"]["float32"]["adaptive_overhead"]["q0.5"]
+    assert over["adaptive_runs_differing"] == 1 and over["tokens"] == 4
+    assert over["replay_tokens_differing"] >= 3 and over["ratio"] > 0
+    assert (f"ouro adaptive q0.5: 1 of 2 adaptive runs chose other tokens or depths than "
+            f"the first; replay: {over['replay_tokens_differing']} of 4 tokens differ from "
+            "the adaptive run (backend not bitwise repeatable); timing fed the first "
+            "adaptive run's tokens at its depths") in text
+    assert over["note"] in text
+
+
+def test_gpu_suite_runs_at_tiny_sizes(tmp_path):
+    """examples/gpu_suite.sh (written for a GPU machine) with a tiny model and a few
+    tokens: every step runs and the summary has a figure for every target."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "SUITE_PYTHON": sys.executable,
+           "SUITE_MODEL": "tiny", "SUITE_PROMPT": "8", "SUITE_TOKENS": "4",
+           "SUITE_REPEATS": "1", "SUITE_ROUNDS": "1", "SUITE_PIPE_LAYERS": "2",
+           "SUITE_PIPE_HIDDEN": "", "SUITE_OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(repo / "examples" / "gpu_suite.sh")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = out.stdout[out.stdout.index("######## summary"):]
+    targets = [line for line in summary.splitlines() if line.startswith("(")]
+    assert len(targets) == 7 and not any("no figure" in t for t in targets), summary
+    assert all(t.rstrip().endswith((" met", " NOT met")) for t in targets)  # a verdict each
+    assert {p.name for p in tmp_path.iterdir()} == {"bf16.json", "quant.json",
+                                                    "pipeline.json"}

@@ -59,6 +59,9 @@ EXCEPTIONS: list[tuple[str, str]] = [
     (r"(LD_PRELOAD=\S+ )?python examples/.*",
      "a measurement script of the source checkout (examples/ is not installed) that "
      "runs for minutes to hours; the figures it printed are in the docs"),
+    (r"(bash \.gpu/run )?bash examples/gpu_suite\.sh",
+     "the GPU measurement script of the source checkout (examples/ is not installed), "
+     "minutes at the 1.4B shape; tests/test_bench.py runs it with a tiny model"),
 ]
 
 # Small sizes for long runs: (pattern searched in the command, replacement or None,

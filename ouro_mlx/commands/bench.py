@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import textwrap
 from pathlib import Path
@@ -159,14 +160,15 @@ def table(rows: list[dict], peer: dict | None) -> str:
 
     w = max([28, *(len(r["name"]) for r in rows)])
     head = f"{'run':<{w}} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs peer':>8} " \
-           f"{'avg loops':>9} {'peak GB':>8} {'KV MiB':>8}"
+           f"{'bw%':>5} {'avg loops':>9} {'peak GB':>8} {'KV MiB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else "-"
         loops = f"{r['avg_loops']:.2f}" if r["avg_loops"] is not None else "-"
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r["kv_bytes"] is not None else "-"
+        bw = f"{100 * r['bw_share']:.1f}" if r.get("bw_share") is not None else "-"
         lines.append(f"{r['name']:<{w}} {rate(r['prompt_tps']):>12} "
-                     f"{rate(r['decode_tps']):>12} {ratio:>8} {loops:>9} "
+                     f"{rate(r['decode_tps']):>12} {ratio:>8} {bw:>5} {loops:>9} "
                      f"{r['peak_gb']:>8.3f} {kv:>8}")
     return "\n".join(lines)
 
@@ -179,6 +181,11 @@ def legend(rows: list[dict], peer: dict | None, random_weights: bool) -> str:
     if peer:
         lines.append("vs peer: decode speed over the peer (mlx-lm's llama with the "
                      "loop unrolled into a plain stack, sharing these weights)")
+    if any(r.get("bw_share") is not None for r in rows):
+        lines.append("bw%: share of the memory-bandwidth bound: bytes read per decoded "
+                     "token (per loop step the shared layers, final norm, exit gate and "
+                     "K/V; once lm_head) x decode tok/s, over the GEMV bandwidth above "
+                     "(draft and pipeline rows: -)")
     if "draft" in names:
         lines.append("draft K loops: self-speculative decoding, drafting with the first "
                      "K loop steps; 'N% kept': drafts accepted; 'no drafts': drafting "
@@ -259,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                "runs": {}}
     check_sizes(args, config, dtypes, quants)
     ids = mx.array([(7919 * i + 13) % config["vocab_size"] for i in range(args.prompt_tokens)])
+    bandwidth, bw = None, None
+    if not args.quality:  # the bound each decode row is a share of
+        bw, matrix = B.gemv_bandwidth(trials=3)
+        bandwidth = {"gb_per_s": bw / 1e9, "matrix_mb": round(matrix / 1e6, 1),
+                     "trials": 3}
+        results["gemv_bandwidth"] = bandwidth
 
     for dtype in dtypes:
         if args.model:
@@ -297,11 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{dtype}" + ("" if quant == "none" else f", {quant}-bit")
             rows, peer = [], None
             kw = dict(kv_bits=args.kv_bits, context=args.context)
-            B.run_ouro(model, ExitRule(T, threshold=0.5), ids[:2], 3)  # warm-up (compile)
+            # warm-up at the prompt's length: mx.compile traces, and CUDA compiles its
+            # kernels on first use (the prompt's matrix products included)
+            B.run_ouro(model, ExitRule(T, threshold=0.5), ids, 3)
+            if args.compile_step:
+                B.run_ouro(model, ExitRule(T), ids, 3, compile_step=True)
             medians, first = None, {}  # first: the medians' first runs, reused as rows
             if not args.no_peer:
                 peer_model = B.unrolled_peer(model, T)
-                B.run_peer(peer_model, ids[:2], 3)
+                B.run_peer(peer_model, ids, 3)
                 if args.repeats > 0:
                     medians, first = B.target_ratios(model, peer_model, ids, args.gen_tokens,
                                                      repeats=args.repeats, context=args.context,
@@ -349,7 +366,16 @@ def main(argv: list[str] | None = None) -> int:
             r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens, kv_mode="last",
                            name=f"ouro T={T} kv last", **kw)
             rows.append(B.as_dict(r))
+            for r in ([peer] if peer else []) + rows:
+                r["bw_share"] = (None if r["bytes_per_token"] is None else round(
+                    r["bytes_per_token"] * r["decode_tps"] / bw, 4))
             summary = summarize(rows, peer, T)
+            full_tps = full.decode_tps
+            if medians:  # the median run's, like the ratios below
+                full_tps = statistics.median_high(d for _, d in
+                                                  medians["runs_tok_per_s"]["full"])
+            summary["full-depth decode, share of the memory-bandwidth bound"] = round(
+                full.bytes_per_token * full_tps / bw, 4)
             if medians:  # the targets' ratios from alternating runs, not the rows above
                 for k in ("prefill vs unrolled peer", "decode vs unrolled peer",
                           "exit at step 1 speed-up over full depth",
@@ -364,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"(avg {o['avg_loops']:.2f} loops, median of {o['repeats']})"] = o["ratio"]
             print(f"\n== {label}, prompt {args.prompt_tokens} + context {args.context} tokens, "
                   f"{args.gen_tokens} generated")
+            print(f"GEMV bandwidth: {bandwidth['gb_per_s']:,.1f} GB/s (a bfloat16 matrix of "
+                  f"{bandwidth['matrix_mb']:,.0f} MB times a vector, best of "
+                  f"{bandwidth['trials']})")
             print(table(([peer] if peer else []) + rows, peer))
             print(legend(rows, peer, bool(args.random)))
             if medians:
@@ -371,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                       "alternating runs each; the rows above are single runs)")
             for k, v in summary.items():
                 print(f"  {k}: {v}")
+            for spec, o in overheads.items():
+                if o["note"]:
+                    print(textwrap.fill(f"ouro adaptive {spec}: {o['note']}", 88,
+                                        initial_indent="  ", subsequent_indent="    "))
             results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary,
                                       "target_ratio_runs": medians,
                                       "adaptive_overhead": overheads}

@@ -280,9 +280,11 @@ class OuroModel(nn.Module):
         mask: Any,
         frozen: tuple | None = None,
         last_only: bool = False,
-    ) -> tuple[mx.array, mx.array, list]:
+        gate: bool = True,
+    ) -> tuple[mx.array, mx.array | None, list]:
         """Loop step ``t`` on its input ``x``: the normalised state (next step's
-        input), gate logits [B, S] and each layer's new (k, v). ``frozen = (active
+        input), gate logits [B, S] (None with ``gate=False``: a fixed depth never
+        reads them) and each layer's new (k, v). ``frozen = (active
         [B], per-layer (k, v))``: rows not active store those K/V instead.
         ``last_only``: the state and gate of the last position only ([B, 1, H],
         [B, 1]); every position's K/V is still computed and cached. The last layer
@@ -302,7 +304,7 @@ class OuroModel(nn.Module):
             x, kv = layer(x, mask, c, f, last_only and l == len(self.layers) - 1, t)
             kvs.append(kv)
         x = self.norm(x)  # closes every step; the normalised state feeds step t+1
-        return x, self.early_exit_gate(x).squeeze(-1), kvs
+        return x, self.early_exit_gate(x).squeeze(-1) if gate else None, kvs
 
     def __call__(
         self, inputs: mx.array, cache: list | None, ut_steps: int, last_only: bool = False

@@ -11,14 +11,16 @@ token's graph (random weights of the ``small`` shape; the count does not depend 
 the widths), writes it with ``mx.export_to_dot`` and counts its nodes, for the plain
 decode path at a fixed depth (``generation.decode``) and the compiled one
 (``compiled.CompiledDecoder``: the graph ``mx.compile`` replays, elementwise ops
-already fused), bfloat16 and 4-bit.
+already fused), bfloat16 and 4-bit, with separate and fused projections
+(``Model.fuse_projections``: q/k/v and gate/up as one matmul each).
 
 - **Kernel view** (the default): on Metal/CUDA ``mx.fast.rms_norm``, ``rope`` and
   ``scaled_dot_product_attention`` are one kernel each, but the CPU backend builds
   them from a dozen ops; here they are replaced by a one-node stand-in before any
   graph is traced. "kernels" then counts the nodes that launch work: all but views
-  (reshape, transpose, slice, broadcast, ...), which a GPU backend resolves without a
-  kernel (a reshape of a non-contiguous array would copy; none does here).
+  (reshape, transpose, slice, split, broadcast, ...), which a GPU backend resolves
+  without a kernel (it copies where a kernel needs a contiguous input it lacks: not
+  counted here).
 - ``--cpu-graph``: the graph as this machine's backend builds it.
 
 Per layer application = (nodes at ``--layers`` - nodes at 1 layer) / ((layers - 1)
@@ -36,8 +38,8 @@ import tempfile
 
 import mlx.core as mx
 
-VIEWS = {"Broadcast", "Reshape", "Transpose", "Slice", "ExpandDims", "Squeeze", "Flatten",
-         "Unflatten", "Depends", "StopGradient", "AsStrided"}
+VIEWS = {"Broadcast", "Reshape", "Transpose", "Slice", "Split", "ExpandDims", "Squeeze",
+         "Flatten", "Unflatten", "Depends", "StopGradient", "AsStrided"}
 
 
 def use_kernel_view() -> None:
@@ -62,7 +64,8 @@ def count(outputs: list) -> collections.Counter:
     return collections.Counter(STAND_INS.get(n, n) for n in labels)
 
 
-def token_graph(layers: int, ut_steps: int, quant: str, path: str) -> collections.Counter:
+def token_graph(layers: int, ut_steps: int, quant: str, path: str,
+                fused: bool) -> collections.Counter:
     """The nodes of one decoded token's graph (after a 3-token prompt)."""
     from ouro_mlx.bench import quantize, random_model
     from ouro_mlx.compiled import CompiledDecoder
@@ -75,6 +78,8 @@ def token_graph(layers: int, ut_steps: int, quant: str, path: str) -> collection
     if quant != "bf16":
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's "[INFO] Quantized"
             model = quantize(model, config, int(quant.removeprefix("q")))
+    if fused:
+        model.fuse_projections()
     rule = make_rule(model, exit_threshold=1.0)
     cache = model.make_cache()
     logits, _ = prefill(model, mx.array([[1, 2, 3]]), cache, rule)
@@ -96,6 +101,7 @@ def main() -> None:
     p.add_argument("--ut-steps", type=int, default=4)
     p.add_argument("--quant", default="bf16,q4", help="comma list of bf16, q4, q8")
     p.add_argument("--paths", default="plain,compiled", help="comma list: plain, compiled")
+    p.add_argument("--projections", default="separate,fused", help="comma list: separate, fused")
     p.add_argument("--cpu-graph", action="store_true", help="count the CPU backend's graph")
     p.add_argument("--by-op", action="store_true", help="ops per layer application")
     args = p.parse_args()
@@ -106,25 +112,27 @@ def main() -> None:
     T, L = args.ut_steps, args.layers
     view = "CPU backend graph" if args.cpu_graph else "kernel view (fast ops = 1 node)"
     print(f"{view}; per token at {L} layers x {T} loop steps = {L * T} layer applications")
-    print("| path | weights | nodes / layer app. | kernels / layer app. | nodes / token | "
-          "kernels / token | kernels outside the layers |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | weights | projections | nodes / layer app. | kernels / layer app. | "
+          "nodes / token | kernels / token | kernels outside the layers |")
+    print("|---|---|---|---|---|---|---|---|")
     ops = {}
     for path in args.paths.split(","):
         for quant in args.quant.split(","):
-            one, full = token_graph(1, T, quant, path), token_graph(L, T, quant, path)
-            per = {k: (full[k] - one[k]) / ((L - 1) * T) for k in full | one}
-            kernels = {k: v for k, v in per.items() if k not in VIEWS}
-            total = sum(full.values())
-            total_k = sum(v for k, v in full.items() if k not in VIEWS)
-            print(f"| {path} | {quant} | {sum(per.values()):g} | {sum(kernels.values()):g} | "
-                  f"{total} | {total_k} | {total_k - L * T * sum(kernels.values()):g} |")
-            ops[path, quant] = per
+            for proj in args.projections.split(","):
+                fused = proj == "fused"
+                one = token_graph(1, T, quant, path, fused)
+                full = token_graph(L, T, quant, path, fused)
+                per = {k: (full[k] - one[k]) / ((L - 1) * T) for k in full | one}
+                kernels = sum(v for k, v in per.items() if k not in VIEWS)
+                total_k = sum(v for k, v in full.items() if k not in VIEWS)
+                print(f"| {path} | {quant} | {proj} | {sum(per.values()):g} | {kernels:g} | "
+                      f"{sum(full.values())} | {total_k} | {total_k - L * T * kernels:g} |")
+                ops[path, quant, proj] = per
     if args.by_op:
-        for (path, quant), per in ops.items():
+        for key, per in ops.items():
             listed = ", ".join(f"{k} {v:g}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])
                                if v)
-            print(f"\n{path}, {quant}, per layer application: {listed}")
+            print(f"\n{', '.join(key)}, per layer application: {listed}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ def apply_adapters(
     from .model import check_ut_steps
 
     where = "adapters"
+    model.check_unfused("add adapters to")
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise ValueError(f"{where}: fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)},"
                          f" got {fine_tune_type!r}.")

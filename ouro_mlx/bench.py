@@ -55,7 +55,8 @@ def quantize(model: Model, config: dict, bits: int, group_size: int = 64) -> Mod
 
 
 def unrolled_peer(model: Model, ut_steps: int) -> nn.Module:
-    """mlx-lm's llama with Ouro's L layers repeated ``ut_steps`` times (shared)."""
+    """mlx-lm's llama with Ouro's L layers repeated ``ut_steps`` times (shared): its
+    blocks hold Ouro's projection modules, so build it before fusing the model's."""
     from mlx_lm.models import llama
 
     a = model.args
@@ -72,7 +73,8 @@ def unrolled_peer(model: Model, ut_steps: int) -> nn.Module:
         block = llama.TransformerBlock(args)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(block.self_attn, name, getattr(layer.self_attn, name))
-        block.mlp = layer.mlp
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(block.mlp, name, getattr(layer.mlp, name))
         block.input_layernorm = layer.input_layernorm
         block.post_attention_layernorm = layer.post_attention_layernorm
         blocks.append(block)

@@ -386,6 +386,7 @@ def save_model_dir(out: str | Path, source: Path, model, threshold: float | None
 
     from .loading import atomic_directory, copy_support_files, read_config, write_errors
 
+    model.check_unfused("save")
     config = read_config(source)
     if threshold is not None:
         config["early_exit_threshold"] = threshold

@@ -366,6 +366,7 @@ def load_model(
     exit_threshold: float | None = None,
     revision: str | None = None,
     adapter_path: str | Path | None = None,
+    fuse: bool = False,
 ) -> Model:
     """Load an Ouro model (HF safetensors or an mlx-lm/ouro-mlx MLX directory).
 
@@ -378,11 +379,16 @@ def load_model(
         revision: hub revision (branch, tag or commit).
         adapter_path: a directory of adapters (``ouro-mlx lora``'s or mlx-lm's:
             adapter_config.json + adapters.safetensors) to apply, unfused.
+        fuse: for inference only: q/k/v and gate/up as one projection each
+            (``Model.fuse_projections``; skipped with adapters). Same outputs, fewer
+            kernels; such a model cannot be saved, adapted or trained.
     """
     path = resolve(path_or_repo, revision)
     model = build_model(path, read_config(path), dtype=dtype, lazy=lazy)
     apply_adapter_dir(model, adapter_path)
     set_runtime_defaults(model, ut_steps, exit_threshold)
+    if fuse:
+        model.fuse_projections()
     return model
 
 
@@ -483,6 +489,7 @@ def load(
     exit_threshold: float | None = None,
     revision: str | None = None,
     adapter_path: str | Path | None = None,
+    fuse: bool = False,
 ):
     """Load ``(model, tokenizer)``; options as in :func:`load_model`."""
     path = resolve(path_or_repo, revision)
@@ -490,6 +497,8 @@ def load(
     model = build_model(path, config, dtype=dtype, lazy=lazy)
     apply_adapter_dir(model, adapter_path)
     set_runtime_defaults(model, ut_steps, exit_threshold)
+    if fuse:
+        model.fuse_projections()
     return model, load_tokenizer(path, config)
 
 

@@ -32,6 +32,7 @@ from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
 from . import exit as ex
 from . import limits
+from .linears import PLAIN_LINEARS, concat_linears, split_linear
 
 
 @dataclass
@@ -132,11 +133,14 @@ class LoopAware:
 
 
 class Attention(LoopAware, nn.Module):
+    fused = False  # q/k/v as one ``qkv_proj`` (see ``Model.fuse_projections``)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, hd = args.hidden_size, args.head_dim
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = hd
         self.scale = hd**-0.5
         self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
@@ -158,13 +162,8 @@ class Attention(LoopAware, nn.Module):
         ``last_only``: K/V for every position, the output for the last one only.
         ``t``: the loop step, for per-loop adapters."""
         B, S, _ = x.shape
-        xq = x[:, -1:] if last_only else x
-        Sq = xq.shape[1]
-        if self.loop_keys:
-            q, k, v = (self.project(n, a, t) for n, a in
-                       (("q_proj", xq), ("k_proj", x), ("v_proj", x)))
-        else:
-            q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x, t, last_only)
+        Sq = q.shape[1]
         q = q.reshape(B, Sq, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -181,11 +180,29 @@ class Attention(LoopAware, nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(B, Sq, -1)
         return (self.project("o_proj", out, t) if self.loop_keys else self.o_proj(out)), (k, v)
 
+    def qkv(
+        self, x: mx.array, t: int = 0, last_only: bool = False
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """The projections of ``x`` [B, S, H]: q [B, S or 1 (``last_only``), heads·hd],
+        k and v [B, S, kv_heads·hd]; one matmul when fused, per-loop adapters by ``t``."""
+        if self.fused:
+            n, m = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [n, n + m], axis=-1)
+            return (q[:, -1:] if last_only else q), k, v
+        xq = x[:, -1:] if last_only else x
+        if self.loop_keys:
+            return (self.project("q_proj", xq, t), self.project("k_proj", x, t),
+                    self.project("v_proj", x, t))
+        return self.q_proj(xq), self.k_proj(x), self.v_proj(x)
+
 
 class MLP(LoopAware, nn.Module):
+    fused = False  # gate/up as one ``gate_up_proj`` (see ``Model.fuse_projections``)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, hidden = args.hidden_size, args.intermediate_size
+        self.hidden = hidden
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
@@ -194,6 +211,9 @@ class MLP(LoopAware, nn.Module):
         if self.loop_keys:
             h = swiglu(self.project("gate_proj", x, t), self.project("up_proj", x, t))
             return self.project("down_proj", h, t)
+        if self.fused:
+            gate, up = mx.split(self.gate_up_proj(x), [self.hidden], axis=-1)
+            return self.down_proj(swiglu(gate, up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -260,9 +280,11 @@ class OuroModel(nn.Module):
         mask: Any,
         frozen: tuple | None = None,
         last_only: bool = False,
-    ) -> tuple[mx.array, mx.array, list]:
+        gate: bool = True,
+    ) -> tuple[mx.array, mx.array | None, list]:
         """Loop step ``t`` on its input ``x``: the normalised state (next step's
-        input), gate logits [B, S] and each layer's new (k, v). ``frozen = (active
+        input), gate logits [B, S] (None with ``gate=False``: a fixed depth never
+        reads them) and each layer's new (k, v). ``frozen = (active
         [B], per-layer (k, v))``: rows not active store those K/V instead.
         ``last_only``: the state and gate of the last position only ([B, 1, H],
         [B, 1]); every position's K/V is still computed and cached. The last layer
@@ -282,7 +304,7 @@ class OuroModel(nn.Module):
             x, kv = layer(x, mask, c, f, last_only and l == len(self.layers) - 1, t)
             kvs.append(kv)
         x = self.norm(x)  # closes every step; the normalised state feeds step t+1
-        return x, self.early_exit_gate(x).squeeze(-1), kvs
+        return x, self.early_exit_gate(x).squeeze(-1) if gate else None, kvs
 
     def __call__(
         self, inputs: mx.array, cache: list | None, ut_steps: int, last_only: bool = False
@@ -429,6 +451,7 @@ class Model(nn.Module):
         T times per token."""
         from mlx.nn.layers.distributed import shard_linear
 
+        self.check_unfused("shard")
         group = group or mx.distributed.init()
         N = group.size()
         a = self.args
@@ -451,6 +474,76 @@ class Model(nn.Module):
     def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
         # The gate decides depth for every token; keep it in full precision.
         return "early_exit_gate" not in path
+
+    # -- inference-time fusion of projections that read the same input ----------------
+
+    def fuse_projections(self) -> bool:
+        """For inference only: every layer's q/k/v become one ``qkv_proj`` and its
+        gate/up one ``gate_up_proj`` (weights, and a quantized model's scales and
+        biases, concatenated along the output axis), so a layer application runs 4
+        matmuls instead of 7, with the same outputs. Each layer's separate arrays are
+        released as soon as it is fused: memory grows by one layer's projections
+        at most, and only while fusing.
+
+        Returns whether anything was fused. Nothing is when a projection is not a plain
+        ``nn.Linear``/``nn.QuantizedLinear`` (LoRA/DoRA or per-loop adapters, a sharded
+        model); a group whose members differ (dtype, bits, group size) stays separate.
+
+        Checkpoints, adapters, training, export and sharding keep the Hugging Face
+        layout (``q_proj``, ..., ``up_proj``): ouro-mlx refuses to save, adapt, train or
+        shard a fused model with a one-line ``ValueError`` (see :meth:`check_unfused`)
+        rather than unfusing behind the caller's back; :meth:`unfuse_projections`
+        restores the layout. mlx-lm's own ``save_model`` is not guarded: unfuse
+        before calling it."""
+        blocks = [b for layer in self.layers for b in (layer.self_attn, layer.mlp)]
+        if any(b.loop_keys or any(type(m) not in PLAIN_LINEARS for k, m in b.items()
+                                  if k.endswith("_proj")) for b in blocks):
+            return False
+        for block in blocks:
+            name, parts = FUSED[type(block)]
+            if block.fused or (linear := concat_linears([block[p] for p in parts])) is None:
+                continue
+            mx.eval(linear.parameters())
+            for p in parts:
+                del block[p]  # the separate arrays go with their modules
+            block[name] = linear
+            block.fused = True
+        return self.fused
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections`: the Hugging Face layout again (the separate
+        projections are views of the fused arrays: nothing is copied)."""
+        for layer in self.layers:
+            for block in (layer.self_attn, layer.mlp):
+                if not block.fused:
+                    continue
+                name, parts = FUSED[type(block)]
+                if isinstance(block, Attention):
+                    hd = block.head_dim
+                    sizes = [block.n_heads * hd, block.n_kv_heads * hd, block.n_kv_heads * hd]
+                else:
+                    sizes = [block.hidden, block.hidden]
+                for p, linear in zip(parts, split_linear(block.pop(name), sizes)):
+                    block[p] = linear
+                block.fused = False
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`fuse_projections` fused any layer's projections."""
+        return any(layer.self_attn.fused or layer.mlp.fused for layer in self.layers)
+
+    def check_unfused(self, action: str) -> None:
+        """A one-line ValueError if the model is fused: ``action`` (e.g. "save")
+        needs the Hugging Face layout."""
+        if self.fused:
+            raise ValueError(f"Cannot {action} a model whose projections are fused for "
+                             "inference (Model.fuse_projections); call "
+                             "model.unfuse_projections() first.")
+
+
+# What ``Model.fuse_projections`` makes of each block: the new name, the parts.
+FUSED = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
 KV_MODES = ("full", "last")

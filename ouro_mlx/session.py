@@ -190,7 +190,8 @@ class ChatSession:
             from .demo import model_path
 
             path_or_repo = model_path()
-        model, tokenizer = load(path_or_repo, dtype=dtype, adapter_path=adapter_path)
+        model, tokenizer = load(path_or_repo, dtype=dtype, adapter_path=adapter_path,
+                                fuse=True)
         if exit_gate is not None:
             from .calibrate import load_exit_gate
 

@@ -328,6 +328,7 @@ def save_checkpoint(out: Path, step: int, model: Model, opt: optim.Optimizer,
     """Write ``out/ckpt-STEP`` atomically and point ``out/latest`` at it.
     ``tensors``: (parameters, optimizer state) as flat dicts, when they differ from
     the model's own (gathered tensor-parallel shards)."""
+    model.check_unfused("save")
     params, opt_state = tensors or (dict(tree_flatten(model.parameters())),
                                     dict(tree_flatten(opt.state)))
     from .loading import copy_support_files, write_errors

@@ -33,6 +33,7 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
                      "ouro T=4 kv last"]
     assert run["ouro"][1]["avg_loops"] == 1.0
     assert run["summary"]["kv last / full bytes"] == 0.25
+    assert run["fused"]  # decoded as generate does: q/k/v and gate/up fused
     assert {"decode vs unrolled peer",
             "exit at step 1 speed-up over full depth"} <= set(run["summary"])
     # adaptive runs are timed against a replay of their own tokens and depths
@@ -293,3 +294,19 @@ def test_gpu_suite_runs_at_tiny_sizes(tmp_path):
     assert all(t.rstrip().endswith((" met", " NOT met")) for t in targets)  # a verdict each
     assert {p.name for p in tmp_path.iterdir()} == {"bf16.json", "quant.json",
                                                     "pipeline.json"}
+
+
+def test_bench_without_fusing_keeps_the_stored_layout(tmp_path, capsys):
+    """--no-fuse times the projections as stored; both quantizations start from the
+    stored layout either way (the fused model is unfused after its rows)."""
+    out = tmp_path / "bench.json"
+    assert cmd.main(["--random", "small", "--dtype", "float32", "--quant", "none,4",
+                     "--prompt-tokens", "6", "--gen-tokens", "4", "--exits", "",
+                     "--no-fixed", "--repeats", "0", "--json-out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["fused"] for r in runs.values()] == [True, True]
+    assert cmd.main(["--random", "small", "--dtype", "float32", "--quant", "none",
+                     "--prompt-tokens", "6", "--gen-tokens", "4", "--exits", "",
+                     "--no-fixed", "--repeats", "0", "--no-fuse", "--json-out",
+                     str(out)]) == 0
+    assert not json.loads(out.read_text())["runs"]["float32"]["fused"]

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Alternating runs for the medians: peer / full depth / exit at "
                         "step 1, and adaptive / same-depth fixed decoding per exit rule.")
     p.add_argument("--no-peer", action="store_true", help="Skip the unrolled mlx-lm peer.")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="Run q/k/v and gate/up as separate matrix products, as they are "
+                        "stored (by default they are fused for decoding, as generate, chat "
+                        "and serve do).")
     p.add_argument("--no-fixed", action="store_true", help="Skip the fixed depths 1..T-1.")
     p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
     p.add_argument("--compile-step", action="store_true",
@@ -310,14 +314,16 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{dtype}" + ("" if quant == "none" else f", {quant}-bit")
             rows, peer = [], None
             kw = dict(kv_bits=args.kv_bits, context=args.context)
+            # the peer is stock mlx-lm: its own, separate projections (built before fusing)
+            peer_model = None if args.no_peer else B.unrolled_peer(model, T)
+            fused = not args.no_fuse and model.fuse_projections()
             # warm-up at the prompt's length: mx.compile traces, and CUDA compiles its
             # kernels on first use (the prompt's matrix products included)
             B.run_ouro(model, ExitRule(T, threshold=0.5), ids, 3)
             if args.compile_step:
                 B.run_ouro(model, ExitRule(T), ids, 3, compile_step=True)
             medians, first = None, {}  # first: the medians' first runs, reused as rows
-            if not args.no_peer:
-                peer_model = B.unrolled_peer(model, T)
+            if peer_model is not None:
                 B.run_peer(peer_model, ids, 3)
                 if args.repeats > 0:
                     medians, first = B.target_ratios(model, peer_model, ids, args.gen_tokens,
@@ -406,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                                         initial_indent="  ", subsequent_indent="    "))
             results["runs"][label] = {"peer": peer, "ouro": rows, "summary": summary,
                                       "target_ratio_runs": medians,
-                                      "adaptive_overhead": overheads}
+                                      "adaptive_overhead": overheads, "fused": fused}
+            if fused:  # the next quantization starts from the stored layout
+                model.unfuse_projections()
     if args.json_out:
         from ..outputs import replace_file
 

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     single_turn = args.single_turn or args.model is None
     args.model = model_or_demo(args)
-    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
+    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path,
+                            fuse=True)
     apply_exit_gate(model, args)
     check_kv_args(args, model)
     with flag_terms():

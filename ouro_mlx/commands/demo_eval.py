@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..loading import load
 
     extra = {} if args.adapter_path is None else {"adapter_path": args.adapter_path}
-    model, tokenizer = load(args.model or str(model_path()), **extra)
+    model, tokenizer = load(args.model or str(model_path()), fuse=True, **extra)
     r = evaluate(model, tokenizer, args.n, seed=EVAL_SEED if args.seed is None else args.seed,
                  exit_threshold=args.exit_threshold, kv_mode=args.kv_mode,
                  swaps=args.swaps or (1, MAX_SWAPS))

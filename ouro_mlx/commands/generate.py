@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..loading import load
 
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
-                            adapter_path=args.adapter_path)
+                            adapter_path=args.adapter_path, fuse=True)
     apply_exit_gate(model, args)
     with flag_terms():
         make_rule(model, **loop_kwargs(args))  # validate before encoding the prompt

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_compile_flag(args)
     path = model_or_demo(args)
-    model, tokenizer = load(path, dtype=args.dtype, adapter_path=args.adapter_path)
+    model, tokenizer = load(path, dtype=args.dtype, adapter_path=args.adapter_path, fuse=True)
     apply_exit_gate(model, args)
     note = decoding_note(model, decoding)
     adapters = {}

@@ -108,10 +108,7 @@ def _layer(layer, x, t, buf, pos, start, mask):
     attn = layer.self_attn
     L = x.shape[1]
     h = layer.input_layernorm(x)
-    if attn.loop_keys:
-        q, k, v = (attn.project(n, h, t) for n in ("q_proj", "k_proj", "v_proj"))
-    else:
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q, k, v = attn.qkv(h, t)
     q = q.reshape(1, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
     k = k.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     v = v.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)

@@ -106,7 +106,7 @@ def _tick_layer(layer, x, buf, pos, wpos, mask, span):
     attn = layer.self_attn
     R = x.shape[0]
     h = layer.input_layernorm(x)
-    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q, k, v = attn.qkv(h)
     q = q.reshape(R, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
     k = k.reshape(R, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     v = v.reshape(R, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)

@@ -134,7 +134,7 @@ def draft_and_verify(
     for i in range(n + 1):
         x = inner.embed_tokens(y[None])
         for t in range(k):
-            x, _, _ = inner.loop_step(x, t, cache, None)
+            x, _, _ = inner.loop_step(x, t, cache, None, gate=False)
         states.append(x)
         if i < n:
             y = mx.argmax(model.lm_head(x[:, -1]), axis=-1)
@@ -142,7 +142,7 @@ def draft_and_verify(
     x = mx.concatenate(states, axis=1) if n else states[0]
     mask = create_attention_mask(x, cache[0][k])
     for t in range(k, depth):
-        x, _, kvs = inner.loop_step(x, t, cache, mask)
+        x, _, kvs = inner.loop_step(x, t, cache, mask, gate=False)
     d = mx.concatenate(drafts) if n else mx.zeros((0,), dtype=mx.int32)
     return d, model.lm_head(x[0]), kvs
 
@@ -168,7 +168,7 @@ def shadow_decode(model: Model, y: mx.array, cache: list, depth: int, k: int
     x = inner.embed_tokens(y)
     mask = create_attention_mask(x, cache[0][0])
     for t in range(depth):
-        x, _, kvs = inner.loop_step(x, t, cache, mask)
+        x, _, kvs = inner.loop_step(x, t, cache, mask, gate=False)
         if t == k - 1:
             draft = mx.argmax(model.lm_head(x[:, -1]), axis=-1)
     commit_kv(cache, kvs, depth)

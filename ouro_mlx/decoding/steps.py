@@ -82,7 +82,7 @@ def decode(model: Model, y: mx.array, cache: list, rule: ExitRule) -> tuple[mx.a
     mask = create_attention_mask(x, cache[0][0] if cache else None)  # padding
     if (n := rule.fixed_loops) is not None:
         for t in range(n):
-            x, _, kvs = inner.loop_step(x, t, cache, mask)
+            x, _, kvs = inner.loop_step(x, t, cache, mask, gate=False)
         if cache is not None:
             commit_kv(cache, kvs, n)
         return model.lm_head(x[:, -1]), mx.full((B,), n, dtype=mx.int32)

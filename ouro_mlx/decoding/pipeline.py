@@ -67,7 +67,6 @@ _NONE = 1 << 30  # "no position" in the pipeline's min/max reductions
 CHUNK = 256  # the K/V buffers grow by this many positions
 SPAN = 32  # attention reads the buffers up to a multiple of this past the live rows
 PROBE_TOKENS = 16  # adaptive: tokens per speed measurement
-READ_EVERY = None  # ticks read in one sync (None: the depth, at most one read per token)
 clock = time.perf_counter  # the speed check's clock (a test replaces it)
 
 
@@ -267,7 +266,7 @@ def _pipe_tokens(dec: PipelinedDecoder, stats: PipelineStats, head: tuple | None
     it is read, in one sync: the oldest row in the pipeline is never dropped and
     advances one step a tick, so every ``loops`` ticks finish at least one token and
     the host reads at most once per token."""
-    group = READ_EVERY or dec.loops
+    group = dec.loops
     handed, seen, queued = 1, 0, deque()  # the pending token counts as one
     cleared = 0
 

@@ -16,7 +16,7 @@ from ..exit import ExitRule
 from ..model import Model
 from ..sampling import Sampler, sample
 from . import host
-from .compiled import check_compilable, compiled_step
+from .compiled import compiled_step
 from .steps import decode, decode_row, prefill, sampling_step
 
 HALF_LIFE = 64  # tokens: the speed meters forget older work at this rate
@@ -40,7 +40,6 @@ def generate_step(
     opts = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
                 prefill_step_size=prefill_step_size)
     if compile_step:
-        check_compilable(cache, rule.fixed_loops)
         yield from compiled_step(prompt, model, rule, cache, **opts)
         return
     step = sampling_step(prompt, sampler, logits_processors)

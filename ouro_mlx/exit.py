@@ -144,6 +144,54 @@ class ExitRule:
         return stop
 
 
+class RowRules:
+    """One ``ExitRule`` per row of a batch, applied together: rows may differ in
+    depth (``ut_steps``, ``exit_at_step``, ``max_loops``), threshold, ``min_loops``
+    and ``hidden_eps``. Each row stops exactly where its own rule would stop it.
+    Quacks like an ``ExitRule`` for ``decode`` and ``exit_steps``: ``ceiling`` is
+    the deepest row's, ``min_loops`` the earliest any row may stop, ``fixed_loops``
+    a depth only when every row has the same fixed one."""
+
+    def __init__(self, rules: list[ExitRule]):
+        if not rules:
+            raise ValueError("RowRules needs at least one rule.")
+        self.rules = tuple(rules)
+        fixed = [r.fixed_loops for r in rules]
+        steps = {r.ut_steps for r in rules}
+        self.ut_steps = max(steps)  # the prompt's depth when every row shares it
+        self.ceiling = max(f or r.ceiling for f, r in zip(fixed, rules))
+        self.min_loops = min(f or r.min_loops for f, r in zip(fixed, rules))
+        self.fixed_loops = fixed[0] if None not in fixed and len(set(fixed)) == 1 else None
+        inf = float("inf")
+        # Per row, [B, 1] so that they broadcast over positions. A fixed row stops
+        # at its depth and nowhere else; 0 disables hidden_eps (a change is >= 0).
+        col = lambda v, dt=mx.float32: mx.array(v, dtype=dt)[:, None]  # noqa: E731
+        self._ceil = col([f or r.ceiling for f, r in zip(fixed, rules)], mx.int32)
+        self._min = col([f or r.min_loops for f, r in zip(fixed, rules)], mx.int32)
+        self._q = col([inf if f or r.threshold is None or r.threshold >= 1.0 else r.threshold
+                       for f, r in zip(fixed, rules)])
+        self._eps = col([0.0 if f or r.hidden_eps is None else r.hidden_eps
+                         for f, r in zip(fixed, rules)])
+        self._uses_eps = any(r.hidden_eps is not None and not f
+                             for f, r in zip(fixed, rules))
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def stops(self, t: int, cdf_t: mx.array | None, h_t: mx.array,
+              h_prev: mx.array | None) -> mx.array:
+        """Whether each row stops after 0-based step t: bool [B, S]."""
+        stop = (t + 1 >= self._ceil) | mx.zeros(h_t.shape[:-1], dtype=mx.bool_)
+        if t + 1 >= self.ceiling:
+            return mx.ones(h_t.shape[:-1], dtype=mx.bool_)
+        crit = mx.zeros(h_t.shape[:-1], dtype=mx.bool_)
+        if cdf_t is not None:
+            crit = crit | (cdf_t >= self._q)
+        if self._uses_eps and h_prev is not None:
+            crit = crit | (relative_change(h_t, h_prev) < self._eps)
+        return stop | (crit & (t + 1 >= self._min))
+
+
 def relative_change(h: mx.array, prev: mx.array) -> mx.array:
     """‖h − prev‖ / ‖prev‖ over the hidden axis, in float32."""
     h, prev = h.astype(mx.float32), prev.astype(mx.float32)

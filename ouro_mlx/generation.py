@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, CacheList
-
-from .decoding import host, token_stream
-from .decoding.steps import decode, greedy, make_rule, prefill, sample_with
+from .decoding import token_stream
+from .decoding.batch import Batcher, Sequence
+from .decoding.steps import make_rule
+from .exit import ExitRule
 from .model import Model, check_cache
 from .sampling import Sampler, check_token
 
@@ -184,45 +184,43 @@ def batch_generate(
     hidden_eps: float | None = None,
     kv_mode: str = "full",
     prefill_step_size: int = 2048,
+    rules: list[ExitRule] | None = None,
 ) -> BatchResult:
-    """Generate for several prompts at once (left-padded). Each row gives the tokens
-    it would give alone, exits at its own depth, and ends at its own eos.
-    ``kv_mode``: "full" (a cache per loop step) or "last" (one shared cache)."""
-    rule = make_rule(model, ut_steps, exit_threshold, exit_at_step, min_loops,
-                     max_loops, hidden_eps)
+    """Generate for several prompts at once with the continuous-batching engine
+    (``ouro_mlx.decoding.batch``). Each row gives the tokens it would give alone,
+    exits at its own depth, and ends at its own eos. ``kv_mode``: "full" (a cache
+    per loop step) or "last" (one shared cache). ``rules``: one ``ExitRule`` per
+    prompt instead of the loop options (rows at different depths in one batch)."""
     if not prompts:
         raise ValueError("No prompts given.")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
-    rows = [encode(tokenizer, p).tolist() for p in prompts]
-    width = max(map(len, rows))
-    if width + max_tokens > model.args.max_position_embeddings:
-        raise ValueError("The longest prompt plus max_tokens exceeds the model's positions.")
-    pads = [width - len(r) for r in rows]
-    ids = mx.array([[0] * p + r for p, r in zip(pads, rows)], dtype=mx.int32)
     if kv_mode not in ("full", "last"):
         raise ValueError(f"Unknown kv_mode {kv_mode!r}; choose one of full, last.")
-    depth = rule.ut_steps if kv_mode == "full" else 1
-    cache = [CacheList(*(BatchKVCache(pads) for _ in range(depth))) for _ in model.layers]
-    sampler = sampler or greedy
-    eos = set(tokenizer.eos_token_ids)
-
-    logits, loops = prefill(model, ids, cache, rule, prefill_step_size)
-    out_tokens: list[list[int]] = [[] for _ in rows]
-    out_loops: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    for n in range(max_tokens):
-        y, _ = sample_with(logits, None, sampler, None)
-        tokens, depths = host.read(mx.stack([y, loops.astype(y.dtype)]))  # one sync a token
-        for i, (tok, lp) in enumerate(zip(tokens, depths)):
-            if not done[i]:
-                check_token(tok, n)
-                done[i] = tok in eos
-                if not done[i]:
-                    out_tokens[i].append(tok)
-                    out_loops[i].append(lp)
-        if all(done) or n + 1 == max_tokens:
-            break
-        logits, loops = decode(model, y[:, None], cache, rule)
+    if rules is None:
+        rules = [make_rule(model, ut_steps, exit_threshold, exit_at_step, min_loops,
+                           max_loops, hidden_eps)] * len(prompts)
+    elif len(rules) != len(prompts):
+        raise ValueError(f"rules: {len(rules)} rules for {len(prompts)} prompts.")
+    rows = [encode(tokenizer, p).tolist() for p in prompts]
+    limit = model.args.max_position_embeddings
+    if max(map(len, rows)) + max_tokens > limit:
+        raise ValueError("The longest prompt plus max_tokens exceeds the model's positions.")
+    eos = frozenset(tokenizer.eos_token_ids)
+    batcher = Batcher(prefill_step_size=prefill_step_size)
+    seqs = [Sequence(r, model, rule, max_tokens, eos, kv_mode, sampler)
+            for r, rule in zip(rows, rules)]
+    for s in seqs:
+        batcher.add(s)
+    while not batcher.idle:
+        batcher.step()
+    for s in seqs:
+        if s.error is not None:
+            raise s.error
+    out_tokens, out_loops = [], []
+    for s in seqs:
+        n = len(s.tokens) - (s.finish == "stop")
+        out_tokens.append(s.tokens[:n])
+        out_loops.append(s.loops[:n])
     texts = [tokenizer.decode(t) for t in out_tokens]
     return BatchResult(texts, out_tokens, out_loops)

@@ -61,16 +61,39 @@ def prefill(
     if cache_depth(cache) == 1:
         step_size = ids.shape[1]
     while ids.shape[1] > step_size:
-        model.model(ids[:, :step_size], cache, rule.ut_steps)
-        mx.eval([c.state for c in cache])
+        prefill_chunk(model, ids[:, :step_size], cache, rule)
         ids = ids[:, step_size:]
-        mx.clear_cache()
+    return prefill_last(model, ids, cache, rule)
+
+
+def prefill_chunk(model: Model, ids: mx.array, cache: list, rule: ExitRule) -> None:
+    """Prompt tokens [B, S] that are not the prompt's last, into ``cache``."""
+    model.model(ids, cache, rule.ut_steps)
+    mx.eval([c.state for c in cache])
+    mx.clear_cache()
+
+
+def prefill_last(
+    model: Model, ids: mx.array, cache: list, rule: ExitRule
+) -> tuple[mx.array, mx.array]:
+    """The prompt's last tokens [B, S] into ``cache``: the last position's logits
+    [B, V] at the rule's exit step and its depth [B]."""
     # The final step's last layer runs its attention output and MLP on the last
     # position only: nothing reads the other positions' final state.
     out = model.model(ids, cache, rule.ut_steps, last_only=True)
     last = [h[:, -1:] for h in out.hidden]
     k = exit_steps(rule, last, [g[:, -1:] for g in out.gate_logits])
     return model.lm_head(gather_steps(last, k)[:, -1]), k[:, -1] + 1
+
+
+def score_chunk(
+    model: Model, ids: mx.array, cache: list, rule: ExitRule
+) -> tuple[mx.array, mx.array]:
+    """Prompt tokens [B, S] into ``cache``, keeping every position's logits
+    [B, S, V] at its exit step (what scoring a prompt needs) and the depths [B, S]."""
+    out = model.model(ids, cache, rule.ut_steps)
+    k = exit_steps(rule, out.hidden, out.gate_logits)
+    return model.lm_head(gather_steps(out.hidden, k)), k + 1
 
 
 def decode(model: Model, y: mx.array, cache: list, rule: ExitRule) -> tuple[mx.array, mx.array]:

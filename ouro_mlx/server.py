@@ -61,7 +61,8 @@ class Limits:
     max_tokens: int = 4096
     max_prompt_tokens: int | None = None
     max_queue: int = 64
-    max_active: int = 16
+    max_active: int = 16  # rows (choices) generated at once
+    max_n: int = 8  # choices per request
 
 
 class APIError(Exception):
@@ -88,6 +89,8 @@ def unicode_text(value: Any) -> Any:
     naming the field, not a 500 from deep inside the tokenizer."""
     for text in value if isinstance(value, list) else [value]:
         text = text.text if isinstance(text, TextPart) else text
+        if not isinstance(text, str):  # token ids
+            continue
         if (at := surrogate_at(text)) is not None:
             raise PydanticCustomError(
                 "invalid_text", "holds a lone surrogate ({char}) at character {pos}, "
@@ -102,8 +105,10 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+    tool_calls: Any = None
+    function_call: Any = None
 
     _content = field_validator("content")(unicode_text)
 
@@ -117,24 +122,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+NO_TOOLS = "this model has no tool-call training, so this server does not take tools."
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by both completion routes. Unknown fields are ignored, as
     OpenAI clients send many; known ones are checked."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
+    seed: int | None = None  # accepted; sampling draws from the server's generator
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
     # Ouro
     ut_steps: int | None = Field(None, ge=1)
     exit_threshold: float | None = Field(None, ge=0.0, le=1.0)
@@ -157,18 +169,62 @@ class GenerationRequest(BaseModel):
                            param="stop")
         return [s for s in stops if s]
 
+    def check_no_tools(self) -> None:
+        """Tools are refused in words, never silently ignored."""
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name}: {NO_TOOLS}", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise APIError(400, f"{name}: {NO_TOOLS}", param=name)
+
+    def logprobs_k(self) -> int | None:
+        """How many alternatives to report per token (None: no logprobs)."""
+        raise NotImplementedError
+
 
 DECODING_FIELDS = ("draft_loops", "num_draft_tokens", "pipeline", "compile_step")
+MAX_TOP_LOGPROBS = 20
 
 
 class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true.", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_no_tools(self) -> None:
+        super().check_no_tools()
+        for i, m in enumerate(self.messages):
+            if m.role in ("tool", "function"):
+                raise APIError(400, f"messages.{i}.role: {m.role!r} messages: {NO_TOOLS}",
+                               param=f"messages.{i}.role")
+            for name in ("tool_calls", "function_call"):
+                if getattr(m, name):
+                    raise APIError(400, f"messages.{i}.{name}: {NO_TOOLS}",
+                                   param=f"messages.{i}.{name}")
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int] | list[str] = Field(min_length=1)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     _prompt = field_validator("prompt")(unicode_text)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """Each prompt: text or token ids (a flat id list is one prompt)."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
 
 # -- the engine: one thread that owns the model -----------------------------------
@@ -176,27 +232,43 @@ class CompletionRequest(GenerationRequest):
 
 @dataclass
 class Event:
-    """One generated token as the engine hands it to a handler."""
+    """One generated token of one choice, as the engine hands it to a handler."""
 
+    index: int  # the choice
     text: str
     token: int
     loops: int
     finish_reason: str | None
     prompt_tokens: int
     generation_tokens: int
+    logprob: float | None = None
+    top: list | None = None  # [(token id, logprob)], best first
 
 
 @dataclass
 class Job:
-    ids: list[int]
+    """One request: ``prompts`` (token ids), each answered ``n`` times (choice
+    ``i * n + j``). ``logprobs`` k: each token's logprob and the k best (None: no
+    logprobs); ``echo``: score the prompts too (``prompt_scores``, per prompt)."""
+
+    prompts: list[list[int]]
     options: dict
     loop: asyncio.AbstractEventLoop
     model: Any = None  # the base model or an adapter's copy
     adapter: str | None = None
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stopped: set = field(default_factory=set)  # choices the handler is done with
     cached_tokens: int = 0
+    prompt_scores: dict = field(default_factory=dict)  # prompt index → scores
     first: Any = None  # the first item, read before a stream's headers go out
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
 
     async def start(self, request: Request) -> None:
         """Wait for the first token, so that an error found at the start is the
@@ -230,15 +302,36 @@ class _Done:
 DONE = _Done()
 
 
+@dataclass(eq=False)
+class _Row:
+    """A choice being generated: its job, its index, its detokenizer."""
+
+    job: Job
+    index: int
+    prompt: list[int]
+    layout: tuple
+    detokenizer: Any
+    done: bool = False
+
+
 class Engine:
-    """Runs queued jobs on one thread, one token per active job in turn."""
+    """Runs every request on one thread: rows that can share a batch go through the
+    continuous batcher (``ouro_mlx.decoding.batch``), one token each per step;
+    requests for a single-sequence strategy (draft_loops, pipeline, compile_step)
+    advance one token each in turn beside it. ``max_active`` rows at once."""
 
     def __init__(self, model, tokenizer, *, prompt_cache: PromptCache | None = None,
-                 max_active: int = 16, max_queue: int = 64):
+                 max_active: int = 16, max_queue: int = 64, prefill_step_size: int = 512):
+        from .decoding.batch import Batcher
+
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
         self.max_active, self.max_queue = max_active, max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.batcher = Batcher(prefill_step_size=prefill_step_size)
+        self.solo: list[tuple[_Row, Any, list]] = []
+        self.live: list[_Row] = []
+        self.eos = frozenset(tokenizer.eos_token_ids)
         self.active = 0
         self._thread = threading.Thread(target=self._run, name="ouro-engine", daemon=True)
         self._thread.start()
@@ -254,76 +347,171 @@ class Engine:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        runs: list[tuple[Job, Any, list]] = []
+        held: Job | None = None  # a job waiting for rows to free up
         while True:
             try:
-                while len(runs) < self.max_active:
-                    job = self.jobs.get(block=not runs)
+                while True:
+                    job = held or self.jobs.get(block=not self.live)
+                    held = None
                     if job is None:
                         return
+                    if self.live and len(self.live) + job.rows > self.max_active:
+                        held = job
+                        break
                     try:
-                        run = self._start(job)
+                        self._start(job)
                     except Exception as e:  # e.g. a cache that cannot be built
                         job.put(e)
                         job.put(DONE)
-                        continue
-                    if run is not None:
-                        runs.append(run)
             except queue.Empty:
                 pass
-            self.active = len(runs)
-            for run in list(runs):
-                if not self._advance(run):
-                    runs.remove(run)
-                    self._finish(run)
-            self.active = len(runs)
+            self._cancel()
+            self.active = len(self.live)
+            if not self.batcher.idle:
+                for t in self.batcher.step():
+                    self._deliver(t)
+            for run in list(self.solo):
+                self._advance(run)
+            self.active = len(self.live)
 
-    def _layout(self, job: Job) -> tuple:
-        return (job.adapter, job.model._steps(job.options.get("ut_steps")),
-                job.options["kv_mode"])
-
-    def _start(self, job: Job):
-        from .generation import stream_generate
+    def _start(self, job: Job) -> None:
+        from .decoding.batch import Sequence
+        from .decoding.steps import make_rule
 
         if job.cancelled.is_set():
             job.put(DONE)
-            return None
+            return
         opts = dict(job.options)
-        layout = self._layout(job)
-        cache, cached = self.prompt_cache.fetch(layout, job.ids)
+        steps = job.model._steps(opts.get("ut_steps"))
+        layout = (job.adapter, steps, opts["kv_mode"])
+        limit = job.model.args.max_position_embeddings
+        if any(k in opts for k in ("draft_loops", "pipeline", "compile_step")):
+            return self._start_solo(job, opts, layout)
+        rule = make_rule(job.model, *(opts[k] for k in (
+            "ut_steps", "exit_threshold", "exit_at_step", "min_loops", "max_loops")))
+        for i, ids in enumerate(job.prompts):
+            cache, cached = (None, 0) if job.echo else self.prompt_cache.fetch(layout, ids)
+            job.cached_tokens += cached
+            copies = []
+            for j in range(job.n):
+                row = _Row(job, i * job.n + j, ids, layout, self.tokenizer.detokenizer)
+                copies.append(Sequence(
+                    ids, job.model, rule, min(opts["max_tokens"], limit - len(ids)),
+                    self.eos, opts["kv_mode"], opts["sampler"], opts["logits_processors"],
+                    logprobs=job.logprobs, score_prompt=job.echo and job.logprobs is not None,
+                    cache=cache, cached=cached, keep_cache=j == 0, tag=row))
+                self.live.append(row)
+            self.batcher.add(*copies)
+
+    def _start_solo(self, job: Job, opts: dict, layout: tuple) -> None:
+        from .generation import stream_generate
+
+        ids = job.prompts[0]
+        cache, cached = self.prompt_cache.fetch(layout, ids)
         if cache is None:
             cache = job.model.make_cache(layout[1], kv_mode=layout[2])
         job.cached_tokens = cached
-        stream = stream_generate(job.model, self.tokenizer, job.ids[cached:],
+        stream = stream_generate(job.model, self.tokenizer, ids[cached:],
                                  prompt_cache=cache, **opts)
-        return job, stream, cache
+        row = _Row(job, 0, ids, layout, None)
+        self.live.append(row)
+        self.solo.append((row, stream, cache))
 
-    def _advance(self, run) -> bool:
-        """Hand out the next token of ``run``; False when it is over."""
-        job, stream, _ = run
-        if job.cancelled.is_set():
-            return False
+    def _cancel(self) -> None:
+        """Rows whose job or choice the handler gave up on stop at the next step."""
+        for row in self.live:
+            if row.job.cancelled.is_set() or row.index in row.job.stopped:
+                for s in self._seqs_of(row):
+                    s.cancelled = True
+                for run in self.solo:
+                    if run[0] is row:
+                        self._end_solo(run)
+                        break
+
+    def _seqs_of(self, row: _Row):
+        batcher = self.batcher
+        groups = list(batcher.waiting) + (batcher.prefilling.groups
+                                          if batcher.prefilling else [])
+        for g in groups:
+            yield from (s for s in g if s.tag is row)
+        for b in batcher.batches.values():
+            yield from (s for s in b.rows if s.tag is row)
+
+    def _deliver(self, t) -> None:
+        """Hand one token (a ``decoding.batch.Token``) to its job; a row that ends
+        stores its cache."""
+        s, row = t.seq, t.seq.tag
+        if row.done:
+            return
+        job = row.job
+        if t.finish in ("error", "cancelled"):
+            if s.error is not None:
+                job.put(s.error)
+            self._end(row, s)
+            return
+        if s.prompt_scores is not None and row.index % job.n == 0:
+            job.prompt_scores.setdefault(row.index // job.n, s.prompt_scores)
+        detok = row.detokenizer
+        if t.token not in self.eos:
+            detok.add_token(t.token)
+        if t.finish:
+            detok.finalize()
+        job.put(Event(row.index, detok.last_segment, t.token, t.loops, t.finish,
+                      len(row.prompt), len(s.tokens), t.logprob, t.top))
+        if t.finish:
+            self._end(row, s)
+
+    def _end(self, row: _Row, s) -> None:
+        row.done = True
+        self.live.remove(row)
+        if s is not None and s.final_cache is not None:
+            try:
+                self.prompt_cache.store(row.layout, row.prompt + s.tokens, s.final_cache)
+            except Exception:  # a cache not worth keeping; the answer is already out
+                pass
+            s.final_cache = None
+        if all(r.job is not row.job for r in self.live):
+            row.job.put(DONE)
+
+    def _advance(self, run) -> None:
+        """Hand out the next token of a single-sequence run."""
+        row, stream, _ = run
+        job = row.job
         try:
             r = next(stream)
         except StopIteration:
-            return False
+            return self._end_solo(run)
         except Exception as e:  # a bad request found late, or a failure: its own error
             job.put(e)
-            return False
-        job.put(Event(r.text, r.token, r.loops, r.finish_reason,
-                      r.prompt_tokens + job.cached_tokens, r.generation_tokens))
-        job.ids.append(r.token)
-        return r.finish_reason is None
+            return self._end_solo(run, store=False)
+        lp = top = None
+        if job.logprobs is not None:
+            import mlx.core as mx
 
-    def _finish(self, run) -> None:
-        job, stream, cache = run
+            lp = r.logprobs[r.token].item()
+            if job.logprobs:
+                k = min(job.logprobs, r.logprobs.size)
+                idx = mx.argpartition(-r.logprobs, k - 1)[:k]
+                pairs = zip(idx.tolist(), r.logprobs[idx].tolist())
+                top = sorted(pairs, key=lambda p: -p[1])
+        job.put(Event(0, r.text, r.token, r.loops, r.finish_reason,
+                      r.prompt_tokens + job.cached_tokens, r.generation_tokens, lp, top))
+        row.prompt = row.prompt + [r.token]
+        if r.finish_reason is not None:
+            self._end_solo(run)
+
+    def _end_solo(self, run, store: bool = True) -> None:
+        row, stream, cache = run
+        self.solo.remove(run)
+        row.done = True
+        self.live.remove(row)
         try:
             stream.close()
-            self.prompt_cache.store(self._layout(job), job.ids, cache)
-        except Exception:  # a cache not worth keeping; the answer is already out
+            if store:
+                self.prompt_cache.store(row.layout, row.prompt, cache)
+        except Exception:
             pass
-        finally:
-            job.put(DONE)
+        row.job.put(DONE)
 
 
 # -- text assembly: thinking, stop strings ----------------------------------------
@@ -433,9 +621,14 @@ class Server:
 
         from .generation import make_rule
 
-        if req.logprobs:
-            raise APIError(400, "logprobs: not supported by this server.", param="logprobs")
+        req.check_no_tools()
+        if req.n > self.limits.max_n:
+            raise APIError(400, f"n: {req.n} is above this server's limit of "
+                           f"{self.limits.max_n}.", param="n")
         requested = req.max_completion_tokens or req.max_tokens
+        if requested == 0 and not getattr(req, "echo", False):
+            raise APIError(400, "max_tokens: must be >= 1 (0 only with echo).",
+                           param="max_tokens")
         limit = self.limits.max_tokens
         if requested is not None and requested > limit:
             raise APIError(400, f"max_tokens: {requested} is above this server's limit "
@@ -455,12 +648,13 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         processors = make_logits_processors(repetition_penalty=req.repetition_penalty) or None
+        greedy = req.temperature == 0  # (any sampler at temperature 0 is argmax)
         return dict(
             **loop,
             kv_mode=req.kv_mode,
-            max_tokens=requested or min(limit, 512),
-            sampler=make_sampler(temp=req.temperature, top_p=req.top_p, min_p=req.min_p,
-                                 top_k=req.top_k),
+            max_tokens=max(requested, 1) if requested is not None else min(limit, 512),
+            sampler=None if greedy else make_sampler(
+                temp=req.temperature, top_p=req.top_p, min_p=req.min_p, top_k=req.top_k),
             logits_processors=processors,
             **self.decoding_options(req, model, rule, processors),
         )
@@ -477,6 +671,19 @@ class Server:
         from .decoding.speculative import check_speculative
 
         given = req.model_fields_set & set(DECODING_FIELDS)
+        # one sequence per request, no prompt scores: what these strategies decode
+        batch_only = [(name, why) for name, why in (
+            ("n", req.n > 1), ("echo", getattr(req, "echo", False)),
+            ("logprobs", req.logprobs_k() is not None),
+            ("prompt", isinstance(req, CompletionRequest) and len(req.prompt_list()) > 1))
+            if why]
+        own = [f for f in DECODING_FIELDS
+               if f in given and getattr(req, f) not in (None, False)]
+        if batch_only:
+            if own:
+                raise APIError(400, f"{own[0]}: decodes one sequence without logprobs; "
+                               f"this request asks for {batch_only[0][0]}.", param=own[0])
+            return {}
         chosen = {name: getattr(req, name) if name in given else self.decoding.get(name)
                   for name in DECODING_FIELDS}
         out = {k: v for k, v in chosen.items() if v is not None and v is not False}
@@ -531,6 +738,32 @@ class Server:
                     out.pop(f, None)
         return out
 
+    @property
+    def positions(self) -> int:
+        return self.model.args.max_position_embeddings
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is not in [0, {vocab}).",
+                           param=param)
+        return list(ids)
+
+    def tokenizer_info(self) -> dict:
+        """What a client needs to tokenize as the server does (lm-eval's remote
+        tokenizer reads it): the special tokens and the chat template."""
+        tok = self.tokenizer
+        eos = sorted(tok.eos_token_ids)
+        inner = getattr(tok, "_tokenizer", tok)
+        return {"tokenizer_class": type(inner).__name__, "model": self.model_id,
+                "max_model_len": self.positions, "vocab_size": self.model.args.vocab_size,
+                "eos_token": tok.decode(eos[:1]) if eos else None, "eos_token_ids": eos,
+                "eos_token_id": eos[0] if eos else None,
+                "bos_token": getattr(inner, "bos_token", None),
+                "pad_token": getattr(inner, "pad_token", None),
+                "chat_template": getattr(inner, "chat_template", None)}
+
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise APIError(400, "The prompt is empty.", param=param)
@@ -540,12 +773,18 @@ class Server:
                            code="context_length_exceeded")
         return ids
 
-    def submit(self, ids: list[int], options: dict, adapter: str | None) -> Job:
-        job = Job(list(ids), options, asyncio.get_running_loop(), self.variant(adapter),
-                  adapter)
+    def submit(self, prompts: list[list[int]], options: dict, adapter: str | None, *,
+               n: int = 1, logprobs: int | None = None, echo: bool = False) -> Job:
+        rows = len(prompts) * n
+        if rows > self.limits.max_active:
+            param = "n" if n > 1 else "prompt"
+            raise APIError(400, f"{param}: {len(prompts)} prompt(s) × n={n} are {rows} "
+                           f"choices; this server generates at most {self.limits.max_active} "
+                           "at once.", param=param)
+        job = Job([list(p) for p in prompts], options, asyncio.get_running_loop(),
+                  self.variant(adapter), adapter, n=n, logprobs=logprobs, echo=echo)
         self.engine.submit(job)
         return job
-
 
 async def events(job: Job, request: Request | None = None) -> AsyncIterator[Event]:
     """The job's events; cancels it when the consumer leaves (or the client does)."""
@@ -672,6 +911,33 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
                                             "owned_by": "ouro-mlx",
                                             "adapters": list(server.adapters)}]}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return server.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        server.check_model(req.model)
+        if req.messages is not None:
+            messages = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": m.text()} for m in req.messages]
+            ids = encode_chat(tokenizer, messages,
+                              add_generation_prompt=req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = encode_text(tokenizer, req.prompt)
+        else:
+            raise APIError(400, "prompt: give prompt (text) or messages.", param="prompt")
+        out = {"count": len(ids), "max_model_len": server.positions, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [tokenizer.decode([t]) for t in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        server.check_model(req.model)
+        server.check_ids(req.tokens, "tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         server.check_model(req.model)
@@ -683,129 +949,264 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
         except TemplateFailure as e:  # the served model's fault, said in words
             raise APIError(500, str(e), type="server_error", code="chat_template") from None
         ids = server.check_prompt(ids, "messages")
-        text = Assembler(tokenizer, req.stops(), think=True, prompt=ids)
-        job = server.submit(ids, options, req.adapter)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": server.model_id}
+        k = req.logprobs_k()
+        job = server.submit([ids], options, req.adapter, n=req.n, logprobs=k)
+        choices = [Choice(i, Assembler(tokenizer, req.stops(), think=True, prompt=ids))
+                   for i in range(req.n)]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": server.model_id}
+        render = ChatRender(server, job, head, k)
         if req.stream:
             await job.start(request)
             return StreamingResponse(
-                with_errors(stream_chat(job, text, head, req, request)),
+                with_errors(stream_choices(job, choices, render, request, req)),
                 media_type="text/event-stream")
-        return await collect(job, text, request, lambda e, loops, finish: {
-            **head, "object": "chat.completion",
-            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
-                         "message": {"role": "assistant", "content": text.content,
-                                     **({"reasoning": text.reasoning}
-                                        if text.reasoning else {})}}],
-            "usage": usage(e.prompt_tokens, e.generation_tokens, job.cached_tokens),
-            "ouro": ouro_field(loops, loops)})
+        await collect(job, choices, request)
+        return {**head, "object": "chat.completion",
+                "choices": [render.whole(c) for c in choices],
+                **render.totals(job, choices)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
         options = server.options(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: one prompt per request.", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = encode_text(tokenizer, prompt)
-        else:
-            vocab = model.args.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise APIError(400, f"prompt: token ids must be in [0, {vocab}).",
-                               param="prompt")
-            ids = list(prompt)
-        ids = server.check_prompt(ids, "prompt")
-        text = Assembler(tokenizer, req.stops(), think=False)
-        job = server.submit(ids, options, req.adapter)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": server.model_id}
+        prompts = []
+        for p in req.prompt_list():
+            if isinstance(p, str):
+                ids = encode_text(tokenizer, p)
+            else:
+                ids = server.check_ids(p, "prompt")
+            prompts.append(server.check_prompt(ids, "prompt"))
+        k = req.logprobs_k()
+        score_only = req.echo and (req.max_completion_tokens or req.max_tokens) == 0
+        job = server.submit(prompts, options, req.adapter, n=req.n, logprobs=k,
+                            echo=req.echo)
+        choices = [Choice(i, Assembler(tokenizer, req.stops(), think=False),
+                          prompt=prompts[i // req.n] if req.echo else None,
+                          score_only=score_only)
+                   for i in range(len(prompts) * req.n)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": server.model_id}
+        render = CompletionRender(server, job, head, k)
         if req.stream:
             await job.start(request)
             return StreamingResponse(
-                with_errors(stream_completion(job, text, head, request)),
+                with_errors(stream_choices(job, choices, render, request, req)),
                 media_type="text/event-stream")
-        return await collect(job, text, request, lambda e, loops, finish: {
-            **head, "object": "text_completion",
-            "choices": [{"index": 0, "text": text.content, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage(e.prompt_tokens, e.generation_tokens, job.cached_tokens),
-            "ouro": ouro_field(loops, loops)})
+        await collect(job, choices, request)
+        return {**head, "object": "text_completion",
+                "choices": [render.whole(c) for c in choices],
+                **render.totals(job, choices)}
 
     return app
 
 
-async def collect(job: Job, text: Assembler, request: Request, build) -> dict:
-    """A whole (non-streamed) response: every token, then ``build(last, loops, finish)``."""
-    loops, last, finish = [], None, "length"
+# -- responses: choices, logprobs, streaming --------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # (plain text never becomes special tokens)
+    return_token_strs: bool = False
+
+    _text = field_validator("prompt", "model")(unicode_text)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+@dataclass(eq=False)
+class Choice:
+    """One choice's progress: its text assembler, tokens, loops and finish."""
+
+    index: int
+    text: Assembler
+    prompt: list[int] | None = None  # echoed
+    score_only: bool = False  # echo with max_tokens 0: the prompt only
+    events: list = field(default_factory=list)
+    finish: str | None = None
+    sent: int = 0  # events already streamed
+
+    @property
+    def loops(self) -> list[int]:
+        return [e.loops for e in self.events]
+
+
+async def collect(job: Job, choices: list[Choice], request: Request) -> None:
+    """Every choice's tokens (a whole response)."""
+    agen = choice_events(job, choices, request)
+    try:
+        async for _ in agen:
+            pass
+    finally:
+        await agen.aclose()
+    if any(not c.events for c in choices):
+        raise APIError(500, "Generation produced nothing.", type="server_error")
+
+
+async def choice_events(job: Job, choices: list[Choice], request: Request):
+    """(choice, event, content delta, reasoning delta) per token, until every choice
+    is finished; a choice that meets a stop string is finished (and its row freed)."""
     agen = events(job, request)
     try:
         async for e in agen:
-            last = e
-            loops.append(e.loops)
-            text.add(e.token, e.text, e.finish_reason is not None)
-            if text.stopped:
-                finish = "stop"
+            c = choices[e.index]
+            if c.finish:
+                continue
+            c.events.append(e)
+            content, reasoning = c.text.add(e.token, e.text, e.finish_reason is not None)
+            if c.text.stopped:
+                c.finish = "stop"
+                job.stopped.add(c.index)
+            elif e.finish_reason:
+                c.finish = e.finish_reason
+            if c.score_only:
+                content, reasoning = "", ""
+                c.finish = c.finish or "length"
+                job.stopped.add(c.index)
+            yield c, e, content, reasoning
+            if all(x.finish for x in choices):
                 break
-            if e.finish_reason:
-                finish = e.finish_reason
     finally:
         await agen.aclose()
-    if last is None:
-        raise APIError(500, "Generation produced nothing.", type="server_error")
-    return build(last, loops, finish)
 
 
-async def stream_chat(job: Job, text: Assembler, head: dict, req: ChatRequest,
-                      request: Request) -> AsyncIterator[str]:
-    base = {**head, "object": "chat.completion.chunk"}
-    loops: list[int] = []
-    yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}]})
-    async for chunk in stream_tokens(job, text, request, loops):
-        e, content, reasoning, finish = chunk
+class Render:
+    """How one route writes choices, whole and streamed."""
+
+    def __init__(self, server: Server, job: Job, head: dict, k: int | None):
+        self.server, self.job, self.head, self.k = server, job, head, k
+        self.tokenizer = server.tokenizer
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def totals(self, job: Job, choices: list[Choice]) -> dict:
+        loops = [x for c in choices for x in c.loops if not c.score_only]
+        return {"usage": self.usage(job, choices), "ouro": ouro_field(loops, loops)}
+
+    def usage(self, job: Job, choices: list[Choice]) -> dict:
+        made = sum(0 if c.score_only else len(c.events) for c in choices)
+        return usage(sum(map(len, job.prompts)), made, job.cached_tokens)
+
+
+class ChatRender(Render):
+    def entry(self, token: int, logprob: float) -> dict:
+        text = self.piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def logprobs(self, events: list[Event]) -> dict | None:
+        if self.k is None:
+            return None
+        eos = self.server.engine.eos
+        return {"content": [{**self.entry(e.token, e.logprob),
+                             "top_logprobs": [self.entry(t, v) for t, v in e.top or []]}
+                            for e in events if e.token not in eos], "refusal": None}
+
+    def whole(self, c: Choice) -> dict:
+        message = {"role": "assistant", "content": c.text.content}
+        if c.text.reasoning:
+            message["reasoning"] = c.text.reasoning
+        return {"index": c.index, "finish_reason": c.finish, "message": message,
+                "logprobs": self.logprobs(c.events)}
+
+    def opening(self, c: Choice) -> list[dict]:
+        return [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                 "logprobs": None, "finish_reason": None}]
+
+    def chunk(self, c: Choice, e: Event, content: str, reasoning: str) -> dict:
         delta = {}
         if content:
             delta["content"] = content
         if reasoning:
             delta["reasoning"] = reasoning
-        body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                "ouro": ouro_field([e.loops], loops)}
-        if finish:
-            body["usage"] = usage(e.prompt_tokens, e.generation_tokens, job.cached_tokens)
+        return {"index": c.index, "delta": delta, "logprobs": self.logprobs([e]),
+                "finish_reason": c.finish}
+
+    object = "chat.completion.chunk"
+
+
+class CompletionRender(Render):
+    object = "text_completion"
+
+    def prompt_part(self, c: Choice, job: Job) -> tuple[str, list]:
+        """The echoed prompt's text and its logprob entries."""
+        if c.prompt is None:
+            return "", []
+        text = self.tokenizer.decode(c.prompt)
+        if self.k is None:
+            return text, []
+        scores = job.prompt_scores.get(c.index // job.n) or [None] * len(c.prompt)
+        return text, [(t, None if s is None else s[0], None if s is None else s[1])
+                      for t, s in zip(c.prompt, scores)]
+
+    def logprobs(self, entries: list[tuple], offset: int = 0) -> dict | None:
+        """OpenAI's legacy shape from (token, logprob, top) entries."""
+        if self.k is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp, top in entries:
+            text = self.piece(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if top is None else
+                                       {self.piece(t): v for t, v in top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def generated(self, c: Choice, events: list[Event]) -> list[tuple]:
+        return [] if c.score_only else [(e.token, e.logprob, e.top) for e in events]
+
+    def whole(self, c: Choice) -> dict:
+        text, scored = self.prompt_part(c, self.job)
+        return {"index": c.index, "text": text + ("" if c.score_only else c.text.content),
+                "logprobs": self.logprobs(scored + self.generated(c, c.events)),
+                "finish_reason": c.finish}
+
+    def opening(self, c: Choice) -> list[dict]:
+        text, scored = self.prompt_part(c, self.job)
+        if not text:
+            return []
+        c.offset = len(text)
+        return [{"index": c.index, "text": text, "logprobs": self.logprobs(scored),
+                 "finish_reason": None}]
+
+    def chunk(self, c: Choice, e: Event, content: str, reasoning: str) -> dict:
+        return {"index": c.index, "text": content,
+                "logprobs": self.logprobs(self.generated(c, [e]), getattr(c, "offset", 0)),
+                "finish_reason": c.finish}
+
+
+async def stream_choices(job: Job, choices: list[Choice], render: Render, request: Request,
+                         req: GenerationRequest) -> AsyncIterator[str]:
+    """SSE chunks: each choice's opening (chat: the role; completions: an echoed
+    prompt), a chunk per token carrying its loops, the usage with the last, and with
+    ``stream_options.include_usage`` a final chunk of no choices and the usage."""
+    base = {**render.head, "object": render.object}
+    for c in choices:
+        for choice in render.opening(c):
+            yield sse({**base, "choices": [choice], "ouro": ouro_field([], [])})
+    seen: list[int] = []
+    async for c, e, content, reasoning in choice_events(job, choices, request):
+        if not c.score_only:
+            seen.append(e.loops)
+        body = {**base, "choices": [render.chunk(c, e, content, reasoning)],
+                "ouro": ouro_field([] if c.score_only else [e.loops], seen)}
+        if all(x.finish for x in choices):
+            body["usage"] = render.usage(job, choices)
         yield sse(body)
-
-
-async def stream_completion(job: Job, text: Assembler, head: dict,
-                            request: Request) -> AsyncIterator[str]:
-    base = {**head, "object": "text_completion"}
-    loops: list[int] = []
-    async for e, content, _, finish in stream_tokens(job, text, request, loops):
-        body = {**base, "choices": [{"index": 0, "text": content, "logprobs": None,
-                                     "finish_reason": finish}],
-                "ouro": ouro_field([e.loops], loops)}
-        if finish:
-            body["usage"] = usage(e.prompt_tokens, e.generation_tokens, job.cached_tokens)
-        yield sse(body)
-
-
-async def stream_tokens(job: Job, text: Assembler, request: Request, loops: list[int]):
-    """(event, content delta, reasoning delta, finish_reason) per token; an error
-    after the stream began becomes an error chunk (the status is already sent)."""
-    agen = events(job, request)
-    try:
-        async for e in agen:
-            loops.append(e.loops)
-            content, reasoning = text.add(e.token, e.text, e.finish_reason is not None)
-            finish = "stop" if text.stopped else e.finish_reason
-            yield e, content, reasoning, finish
-            if finish:
-                break
-    finally:
-        await agen.aclose()
+        if isinstance(render, CompletionRender) and not c.score_only:
+            c.offset = getattr(c, "offset", 0) + len(content)
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse({**base, "choices": [], "usage": render.usage(job, choices)})
 
 
 async def with_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:

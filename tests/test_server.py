@@ -157,10 +157,17 @@ def test_errors_are_openai_json(demo):
     assert e.value.body["code"] == "context_length_exceeded"
     post = lambda body, **kw: httpx.post(demo.url + "/v1/chat/completions", timeout=10,  # noqa
                                          content=body, **kw)
-    with pytest.raises(openai.BadRequestError) as e:
-        demo.client.chat.completions.create(model="ouro-demo", messages=user("1"),
-                                            logprobs=True)
-    assert e.value.body["param"] == "logprobs"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for kw, param in [(dict(tools=[tool]), "tools"), (dict(tool_choice="required"),
+                                                      "tool_choice"),
+                      (dict(messages=[*user("1"), {"role": "tool", "tool_call_id": "a",
+                                                   "content": "2"}]), "messages.1.role"),
+                      (dict(top_logprobs=2), "top_logprobs"), (dict(n=99), "n")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            demo.client.chat.completions.create(**{"model": "ouro-demo",
+                                                   "messages": user("1"), **kw})
+        assert e.value.body["param"] == param
+        assert e.value.body["message"].startswith(param + ":")
     r = httpx.post(demo.url + "/v1/chat/completions", timeout=10, content=b'{"messages": []}')
     assert r.status_code == 400 and "application/json" in r.json()["error"]["message"]
     for body, status in [(b"{not json", 400), (b'{"messages": "hi"}', 400),
@@ -269,14 +276,13 @@ def test_disconnected_whole_request_stops_its_generation(tiny_dir):
     run = Running(model, tokenizer, model_id="tiny")
     engine = run.app.state.server.engine
     handed = []  # tokens the engine handed out, as (time, job)
-    advance = engine._advance
+    deliver = engine._deliver
 
-    def counting(r):
-        going = advance(r)
+    def counting(t):
+        deliver(t)
         handed.append(time.monotonic())
-        return going
 
-    engine._advance = counting
+    engine._deliver = counting
     try:
         body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 1800}).encode()
         port = int(run.url.rsplit(":", 1)[1])

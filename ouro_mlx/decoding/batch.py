@@ -68,7 +68,8 @@ class Sequence:
     # progress
     tokens: list[int] = field(default_factory=list)
     loops: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop", "length", "cancelled" or "error"
+    finish: str | None = None  # "stop", "length", "cancelled" or "error"; every
+    # sequence added ends with exactly one Token whose finish is set
     error: Exception | None = None
     cancelled: bool = False
     prompt_scores: list | None = None  # per prompt token: (logprob, top) or None
@@ -124,6 +125,11 @@ class Batcher:
     def step(self) -> list[Token]:
         """One prefill chunk (if a prompt waits) and one token of every batch."""
         out: list[Token] = []
+        while self.prefilling is None and self.waiting and all(
+                s.cancelled for s in self.waiting[0]):  # gone before their prompt ran
+            for s in self.waiting.popleft():
+                s.finish = "cancelled"
+                out.append(Token(s, NONFINITE, 0, finish="cancelled"))
         if self.prefilling is None and self.waiting:
             self.prefilling = self._next_prefill()
         if self.prefilling is not None:
@@ -286,11 +292,6 @@ class _Batch:
 
     def step(self) -> list[Token]:
         """One token for every row; finished and cancelled rows leave."""
-        gone = [i for i, s in enumerate(self.rows) if s.cancelled]
-        if gone:
-            self._leave(gone)
-            if not self.rows:
-                return []
         logits, loops = decode(self.model, self.y[:, None], self.cache, self.rule)
         self.y, tokens = _emit(self.rows, logits, loops)
         done = [i for i, t in enumerate(tokens) if t.finish is not None]
@@ -301,7 +302,7 @@ class _Batch:
     def _leave(self, gone: list[int]) -> None:
         for i in gone:
             s = self.rows[i]
-            if s.keep_cache and not s.cancelled and s.finish != "error":
+            if s.keep_cache and s.finish != "error":
                 s.final_cache = _extract(self.cache, i, s.depth)
         keep = [i for i in range(len(self.rows)) if i not in set(gone)]
         self.rows = [self.rows[i] for i in keep]
@@ -345,6 +346,10 @@ def _emit(seqs: list[Sequence], logits: mx.array, loops: mx.array
     out = []
     for i, (s, tok, d) in enumerate(zip(seqs, tokens_, depths)):
         t = Token(s, tok, d)
+        if s.cancelled:  # the caller gave up on it: it leaves with this step
+            s.finish = t.finish = "cancelled"
+            out.append(t)
+            continue
         if tok == NONFINITE:
             _fail(s, NonFiniteLogits(len(s.tokens)))
             t.finish = "error"

@@ -127,6 +127,11 @@ class ExitRule:
             return self.ceiling
         return self.ceiling if self.min_loops == self.ceiling else None
 
+    def known_going(self, t: int) -> bool | None:
+        """Whether any row loops past step t, when the host knows without reading
+        the device (never for one rule whose depth depends on the data)."""
+        return None
+
     def stops(self, t: int, cdf_t: mx.array | None, h_t: mx.array,
               h_prev: mx.array | None) -> mx.array:
         """Whether to stop after 0-based step t: bool [B, S], criteria and the
@@ -156,7 +161,7 @@ class RowRules:
         if not rules:
             raise ValueError("RowRules needs at least one rule.")
         self.rules = tuple(rules)
-        fixed = [r.fixed_loops for r in rules]
+        fixed = self._fixed = [r.fixed_loops for r in rules]
         steps = {r.ut_steps for r in rules}
         self.ut_steps = max(steps)  # the prompt's depth when every row shares it
         self.ceiling = max(f or r.ceiling for f, r in zip(fixed, rules))
@@ -177,6 +182,13 @@ class RowRules:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    def known_going(self, t: int) -> bool | None:
+        """Whether any row loops past step t: known on the host when every row's
+        depth is fixed (rows at different fixed depths need no device read)."""
+        if None in self._fixed:
+            return None
+        return any(f > t + 1 for f in self._fixed)
 
     def stops(self, t: int, cdf_t: mx.array | None, h_t: mx.array,
               h_prev: mx.array | None) -> mx.array:

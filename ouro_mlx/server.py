@@ -1,23 +1,31 @@
 """An OpenAI-compatible HTTP server for Ouro models (``ouro-mlx serve``).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE
-ending in ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``.
+ending in ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``, and the
+tokenizer as served: ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
 
 - The model runs on one engine thread (MLX is not re-entrant across threads). HTTP
-  handlers only queue a request and read its tokens back. The engine advances the
-  active requests one token each in turn, so concurrent streams all progress and
-  none waits for another to finish; each has its own cache, so nothing mixes.
-- Generation is ``ouro_mlx.generation.stream_generate``: decoded tokens really stop
-  looping when their exit rule says so. Ouro options are extra body fields
-  (``ut_steps``, ``exit_threshold``, ``exit_at_step``, ``min_loops``, ``max_loops``,
+  handlers only queue a request and read its tokens back. The engine decodes every
+  active answer in one continuously refilled batch (``ouro_mlx.decoding.batch``):
+  a new request's prompt is prefilled a chunk per step and joins, a finished one
+  leaves; each row keeps its own cache, sampler, stop strings and loop options, and
+  gets the tokens and loop counts it would get alone.
+- Completions take a prompt as text, token ids, or a list of either (one choice per
+  prompt); ``echo`` returns the prompt, with ``logprobs`` its tokens' logprobs (the
+  first is null) as OpenAI's legacy API does. Chat takes ``logprobs`` and
+  ``top_logprobs``. ``n`` choices share one prefill. Tools are refused by name: the
+  model has no tool-call training.
+- Decoded tokens really stop looping when their exit rule says so. Ouro options
+  are extra body fields (``ut_steps``, ``exit_threshold``, ``exit_at_step``, ``min_loops``, ``max_loops``,
   ``kv_mode``, and the faster fixed-depth decoding ``draft_loops``,
   ``num_draft_tokens``, ``pipeline``, ``compile_step``); every chunk and response carries
   ``"ouro": {"loops": [...], "avg_loops": ...}``.
 - Decoding defaults (``ouro-mlx serve --draft-loops K --compile-step``, or
   ``--pipeline``, whose draft starts at step ``draft_loops`` - 1) apply to the
   requests they fit (a fixed depth: ``exit_threshold`` 1.0 or ``exit_at_step``;
-  ``kv_mode`` "full"; no ``repetition_penalty``); others decode plainly, which gives
-  the same tokens. A request's own field always wins (``null`` turns a default off),
+  ``kv_mode`` "full"; no ``repetition_penalty``; one answer without logprobs) and
+  run beside the batch, one token per step; others join the batch, which gives the
+  same tokens. A request's own field always wins (``null`` turns a default off),
   and an own field that does not fit its loop options is a 400 naming it.
 - A prompt-cache LRU (``ouro_mlx.prompt_cache``) lets a conversation's next request
   process only its new tokens; ``usage.prompt_tokens_details.cached_tokens`` says
@@ -63,6 +71,8 @@ class Limits:
     max_queue: int = 64
     max_active: int = 16  # rows (choices) generated at once
     max_n: int = 8  # choices per request
+    prefill_step_size: int = 512  # prompt tokens per engine step (others wait at most one)
+    split_depths: bool = False  # one batch per fixed depth instead of one shared batch
 
 
 class APIError(Exception):
@@ -299,6 +309,11 @@ class _Done:
     pass
 
 
+def _hand_over(items: list[tuple[Job, Any]]) -> None:
+    for job, item in items:
+        job.out.put_nowait(item)
+
+
 DONE = _Done()
 
 
@@ -321,18 +336,21 @@ class Engine:
     advance one token each in turn beside it. ``max_active`` rows at once."""
 
     def __init__(self, model, tokenizer, *, prompt_cache: PromptCache | None = None,
-                 max_active: int = 16, max_queue: int = 64, prefill_step_size: int = 512):
+                 max_active: int = 16, max_queue: int = 64, prefill_step_size: int = 512,
+                 split_depths: bool = False):
         from .decoding.batch import Batcher
 
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
         self.max_active, self.max_queue = max_active, max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.batcher = Batcher(prefill_step_size=prefill_step_size)
+        self.batcher = Batcher(prefill_step_size=prefill_step_size,
+                               share_depths=not split_depths)
         self.solo: list[tuple[_Row, Any, list]] = []
         self.live: list[_Row] = []
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.active = 0
+        self._outbox: list[tuple[Job, Any]] = []
         self._thread = threading.Thread(target=self._run, name="ouro-engine", daemon=True)
         self._thread.start()
 
@@ -361,8 +379,9 @@ class Engine:
                     try:
                         self._start(job)
                     except Exception as e:  # e.g. a cache that cannot be built
-                        job.put(e)
-                        job.put(DONE)
+                        self._post(job, e)
+                        self._post(job, DONE)
+                    self._flush()
             except queue.Empty:
                 pass
             self._cancel()
@@ -373,13 +392,31 @@ class Engine:
             for run in list(self.solo):
                 self._advance(run)
             self.active = len(self.live)
+            self._flush()
+
+    def _post(self, job: Job, item: Any) -> None:
+        """Queue ``item`` for ``job``'s handler; ``_flush`` hands a step's items over
+        with one wake-up of the event loop instead of one per token."""
+        self._outbox.append((job, item))
+
+    def _flush(self) -> None:
+        by_loop: dict = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody listens
+                for job, _ in items:
+                    job.cancelled.set()
 
     def _start(self, job: Job) -> None:
         from .decoding.batch import Sequence
         from .decoding.steps import make_rule
 
         if job.cancelled.is_set():
-            job.put(DONE)
+            self._post(job, DONE)
             return
         opts = dict(job.options)
         steps = job.model._steps(opts.get("ut_steps"))
@@ -446,7 +483,7 @@ class Engine:
         job = row.job
         if t.finish in ("error", "cancelled"):
             if s.error is not None:
-                job.put(s.error)
+                self._post(job, s.error)
             self._end(row, s)
             return
         if s.prompt_scores is not None and row.index % job.n == 0:
@@ -456,7 +493,7 @@ class Engine:
             detok.add_token(t.token)
         if t.finish:
             detok.finalize()
-        job.put(Event(row.index, detok.last_segment, t.token, t.loops, t.finish,
+        self._post(job, Event(row.index, detok.last_segment, t.token, t.loops, t.finish,
                       len(row.prompt), len(s.tokens), t.logprob, t.top))
         if t.finish:
             self._end(row, s)
@@ -471,7 +508,7 @@ class Engine:
                 pass
             s.final_cache = None
         if all(r.job is not row.job for r in self.live):
-            row.job.put(DONE)
+            self._post(row.job, DONE)
 
     def _advance(self, run) -> None:
         """Hand out the next token of a single-sequence run."""
@@ -482,7 +519,7 @@ class Engine:
         except StopIteration:
             return self._end_solo(run)
         except Exception as e:  # a bad request found late, or a failure: its own error
-            job.put(e)
+            self._post(job, e)
             return self._end_solo(run, store=False)
         lp = top = None
         if job.logprobs is not None:
@@ -494,7 +531,7 @@ class Engine:
                 idx = mx.argpartition(-r.logprobs, k - 1)[:k]
                 pairs = zip(idx.tolist(), r.logprobs[idx].tolist())
                 top = sorted(pairs, key=lambda p: -p[1])
-        job.put(Event(0, r.text, r.token, r.loops, r.finish_reason,
+        self._post(job, Event(0, r.text, r.token, r.loops, r.finish_reason,
                       r.prompt_tokens + job.cached_tokens, r.generation_tokens, lp, top))
         row.prompt = row.prompt + [r.token]
         if r.finish_reason is not None:
@@ -511,7 +548,7 @@ class Engine:
                 self.prompt_cache.store(row.layout, row.prompt, cache)
         except Exception:
             pass
-        row.job.put(DONE)
+        self._post(row.job, DONE)
 
 
 # -- text assembly: thinking, stop strings ----------------------------------------
@@ -597,7 +634,9 @@ class Server:
         self.max_prompt = min(self.limits.max_prompt_tokens or positions - 1, positions - 1)
         self.engine = Engine(model, tokenizer, prompt_cache=prompt_cache,
                              max_active=self.limits.max_active,
-                             max_queue=self.limits.max_queue)
+                             max_queue=self.limits.max_queue,
+                             prefill_step_size=self.limits.prefill_step_size,
+                             split_depths=self.limits.split_depths)
         self.created = int(time.time())
 
     def check_model(self, name: str | None) -> None:
@@ -1195,6 +1234,7 @@ async def stream_choices(job: Job, choices: list[Choice], render: Render, reques
         for choice in render.opening(c):
             yield sse({**base, "choices": [choice], "ouro": ouro_field([], [])})
     seen: list[int] = []
+    ready: list[str] = []  # chunks written together while more tokens wait
     async for c, e, content, reasoning in choice_events(job, choices, request):
         if not c.score_only:
             seen.append(e.loops)
@@ -1202,11 +1242,16 @@ async def stream_choices(job: Job, choices: list[Choice], render: Render, reques
                 "ouro": ouro_field([] if c.score_only else [e.loops], seen)}
         if all(x.finish for x in choices):
             body["usage"] = render.usage(job, choices)
-        yield sse(body)
+        ready.append(sse(body))
         if isinstance(render, CompletionRender) and not c.score_only:
             c.offset = getattr(c, "offset", 0) + len(content)
+        if job.out.empty():
+            yield "".join(ready)
+            ready = []
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": render.usage(job, choices)})
+        ready.append(sse({**base, "choices": [], "usage": render.usage(job, choices)}))
+    if ready:
+        yield "".join(ready)
 
 
 async def with_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -161,3 +161,18 @@ def test_batch_reads_once_per_token_at_a_fixed_depth(model, syncs):
         out = batch_generate(model, Ids(), prompts, max_tokens=N, exit_threshold=1.0)
     assert syncs.count <= N + 2  # + the prompts' encoding
     assert out.tokens[0] == run(model, syncs, exit_threshold=1.0)[0]
+
+
+def test_batch_of_different_fixed_depths_reads_once_per_token(model, syncs):
+    """Rows at depths 1, 2 and 4 in one batch: the host knows when each stops, so a
+    token still costs one read (the tokens), not one per loop step."""
+    from ouro_mlx.generation import make_rule
+
+    rules = [make_rule(model, ut_steps=d, exit_threshold=1.0) for d in (1, 2, 4)]
+    prompts = [PROMPT, PROMPT[:3], PROMPT[2:]]
+    with syncs:
+        out = batch_generate(model, Ids(), prompts, max_tokens=N, rules=rules)
+    # one read per batch step; besides: 3 encodings, 3 prompts prefilled apart (each
+    # joins with one read, 2 steps more) and 1 leave. A read per loop step: ~3N.
+    assert syncs.count <= N + 9
+    assert [set(x) for x in out.loops] == [{1}, {2}, {4}]

@@ -1,7 +1,10 @@
 """ouro-mlx serve: an OpenAI-compatible HTTP server on localhost.
 
 POST /v1/chat/completions and /v1/completions (streamed as SSE or whole), GET
-/v1/models, GET /health. Ouro options per request as extra body fields: ut_steps,
+/v1/models, GET /health, POST /tokenize and /detokenize, GET /tokenizer_info.
+Concurrent requests are decoded together in one continuously refilled batch, each
+at its own loop depth. Completions take text, token ids or lists of either, with
+echo and logprobs; chat takes logprobs/top_logprobs and n. Ouro options per request as extra body fields: ut_steps,
 exit_threshold, exit_at_step, min_loops, max_loops, kv_mode, draft_loops,
 num_draft_tokens, pipeline, compile_step; every chunk and response carries "ouro":
 {"loops": [...], "avg_loops": ...}. --draft-loops / --pipeline / --compile-step set
@@ -54,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="The largest request body.")
     g.add_argument("--max-concurrency", type=int, default=16,
-                   help="Requests generated at once (one token each in turn); more wait.")
+                   help="Answers generated at once, decoded together in one batch (a "
+                        "request with n choices counts n); more wait.")
+    g.add_argument("--max-n", type=int, default=8, help="The most choices (n) per request.")
+    g.add_argument("--prefill-step-size", type=int, default=512,
+                   help="Prompt tokens processed per step: a new long prompt delays the "
+                        "answers already streaming by at most one such step.")
+    g.add_argument("--split-depths", action="store_true",
+                   help="Decode requests at different fixed loop depths in separate "
+                        "batches, each running only its own loop steps (faster for large "
+                        "models on a CPU; one shared batch is faster on a GPU).")
     g.add_argument("--max-queue", type=int, default=64,
                    help="Requests that may wait; beyond that the server answers 503.")
     g.add_argument("--prompt-cache-bytes", type=int, default=1 << 30,
@@ -70,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}.")
-    for name in ("max_tokens_limit", "max_body_bytes", "max_concurrency", "max_queue"):
+    for name in ("max_tokens_limit", "max_body_bytes", "max_concurrency", "max_queue",
+                 "max_n", "prefill_step_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
     for name in ("prompt_cache_bytes", "prompt_cache_size"):
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         apply_exit_gate(adapters[name], args)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                    max_active=args.max_concurrency)
+                    max_active=args.max_concurrency, max_n=args.max_n,
+                    prefill_step_size=args.prefill_step_size, split_depths=args.split_depths)
     with flag_terms():  # the server-wide defaults, named as the flags that set them
         app = create_app(model, tokenizer, model_id=args.model_id or args.model or DEMO_ID,
                          limits=limits, adapters=adapters, decoding=decoding,

@@ -97,11 +97,15 @@ class Token:
 class Batcher:
     """The active sequences of one thread; see the module docstring."""
 
-    def __init__(self, *, prefill_step_size: int = 512, group_prefill: bool = True):
+    def __init__(self, *, prefill_step_size: int = 512, group_prefill: bool = True,
+                 share_depths: bool = True):
         if prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}.")
         self.step_size = prefill_step_size
         self.group_prefill = group_prefill
+        # False: one batch per fixed depth (and one for adaptive rows), each running
+        # only its own steps (measured against sharing in docs/benchmarks.md)
+        self.share_depths = share_depths
         self.waiting: deque[list[Sequence]] = deque()
         self.prefilling: _Prefill | None = None
         self.batches: dict[tuple, _Batch] = {}
@@ -187,6 +191,8 @@ class Batcher:
         if keep:
             joining = [seqs[i] for i in keep]
             key = (id(pre.model), pre.kv_mode)
+            if not self.share_depths:
+                key += (joining[0].rule.fixed_loops,)
             batch = self.batches.get(key)
             if batch is None:
                 batch = self.batches[key] = _Batch(pre.model, pre.kv_mode)
@@ -195,7 +201,7 @@ class Batcher:
 
 
 def _prefill_key(s: Sequence) -> tuple:
-    return id(s.model), s.kv_mode, s.rule.ut_steps
+    return id(s.model), s.kv_mode, s.rule.ut_steps, s.rule.fixed_loops
 
 
 def _fail(s: Sequence, e: Exception) -> None:

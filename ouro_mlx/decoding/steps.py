@@ -131,8 +131,12 @@ def decode(model: Model, y: mx.array, cache: list, rule: ExitRule) -> tuple[mx.a
         active = active & ~stop
         if t + 1 >= rule.ceiling:  # forced stop: no need to look
             break
-        if t + 1 >= rule.min_loops and not host.read(active.any()):  # the host sync
-            break
+        if t + 1 >= rule.min_loops:
+            going = rule.known_going(t)
+            if going is None:
+                going = host.read(active.any())  # the host sync
+            if not going:
+                break
         x = prev = h
     if cache is not None:
         commit_kv(cache, kv_exit, t + 1)

@@ -1,6 +1,6 @@
 """How rows at different loop depths should share the continuous batch: measured.
 
-    python examples/batch_depths.py [--rows 16] [--tokens 32] [--repeats 3] [--hidden 512]
+    python examples/batch_depths.py [--rows 16] [--tokens 32] [--repeats 3] [--hidden 256]
 
 Decodes ``--rows`` prompts in-process with ``ouro_mlx.decoding.batch.Batcher``, the
 rows' loop options mixed (ut_steps 1-4, Q-exit at 0.5 and 0.9, exit_at_step 1, the
@@ -14,6 +14,9 @@ model's default), two ways, alternating:
 and, for scale, the same rows all at full depth in one batch, and one row alone.
 Prints decode tokens/s (medians) on the bundled model and on a random model of
 hidden size ``--hidden`` (4 layers), where rows cost compute, not just kernel launches.
+Then the engine against mlx-lm's own ``BatchGenerator`` (what ``mlx_lm.server``
+batches with) on the bundled model's shell games, prompts and 48 tokens each, no
+HTTP: tokens/s including prefill, alternating, at full depth and the model's exit.
 """
 
 from __future__ import annotations
@@ -68,20 +71,68 @@ def measure(name, model, rows, tokens, repeats) -> None:
           f"{statistics.median(alone) / base:.2f}x |")
 
 
+def against_mlx_lm(model, tokenizer, rows: int, repeats: int) -> None:
+    from mlx_lm.generate import BatchGenerator
+
+    from ouro_mlx.decoding.batch import Batcher, Sequence
+    from ouro_mlx.demo.task import eval_problems
+    from ouro_mlx.encoding import encode_text
+    from ouro_mlx.generation import make_rule
+
+    prompts = [encode_text(tokenizer, p.question) for p in eval_problems(rows, 10_000, 3, 3)]
+
+    def peer(n):
+        gen = BatchGenerator(model, max_tokens=48, completion_batch_size=32)
+        gen.insert(prompts[:n])
+        done = tokens = 0
+        start = time.perf_counter()
+        while done < n:
+            for r in gen.next_generated():
+                tokens += 1
+                done += r.finish_reason is not None
+        return tokens / (time.perf_counter() - start)
+
+    def ours(n, q):
+        b = Batcher()
+        seqs = [Sequence(p, model, make_rule(model, exit_threshold=q), 48) for p in prompts[:n]]
+        for s in seqs:
+            b.add(s)
+        start = time.perf_counter()
+        while not b.idle:
+            b.step()
+        return sum(len(s.tokens) for s in seqs) / (time.perf_counter() - start)
+
+    print(f"\nbundled model against mlx-lm's BatchGenerator (tok/s incl. prefill, median "
+          f"of {repeats})")
+    print("| rows | BatchGenerator (full depth) | ouro-mlx full depth | ouro-mlx model's exit |"
+          " full / peer | exit / peer |\n|---:|---:|---:|---:|---:|---:|")
+    for n in sorted({1, rows}):
+        got = {"peer": [], "full": [], "exit": []}
+        for _ in range(repeats):
+            got["peer"].append(peer(n))
+            got["full"].append(ours(n, 1.0))
+            got["exit"].append(ours(n, None))
+        m = {k: statistics.median(v) for k, v in got.items()}
+        print(f"| {n} | {m['peer']:.0f} | {m['full']:.0f} | {m['exit']:.0f} | "
+              f"{m['full'] / m['peer']:.2f}x | {m['exit'] / m['peer']:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=256)
     args = p.parse_args()
 
     import ouro_mlx
     from ouro_mlx import demo
     from ouro_mlx.random_model import make_random_checkpoint
 
-    model, _ = ouro_mlx.load(demo.model_path(), fuse=True)
+    model, tokenizer = ouro_mlx.load(demo.model_path(), fuse=True)
     measure("bundled model", model, args.rows, args.tokens, args.repeats)
+    plain, _ = ouro_mlx.load(demo.model_path())  # as mlx-lm loads it: unfused
+    against_mlx_lm(plain, tokenizer, args.rows, args.repeats)
     h = args.hidden
     dims = dict(hidden_size=h, num_hidden_layers=4, num_attention_heads=h // 64,
                 num_key_value_heads=h // 64, head_dim=64, intermediate_size=h * 3,

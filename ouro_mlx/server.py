@@ -962,8 +962,8 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
                          "content": m.text()} for m in req.messages]
             ids = encode_chat(tokenizer, messages,
                               add_generation_prompt=req.add_generation_prompt)
-        elif req.prompt is not None:
-            ids = encode_text(tokenizer, req.prompt)
+        elif req.prompt is not None:  # the client's own text, tokenized as HF does
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             raise APIError(400, "prompt: give prompt (text) or messages.", param="prompt")
         out = {"count": len(ids), "max_model_len": server.positions, "tokens": ids}
@@ -1044,12 +1044,18 @@ def create_app(model, tokenizer, *, model_id: str = DEMO_ID, limits: Limits | No
 
 
 class TokenizeRequest(BaseModel):
+    """``/tokenize``: ``prompt`` is tokenized as the Hugging Face tokenizer does
+    (special-token strings become special tokens: what lm-eval's remote tokenizer
+    and vLLM clients expect; the ids are theirs to send), ``messages`` through the
+    chat template with plain-text content. Generation requests never do the former:
+    their text is always plain."""
+
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
     add_generation_prompt: bool = True
-    add_special_tokens: bool = False  # (plain text never becomes special tokens)
+    add_special_tokens: bool = False
     return_token_strs: bool = False
 
     _text = field_validator("prompt", "model")(unicode_text)

@@ -320,7 +320,12 @@ def test_serve_cli_starts_on_loopback_and_refuses_bad_flags():
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "--adapter 'x': expected NAME=PATH" in bad.stderr
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "serve", "--port", str(port)],
+    bad = subprocess.run([sys.executable, "-m", "ouro_mlx", "serve", "--ut-steps", "2",
+                          "--exit-at-step", "3"], capture_output=True, text=True, timeout=60)
+    assert bad.stderr.strip().splitlines()[-1].startswith("ouro-mlx serve: error: "
+                                                          "--exit-at-step")
+    proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "serve", "--port", str(port),
+                             "--exit-at-step", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = wait_for_health(proc, port)
@@ -328,6 +333,10 @@ def test_serve_cli_starts_on_loopback_and_refuses_bad_flags():
         r = client.chat.completions.create(model="ouro-demo", messages=user(GAMES[0]),
                                            max_tokens=8)
         assert r.choices[0].message.content
+        assert set(r.model_extra["ouro"]["loops"]) == {2}  # the server's default depth
+        r = client.chat.completions.create(model="ouro-demo", messages=user(GAMES[0]),
+                                           max_tokens=8, extra_body={"exit_at_step": 3})
+        assert set(r.model_extra["ouro"]["loops"]) == {4}  # the request's own wins
     finally:
         proc.terminate()
         proc.wait(timeout=30)

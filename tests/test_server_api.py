@@ -138,7 +138,11 @@ def test_chat_logprobs_n_and_usage_chunk(demo):
 def test_tokenizer_endpoints(demo):
     text = "2,23,14,31 <|im_end|>"
     r = httpx.post(demo.url + "/tokenize", json={"prompt": text}, timeout=10).json()
-    assert r["tokens"] == encode_text(demo.tokenizer, text) and r["count"] == len(r["tokens"])
+    # as the HF tokenizer does (lm-eval's remote tokenizer): <|im_end|> is the special token
+    assert r["tokens"] == demo.tokenizer.encode(text, add_special_tokens=False)
+    assert r["tokens"][-1] in demo.tokenizer.eos_token_ids or len(r["tokens"]) < len(
+        encode_text(demo.tokenizer, text))
+    assert r["count"] == len(r["tokens"])
     assert r["max_model_len"] == demo.model.args.max_position_embeddings
     r2 = httpx.post(demo.url + "/tokenize", json={"messages": user("1,23")},
                     timeout=10).json()
@@ -150,3 +154,33 @@ def test_tokenizer_endpoints(demo):
     info = httpx.get(demo.url + "/tokenizer_info", timeout=10).json()
     assert info["eos_token_ids"] == sorted(demo.tokenizer.eos_token_ids)
     assert info["chat_template"]
+
+
+def test_lm_eval_requests(demo):
+    """The requests lm-eval's local-completions sends (lm-eval 0.4): the remote
+    tokenizer's probe, then a batch of id-list prompts scored by loglikelihood, which
+    it slices as ``token_logprobs[ctxlen:-1]`` and checks greedy by exact equality."""
+    info = httpx.get(demo.url + "/tokenizer_info", timeout=10).json()
+    assert {"eos_token", "bos_token", "pad_token", "chat_template"} <= set(info)
+    tok = httpx.post(demo.url + "/tokenize", json={"prompt": info["eos_token"],
+                                                   "add_special_tokens": False}).json()
+    assert tok["tokens"] == [info["eos_token_id"]]
+    context = encode_chat(demo.tokenizer, user(GAMES[0]), add_generation_prompt=True)
+    right = [r.token for r in stream_generate(demo.model, demo.tokenizer, context,
+                                              max_tokens=8)][:-1]  # "=133", no eos
+    wrong = [right[0], right[2], right[1], *right[3:]]  # "=313"
+    assert right != wrong
+    conts = [right, wrong]
+    body = {"model": "ouro-demo", "prompt": [context + c for c in conts], "temperature": 0,
+            "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    r = httpx.post(demo.url + "/v1/completions", json=body, timeout=60).json()
+    scores = []
+    for choice, cont in zip(sorted(r["choices"], key=lambda c: c["index"]), conts):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(context) + len(cont) + 1
+        picked = lp["token_logprobs"][len(context):-1]
+        tops = lp["top_logprobs"][len(context):-1]
+        scores.append(sum(picked))
+        greedy = all(v == max(t.values()) for v, t in zip(picked, tops))
+        assert greedy == (cont == right)
+    assert scores[0] > scores[1]

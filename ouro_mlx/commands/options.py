@@ -110,7 +110,7 @@ def check_loop_args(args: argparse.Namespace) -> None:
     """The loop flags against their bounds and the cap, before the model is loaded
     (the model's own depth is checked once it is)."""
     for name, low in (("ut_steps", 1), ("min_loops", 1), ("max_loops", 1), ("exit_at_step", 0)):
-        if (n := getattr(args, name)) is None:
+        if (n := getattr(args, name, None)) is None:
             continue
         flag = "--" + name.replace("_", "-")
         if n < low:

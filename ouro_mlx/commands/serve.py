@@ -4,7 +4,8 @@ POST /v1/chat/completions and /v1/completions (streamed as SSE or whole), GET
 /v1/models, GET /health, POST /tokenize and /detokenize, GET /tokenizer_info.
 Concurrent requests are decoded together in one continuously refilled batch, each
 at its own loop depth. Completions take text, token ids or lists of either, with
-echo and logprobs; chat takes logprobs/top_logprobs and n. Ouro options per request as extra body fields: ut_steps,
+echo and logprobs; chat takes logprobs/top_logprobs and n.
+Ouro options per request as extra body fields: ut_steps,
 exit_threshold, exit_at_step, min_loops, max_loops, kv_mode, draft_loops,
 num_draft_tokens, pipeline, compile_step; every chunk and response carries "ouro":
 {"loops": [...], "avg_loops": ...}. --draft-loops / --pipeline / --compile-step set
@@ -23,12 +24,15 @@ from .options import (
     HelpFormatter,
     add_compile_step_arg,
     add_model_args,
+    check_loop_args,
+    flag_names,
     add_speculative_args,
     apply_compile_flag,
     apply_exit_gate,
     decoding_kwargs,
     flag_terms,
     model_or_demo,
+    number,
 )
 
 
@@ -47,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also serve the model with the adapters in PATH, chosen per request "
                         "by the body field \"adapter\": \"NAME\" (repeatable; each is a "
                         "full copy of the model in memory).")
+    g = p.add_argument_group("loop depth (defaults for requests that do not set it)")
+    g.add_argument("--ut-steps", type=int, default=None,
+                   help="Loop steps per token (default: the config's total_ut_steps).")
+    g.add_argument("--exit-threshold", type=number, default=None,
+                   help="Q-exit threshold in [0, 1] (1.0 = always the last step; default: "
+                        "the config's early_exit_threshold).")
+    g.add_argument("--exit-at-step", type=int, default=None,
+                   help="Run exactly this many + 1 loops per token (0-based step).")
     add_speculative_args(p)
     add_compile_step_arg(p)
     g = p.add_argument_group("limits")
@@ -93,6 +105,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-prompt-tokens must be >= 1.")
 
 
+def apply_loop_defaults(model, args: argparse.Namespace) -> None:
+    """--ut-steps / --exit-threshold / --exit-at-step as the model's runtime defaults,
+    which every request without its own field uses."""
+    from ..generation import make_rule
+
+    for name in ("ut_steps", "exit_threshold", "exit_at_step"):
+        if (value := getattr(args, name)) is not None:
+            setattr(model, name, value)
+    try:
+        make_rule(model)
+    except ValueError as e:
+        raise ValueError(flag_names(str(e))) from None
+
+
 def decoding_note(model, decoding: dict) -> str | None:
     """The server's decoding defaults against the model: an error if they can never
     apply, a note if the model's own exit rule leaves them to explicit requests."""
@@ -133,6 +159,7 @@ def is_loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    check_loop_args(args)
     decoding = decoding_kwargs(args)
     adapter_paths = parse_adapters(args.adapter)
     try:
@@ -149,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     path = model_or_demo(args)
     model, tokenizer = load(path, dtype=args.dtype, adapter_path=args.adapter_path, fuse=True)
     apply_exit_gate(model, args)
+    apply_loop_defaults(model, args)
     note = decoding_note(model, decoding)
     adapters = {}
     for name, adapter_path in adapter_paths.items():
         adapters[name], _ = load(path, dtype=args.dtype, adapter_path=adapter_path)
         apply_exit_gate(adapters[name], args)
+        apply_loop_defaults(adapters[name], args)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     max_active=args.max_concurrency, max_n=args.max_n,

@@ -1233,15 +1233,17 @@ class CompletionRender(Render):
 async def stream_choices(job: Job, choices: list[Choice], render: Render, request: Request,
                          req: GenerationRequest) -> AsyncIterator[str]:
     """SSE chunks: each choice's opening (chat: the role; completions: an echoed
-    prompt), a chunk per token carrying its loops, the usage with the last, and with
+    prompt) before its first token, a chunk per token carrying its loops, the usage with the last, and with
     ``stream_options.include_usage`` a final chunk of no choices and the usage."""
     base = {**render.head, "object": render.object}
-    for c in choices:
-        for choice in render.opening(c):
-            yield sse({**base, "choices": [choice], "ouro": ouro_field([], [])})
     seen: list[int] = []
     ready: list[str] = []  # chunks written together while more tokens wait
+    opened: set[int] = set()
     async for c, e, content, reasoning in choice_events(job, choices, request):
+        if c.index not in opened:  # (after its prompt is scored: its first token is in)
+            opened.add(c.index)
+            ready += [sse({**base, "choices": [choice], "ouro": ouro_field([], [])})
+                      for choice in render.opening(c)]
         if not c.score_only:
             seen.append(e.loops)
         body = {**base, "choices": [render.chunk(c, e, content, reasoning)],

@@ -184,3 +184,20 @@ def test_lm_eval_requests(demo):
         greedy = all(v == max(t.values()) for v, t in zip(picked, tops))
         assert greedy == (cont == right)
     assert scores[0] > scores[1]
+
+
+def test_streamed_completions_with_echo_logprobs_and_two_prompts(demo):
+    texts = [GAMES[3] + " -> ", GAMES[4] + " -> "]
+    whole = demo.client.completions.create(model="ouro-demo", prompt=texts, max_tokens=5,
+                                           echo=True, logprobs=2)
+    chunks = list(demo.client.completions.create(
+        model="ouro-demo", prompt=texts, max_tokens=5, echo=True, logprobs=2, stream=True,
+        stream_options={"include_usage": True}))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert choice.text.startswith(texts[choice.index])
+        lp = [v for c in mine for v in c.logprobs.token_logprobs]
+        assert lp == choice.logprobs.token_logprobs and lp[0] is None
+        assert mine[-1].finish_reason == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage

@@ -22,41 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from server_load import start_server  # (this directory is on sys.path when run)
 
 HERE = Path(__file__).parent
 TASKS = HERE / "lm_eval_tasks"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(model: str, flags: list[str]):
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ouro_mlx", "serve", "--model", model,
-                             "--model-id", "ouro", "--port", str(port), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("ouro-mlx serve did not start")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
 
 
 def lm_eval(url: str, route: str, tasks: str, out: Path, extra: list[str]) -> dict:
@@ -100,7 +74,7 @@ def main() -> None:
           "(completions) | lm-eval exact match (chat) | demo-eval |")
     print("|---|---:|---:|---:|---:|")
     for name, flags in depths.items():
-        proc, url = serve(model, flags)
+        proc, url = start_server(model, "ouro", flags=tuple(flags))
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 comp = lm_eval(url, "completions", "shell_game_mc,shell_game_gen",

@@ -29,9 +29,10 @@ MIXED = [{"ut_steps": 1}, {"ut_steps": 2}, {"ut_steps": 3}, {"ut_steps": 4},
          {"exit_threshold": 0.5}, {"exit_threshold": 0.9}, {"exit_at_step": 1}, {}]
 
 
-def start_server(model_path: str, model_id: str, peer: bool = False):
-    """``ouro-mlx serve`` (or ``mlx_lm.server``) in its own process (the clients here
-    would share its GIL)."""
+def start_server(model_path: str, model_id: str, peer: bool = False,
+                 flags: tuple[str, ...] = ()):
+    """``ouro-mlx serve`` (with ``flags``), or ``mlx_lm.server``, in its own process
+    (the clients here would share its GIL)."""
     import subprocess
     import sys
 
@@ -45,7 +46,8 @@ def start_server(model_path: str, model_id: str, peer: bool = False):
                "--port", str(port), "--log-level", "ERROR"]
     else:
         cmd = [sys.executable, "-m", "ouro_mlx", "serve", "--model", model_path,
-               "--model-id", model_id, "--port", str(port), "--max-concurrency", "64"]
+               "--model-id", model_id, "--port", str(port), "--max-concurrency", "64",
+               *flags]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -63,10 +65,32 @@ def start_server(model_path: str, model_id: str, peer: bool = False):
 
 def stream(url: str, model_id: str, messages: list[dict], max_tokens: int,
            timeout: float = 600, **extra) -> dict:
-    """One streamed chat request: ttft, seconds, tokens, text, cached, ok."""
+    """One streamed request on its own client (``astream``)."""
+    import asyncio
+
     import httpx
 
-    body = {"model": model_id, "max_tokens": max_tokens,
+    async def one():
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            return await astream(client, url, model_id, messages, max_tokens, extra)
+
+    return asyncio.run(one())
+
+
+def prompts_for(n: int) -> list[str]:
+    if SWAPS:
+        from ouro_mlx.demo.task import eval_problems
+
+        return [p.question for p in eval_problems(n, 10_000, SWAPS, SWAPS)]
+    return [f"{(7 * i) % 40},{(11 * i) % 40},{(3 * i) % 40},{i % 40}" for i in range(n)]
+
+
+async def astream(client, url: str, model_id: str, messages: list[dict], max_tokens: int,
+                  extra: dict) -> dict:
+    """One streamed request (greedy unless ``extra`` says otherwise): ttft, seconds,
+    tokens, text, cached, ok. N of them share one asyncio client in one thread, so
+    that the load generator takes little of the CPU the servers share with it."""
+    body = {"model": model_id, "max_tokens": max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     if ROUTE == "completions":  # the prompt as raw text: no chat template, no early eos
         body["prompt"] = messages[-1]["content"]
@@ -75,11 +99,10 @@ def stream(url: str, model_id: str, messages: list[dict], max_tokens: int,
     start = time.perf_counter()
     first, lines = None, []
     try:
-        with httpx.stream("POST", f"{url}/v1/{ROUTE}", json=body,
-                          timeout=timeout) as r:
+        async with client.stream("POST", f"{url}/v1/{ROUTE}", json=body) as r:
             if r.status_code != 200:
                 return {"ok": False, "why": f"HTTP {r.status_code}"}
-            for line in r.iter_lines():
+            async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
                 lines.append(line[6:])
@@ -102,53 +125,6 @@ def stream(url: str, model_id: str, messages: list[dict], max_tokens: int,
             "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
 
-ROUTE = "chat/completions"  # --route
-SWAPS = 0  # --swaps: shell games of that many swaps as prompts (answers of SWAPS + 1)
-
-
-def prompts_for(n: int) -> list[str]:
-    if SWAPS:
-        from ouro_mlx.demo.task import eval_problems
-
-        return [p.question for p in eval_problems(n, 10_000, SWAPS, SWAPS)]
-    return [f"{(7 * i) % 40},{(11 * i) % 40},{(3 * i) % 40},{i % 40}" for i in range(n)]
-
-
-async def astream(client, url: str, model_id: str, prompt: str, max_tokens: int,
-                  extra: dict) -> dict:
-    """``stream`` on a shared asyncio client: N clients in one thread, so that the
-    load generator takes little of the CPU the servers share with it."""
-    messages = [{"role": "user", "content": prompt}]
-    body = {"model": model_id, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}, **extra}
-    body.update({"prompt": prompt} if ROUTE == "completions" else {"messages": messages})
-    start = time.perf_counter()
-    first, lines = None, []
-    try:
-        async with client.stream("POST", f"{url}/v1/{ROUTE}", json=body) as r:
-            if r.status_code != 200:
-                return {"ok": False, "why": f"HTTP {r.status_code}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                lines.append(line[6:])
-                if first is None and any(f'"{k}": "' in line and f'"{k}": ""' not in line
-                                         for k in ("content", "text")):
-                    first = time.perf_counter() - start
-    except Exception as e:
-        return {"ok": False, "why": repr(e)}
-    seconds = time.perf_counter() - start
-    if not lines or lines[-1] != "[DONE]":
-        return {"ok": False, "why": "no [DONE]"}
-    chunks = [json.loads(x) for x in lines[:-1]]
-    usage = next((c["usage"] for c in reversed(chunks) if c.get("usage")), {})
-    tokens = usage.get("completion_tokens") or 0
-    text = "".join(ch["delta"].get("content") or "" if "delta" in ch else ch.get("text") or ""
-                   for c in chunks for ch in c.get("choices") or [])
-    return {"ok": tokens > 0, "why": "", "ttft": first or seconds, "seconds": seconds,
-            "tokens": tokens, "text": text}
-
-
 def load_round(url: str, model_id: str, n: int, max_tokens: int, extra: dict,
                mixed: bool) -> dict:
     """N concurrent streams: the row of the table, and every answer's text."""
@@ -162,8 +138,9 @@ def load_round(url: str, model_id: str, n: int, max_tokens: int, extra: dict,
     async def go():
         limits = httpx.Limits(max_connections=n + 4)
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-            return await asyncio.gather(*(astream(client, url, model_id, p, max_tokens, o)
-                                          for p, o in zip(prompts, opts)))
+            return await asyncio.gather(*(astream(
+                client, url, model_id, [{"role": "user", "content": p}], max_tokens, o)
+                for p, o in zip(prompts, opts)))
 
     start = time.perf_counter()
     results = asyncio.run(go())
@@ -215,7 +192,7 @@ def load_rounds(servers: dict, clients: list[int], max_tokens: int, extra: dict,
         run = runs[0]
         for prompt, opts, text in zip(prompts_for(n), run["opts"], run["texts"]):
             solo = stream(url, model_id, [{"role": "user", "content": prompt}], max_tokens,
-                          temperature=0.0, **opts)
+                          **opts)
             if solo.get("text") != text:
                 print(f"MISMATCH at {n} clients, {opts}: {text!r} alone {solo.get('text')!r}")
                 break

@@ -193,7 +193,6 @@ class RowRules:
     def stops(self, t: int, cdf_t: mx.array | None, h_t: mx.array,
               h_prev: mx.array | None) -> mx.array:
         """Whether each row stops after 0-based step t: bool [B, S]."""
-        stop = (t + 1 >= self._ceil) | mx.zeros(h_t.shape[:-1], dtype=mx.bool_)
         if t + 1 >= self.ceiling:
             return mx.ones(h_t.shape[:-1], dtype=mx.bool_)
         crit = mx.zeros(h_t.shape[:-1], dtype=mx.bool_)
@@ -201,7 +200,7 @@ class RowRules:
             crit = crit | (cdf_t >= self._q)
         if self._uses_eps and h_prev is not None:
             crit = crit | (relative_change(h_t, h_prev) < self._eps)
-        return stop | (crit & (t + 1 >= self._min))
+        return (t + 1 >= self._ceil) | (crit & (t + 1 >= self._min))
 
 
 def relative_change(h: mx.array, prev: mx.array) -> mx.array:

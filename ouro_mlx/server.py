@@ -298,12 +298,6 @@ class Job:
             self.cancelled.set()
             raise error_of(self.first)
 
-    def put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody listens
-            self.cancelled.set()
-
 
 class _Done:
     pass
@@ -326,6 +320,7 @@ class _Row:
     prompt: list[int]
     layout: tuple
     detokenizer: Any
+    seq: Any = None  # its ``decoding.batch.Sequence`` (None: a single-sequence run)
     done: bool = False
 
 
@@ -432,11 +427,12 @@ class Engine:
             copies = []
             for j in range(job.n):
                 row = _Row(job, i * job.n + j, ids, layout, self.tokenizer.detokenizer)
-                copies.append(Sequence(
+                row.seq = Sequence(
                     ids, job.model, rule, min(opts["max_tokens"], limit - len(ids)),
                     self.eos, opts["kv_mode"], opts["sampler"], opts["logits_processors"],
                     logprobs=job.logprobs, score_prompt=job.echo and job.logprobs is not None,
-                    cache=cache, cached=cached, keep_cache=j == 0, tag=row))
+                    cache=cache, cached=cached, keep_cache=j == 0, tag=row)
+                copies.append(row.seq)
                 self.live.append(row)
             self.batcher.add(*copies)
 
@@ -456,23 +452,12 @@ class Engine:
 
     def _cancel(self) -> None:
         """Rows whose job or choice the handler gave up on stop at the next step."""
-        for row in self.live:
+        for row in list(self.live):
             if row.job.cancelled.is_set() or row.index in row.job.stopped:
-                for s in self._seqs_of(row):
-                    s.cancelled = True
-                for run in self.solo:
-                    if run[0] is row:
-                        self._end_solo(run)
-                        break
-
-    def _seqs_of(self, row: _Row):
-        batcher = self.batcher
-        groups = list(batcher.waiting) + (batcher.prefilling.groups
-                                          if batcher.prefilling else [])
-        for g in groups:
-            yield from (s for s in g if s.tag is row)
-        for b in batcher.batches.values():
-            yield from (s for s in b.rows if s.tag is row)
+                if row.seq is not None:
+                    row.seq.cancelled = True  # the batcher hands back its last token
+                else:
+                    self._end_solo(next(run for run in self.solo if run[0] is row))
 
     def _deliver(self, t) -> None:
         """Hand one token (a ``decoding.batch.Token``) to its job; a row that ends
@@ -521,18 +506,8 @@ class Engine:
         except Exception as e:  # a bad request found late, or a failure: its own error
             self._post(job, e)
             return self._end_solo(run, store=False)
-        lp = top = None
-        if job.logprobs is not None:
-            import mlx.core as mx
-
-            lp = r.logprobs[r.token].item()
-            if job.logprobs:
-                k = min(job.logprobs, r.logprobs.size)
-                idx = mx.argpartition(-r.logprobs, k - 1)[:k]
-                pairs = zip(idx.tolist(), r.logprobs[idx].tolist())
-                top = sorted(pairs, key=lambda p: -p[1])
         self._post(job, Event(0, r.text, r.token, r.loops, r.finish_reason,
-                      r.prompt_tokens + job.cached_tokens, r.generation_tokens, lp, top))
+                              r.prompt_tokens + job.cached_tokens, r.generation_tokens))
         row.prompt = row.prompt + [r.token]
         if r.finish_reason is not None:
             self._end_solo(run)
@@ -1077,7 +1052,7 @@ class Choice:
     score_only: bool = False  # echo with max_tokens 0: the prompt only
     events: list = field(default_factory=list)
     finish: str | None = None
-    sent: int = 0  # events already streamed
+    offset: int = 0  # characters of this choice's text streamed (completions' text_offset)
 
     @property
     def loops(self) -> list[int]:
@@ -1226,7 +1201,7 @@ class CompletionRender(Render):
 
     def chunk(self, c: Choice, e: Event, content: str, reasoning: str) -> dict:
         return {"index": c.index, "text": content,
-                "logprobs": self.logprobs(self.generated(c, [e]), getattr(c, "offset", 0)),
+                "logprobs": self.logprobs(self.generated(c, [e]), c.offset),
                 "finish_reason": c.finish}
 
 
@@ -1252,7 +1227,7 @@ async def stream_choices(job: Job, choices: list[Choice], render: Render, reques
             body["usage"] = render.usage(job, choices)
         ready.append(sse(body))
         if isinstance(render, CompletionRender) and not c.score_only:
-            c.offset = getattr(c, "offset", 0) + len(content)
+            c.offset += len(content)
         if job.out.empty():
             yield "".join(ready)
             ready = []

@@ -175,8 +175,8 @@ def apply_compile_flag(args: argparse.Namespace) -> None:
         mx.disable_compile()
 
 
-def add_loop_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("loop depth and exit")
+def add_depth_args(g) -> None:
+    """--ut-steps, --exit-threshold, --exit-at-step on the argument group ``g``."""
     g.add_argument("--ut-steps", type=int, default=None,
                    help="Loop steps per token (default: the config's total_ut_steps).")
     g.add_argument("--exit-threshold", type=number, default=None,
@@ -185,6 +185,11 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
                         "config's early_exit_threshold).")
     g.add_argument("--exit-at-step", type=int, default=None,
                    help="Run exactly this many + 1 loops per token (0-based step).")
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("loop depth and exit")
+    add_depth_args(g)
     g.add_argument("--min-loops", type=int, default=1,
                    help="Never stop a token before this many loop steps.")
     g.add_argument("--max-loops", type=int, default=None,

@@ -23,6 +23,7 @@ import sys
 from .options import (
     HelpFormatter,
     add_compile_step_arg,
+    add_depth_args,
     add_model_args,
     check_loop_args,
     flag_names,
@@ -32,7 +33,6 @@ from .options import (
     decoding_kwargs,
     flag_terms,
     model_or_demo,
-    number,
 )
 
 
@@ -51,14 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also serve the model with the adapters in PATH, chosen per request "
                         "by the body field \"adapter\": \"NAME\" (repeatable; each is a "
                         "full copy of the model in memory).")
-    g = p.add_argument_group("loop depth (defaults for requests that do not set it)")
-    g.add_argument("--ut-steps", type=int, default=None,
-                   help="Loop steps per token (default: the config's total_ut_steps).")
-    g.add_argument("--exit-threshold", type=number, default=None,
-                   help="Q-exit threshold in [0, 1] (1.0 = always the last step; default: "
-                        "the config's early_exit_threshold).")
-    g.add_argument("--exit-at-step", type=int, default=None,
-                   help="Run exactly this many + 1 loops per token (0-based step).")
+    add_depth_args(p.add_argument_group("loop depth (defaults for requests that do not "
+                                        "set it)"))
     add_speculative_args(p)
     add_compile_step_arg(p)
     g = p.add_argument_group("limits")

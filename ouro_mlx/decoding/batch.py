@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, CacheList
+from mlx_lm.models.cache import BatchKVCache, CacheList, KVCache
 
 from ..exit import ExitRule, RowRules
 from ..model import Model
@@ -118,11 +118,6 @@ class Batcher:
         self.waiting.append(list(copies))
 
     @property
-    def rows(self) -> int:
-        """Sequences being decoded (not counting waiting prompts)."""
-        return sum(len(b.rows) for b in self.batches.values())
-
-    @property
     def idle(self) -> bool:
         return not (self.waiting or self.prefilling or self.batches)
 
@@ -175,9 +170,10 @@ class Batcher:
         their batch."""
         index = [i for i, g in enumerate(pre.groups) for _ in g]  # copies share a row
         seqs = [s for g in pre.groups for s in g]
-        rows = mx.array(index)
-        logits = logits[rows] if len(index) > len(pre.groups) else logits
-        loops = loops[rows] if len(index) > len(pre.groups) else loops
+        copied = len(index) > len(pre.groups)
+        if copied:
+            rows = mx.array(index)
+            logits, loops = logits[rows], loops[rows]
         y, tokens = _emit(seqs, logits, loops)
         keep = [i for i, t in enumerate(tokens) if t.finish is None]
         for i, t in enumerate(tokens):
@@ -185,7 +181,7 @@ class Batcher:
             if t.finish is not None and s.keep_cache and t.finish != "error":
                 s.final_cache = _extract(pre.cache, index[i], s.depth)
         cache = pre.cache
-        if keep and (len(keep) < len(seqs) or len(index) > len(pre.groups)):
+        if keep and (len(keep) < len(seqs) or copied):
             cache = _select(cache, [index[i] for i in keep])
             y = y[mx.array(keep)]
         if keep:
@@ -223,7 +219,6 @@ class _Prefill:
             self.cache = [CacheList(*(BatchKVCache.merge([c]) for c in layer.caches))
                           for layer in first.cache]
             self.ids = mx.array([first.prompt[first.cached:]], dtype=mx.int32)
-            self.pos = first.cached
         else:
             width = max(len(s.prompt) for s in heads)
             pads = [width - len(s.prompt) for s in heads]
@@ -231,9 +226,8 @@ class _Prefill:
                                 dtype=mx.int32)
             self.cache = [CacheList(*(BatchKVCache(pads) for _ in range(first.depth)))
                           for _ in layers]
-            self.pos = 0
         if self.score:
-            first.prompt_scores = [None] if self.pos == 0 else []
+            first.prompt_scores = [None]  # the first prompt token has no logprob
         self.shared = first.kv_mode != "full"
 
     def advance(self, step_size: int) -> tuple[mx.array, mx.array] | None:
@@ -433,8 +427,6 @@ def _select(cache: list, rows: list[int]) -> list:
 def _extract(cache: list, row: int, depth: int) -> list:
     """Row ``row`` of a batch cache as a ``Model.make_cache`` cache of ``depth``
     slots (the prompt cache stores those)."""
-    from mlx_lm.models.cache import KVCache
-
     pad = host.read(cache[0].caches[0].left_padding[row])
     out = []
     for layer in cache:

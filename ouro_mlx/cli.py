@@ -19,6 +19,7 @@ VERBS = {
     "demo-eval": "Accuracy of the bundled demo model at each loop depth and with early exit.",
     "demo-train": "Train the bundled demo model from nothing (its full recipe).",
     "calibrate-exit": "Train only the exit gate on your data (Stage II); fewer loops.",
+    "quantize": "Quantize keeping every loop step (loop-aware DWQ, or round to nearest).",
     "fuse": "Merge trained adapters into the base model (MLX, or HF with --export-hf).",
     "random": "Write a random-weight Ouro checkpoint (for trying tools and benchmarks).",
     "app": "A desktop chat window (tokens coloured by loop depth; needs the desktop extra).",

@@ -1,0 +1,130 @@
+"""ouro-mlx quantize: quantize a model, keeping every loop step (loop-aware DWQ).
+
+  ouro-mlx quantize --model DIR --mlx-path OUT --bits 2 --group-size 32 --method dwq \\
+      --data DATA_DIR
+
+--method rtn rounds to nearest (as convert -q). --method dwq then trains the
+quantization scales and biases (the integer weights stay frozen) so that every loop
+step's output and the exit decisions match the float model (--no-loop-aware: only
+the final output, as mlx_lm.dwq does). DATA_DIR: mlx-lm's layout, train.jsonl and
+optionally valid.jsonl (chat, prompt/completion or text lines; bad lines are
+reported as file:line and skipped). The report prints, for RTN and the result, the
+KL to the float model at every loop step, how often the exit step agrees at q, and
+the average loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ouro-mlx quantize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="The float model: a local directory, a hub repo id, or demo "
+                        "(default: the bundled model).")
+    p.add_argument("--mlx-path", required=True, help="Where to write the quantized model.")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8],
+                   help="Bits per weight (default: 4).")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="Weights per scale (default: 64).")
+    p.add_argument("--method", choices=["rtn", "dwq"], default="dwq",
+                   help="rtn: round to nearest; dwq: then distil every loop step.")
+    p.add_argument("--data", default=None,
+                   help="Calibration data: a directory with train.jsonl (and valid.jsonl); "
+                        "default for the bundled model: its shell games.")
+    p.add_argument("--mixed", action="store_true",
+                   help="Keep embeddings and lm_head at 8 bits.")
+    p.add_argument("--num-samples", type=int, default=1024,
+                   help="Training samples DWQ sees (default: 1024).")
+    p.add_argument("--max-seq-length", type=int, default=512,
+                   help="Tokens per sample at most (default: 512).")
+    p.add_argument("--batch-size", type=int, default=8, help="Samples per step (default: 8).")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="DWQ learning rate (default: by model width, 1e-3 for small "
+                        "models, 3e-5 at hidden 2048).")
+    p.add_argument("--seed", type=int, default=0, help="Data order (default: 0).")
+    p.add_argument("--no-loop-aware", dest="loop_aware", action="store_false",
+                   help="Distil only the final output (stock DWQ's objective).")
+    p.add_argument("--gate-weight", type=float, default=1.0,
+                   help="Weight of the exit-distribution term (default: 1.0).")
+    p.add_argument("--exit-q", type=float, default=0.6,
+                   help="The threshold at which the report compares exit steps.")
+    p.add_argument("--force", action="store_true",
+                   help="Replace a --mlx-path that ouro-mlx wrote (never the source).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import copy
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import save_model
+
+    from .. import quantize as Q
+    from ..calibrate import demo_data, load_data
+    from ..demo import model_path
+    from ..loading import (atomic_directory, copy_support_files, destination, load,
+                           names_demo, read_config, resolve, write_errors)
+    from .options import model_or_demo
+
+    opts = Q.DWQOptions(num_samples=args.num_samples, batch_size=args.batch_size,
+                        max_seq_length=args.max_seq_length,
+                        learning_rate=args.learning_rate, seed=args.seed,
+                        loop_aware=args.loop_aware, gate_weight=args.gate_weight)
+    try:
+        opts.check()
+    except ValueError as e:
+        raise ValueError("--" + str(e).replace("_", "-", 2)) from None
+    if not 0 <= args.exit_q <= 1:
+        raise ValueError(f"--exit-q must be in [0, 1], got {args.exit_q}.")
+    demo = not args.model or names_demo(args.model)
+    path = model_or_demo(args) if not args.model else args.model
+    out = destination(args.mlx_path, "--mlx-path", args.force,
+                      sources=[("--model", path)] + ([("--data", args.data)] if args.data
+                                                     else []))
+    source = resolve(str(model_path()) if demo else path)
+    if "quantization" in read_config(source):
+        raise ValueError(f"--model {path}: already quantized; quantize the float model.")
+    if not args.data and not demo:
+        raise ValueError("--data is required (a directory with train.jsonl) for a model "
+                         "other than the bundled one.")
+    teacher, tokenizer = load(source)
+    if args.data:
+        train, valid = load_data(args.data, tokenizer,
+                                 warn=lambda m: print(m, file=sys.stderr))
+    else:
+        train, valid = demo_data(tokenizer, n_train=max(args.num_samples, 64), n_valid=100)
+    config = read_config(source)
+    student = copy.deepcopy(teacher)
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm's note: stdout is the report
+        student, config = Q.rtn(student, config, args.bits, args.group_size, args.mixed)
+    report = {"rtn": Q.quality(student, teacher, valid, args.exit_q,
+                               max_seq_length=args.max_seq_length)}
+    if args.method == "dwq":
+        from tqdm import tqdm
+
+        with tqdm(total=max(1, args.num_samples // args.batch_size), desc="dwq",
+                  unit="step", file=sys.stderr) as bar:
+            def progress(n, total, loss):
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+            report["train"] = Q.dwq(student, teacher, train, valid, opts, progress)
+        report["dwq"] = Q.quality(student, teacher, valid, args.exit_q,
+                                  max_seq_length=args.max_seq_length)
+    nbytes = sum(v.nbytes for _, v in tree_flatten(student.parameters()))
+    with atomic_directory(out, force=args.force, verb="quantize") as tmp, \
+            write_errors(out, nbytes):
+        save_model(tmp, student)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_support_files(source, tmp)
+    print(json.dumps(report, indent=2))
+    print(f"Wrote {out}")
+    return 0

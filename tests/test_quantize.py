@@ -1,0 +1,76 @@
+"""ouro-mlx quantize: round-to-nearest, then loop-aware DWQ that trains the scales and
+biases so that every loop step and the exit decisions stay close to the float model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+import ouro_mlx
+from ouro_mlx import quantize as Q
+from ouro_mlx.calibrate import demo_data
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from ouro_mlx.demo import model_path
+
+    model, tok = ouro_mlx.load(model_path())
+    train, valid = demo_data(tok, 400, 40)
+    return model, train, valid
+
+
+def quantized(model, bits=2):
+    q = copy.deepcopy(model)
+    Q.rtn(q, {}, bits, 32)
+    return q
+
+
+def test_loop_aware_dwq_keeps_every_step_and_the_exits(demo):
+    """2 bits, 40 steps: every step's KL falls well below round-to-nearest's, the exit
+    decisions agree more, and the final-only objective leaves the early steps behind."""
+    teacher, train, valid = demo
+    rtn = Q.quality(quantized(teacher), teacher, valid)
+    opts = dict(num_samples=320, batch_size=8, seed=0)
+    aware = quantized(teacher)
+    report = Q.dwq(aware, teacher, train, valid[:16], Q.DWQOptions(**opts))
+    assert report["valid_after"] < report["valid_before"]
+    final = quantized(teacher)
+    Q.dwq(final, teacher, train, valid[:16], Q.DWQOptions(loop_aware=False, **opts))
+    got, only = Q.quality(aware, teacher, valid), Q.quality(final, teacher, valid)
+    assert all(a < r / 3 for a, r in zip(got["kl_by_step"], rtn["kl_by_step"]))
+    assert got["exit_agreement"] > rtn["exit_agreement"]
+    assert got["kl_by_step"][0] < only["kl_by_step"][0] / 3  # step 1: only one targets it
+    # only the scales and biases moved: the gate and norms are the float model's
+    gate = aware.model.early_exit_gate
+    assert mx.array_equal(gate.weight, teacher.model.early_exit_gate.weight).item()
+    assert mx.array_equal(aware.model.norm.weight, teacher.model.norm.weight).item()
+
+
+def test_quantize_cli_writes_a_loadable_model(tmp_path):
+    out = tmp_path / "q"
+    run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path", str(out),
+                          "--bits", "3", "--group-size", "32", "--num-samples", "32"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
+    assert set(report) == {"rtn", "train", "dwq"}
+    assert len(report["dwq"]["kl_by_step"]) == 4
+    model, tok = ouro_mlx.load(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 3
+    assert type(model.model.early_exit_gate).__name__ == "Linear"  # full precision
+    assert ouro_mlx.generate(model, tok, "2,23", max_tokens=4) is not None
+    # refusals: one line, before any work; the source is never a destination
+    for argv, flag in [(["--mlx-path", str(out)], "--mlx-path"),  # exists, no --force
+                       (["--mlx-path", str(tmp_path / "x"), "--num-samples", "0"],
+                        "--num-samples"),
+                       (["--mlx-path", str(tmp_path / "y"), "--model", str(out)], "--model")]:
+        bad = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", *argv],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and flag in bad.stderr.strip().splitlines()[-1], bad.stderr

@@ -402,23 +402,14 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
     return ratios, {name: rs[0] for name, rs in runs.items()}
 
 
-def per_step_kl(ref: Model, model: Model, ids: mx.array,
-                ut_steps: int | None = None) -> list[float]:
-    """KL(ref ‖ model) of the next-token distribution after every loop step, mean
-    over positions: how quantization error grows as shared weights are reused."""
-    a, b = ref.loop_outputs(ids, ut_steps=ut_steps), model.loop_outputs(ids, ut_steps=ut_steps)
-    out = []
-    for ha, hb in zip(a.hidden, b.hidden):
-        pa = nn.log_softmax(ref.lm_head(ha).astype(mx.float32), -1)
-        pb = nn.log_softmax(model.lm_head(hb).astype(mx.float32), -1)
-        out.append((mx.exp(pa) * (pa - pb)).sum(-1).mean().item())
-    return out
-
-
 def quality_table(model: Model, config: dict, ids: mx.array, bits_list=(8, 4),
-                  group_size: int = 64) -> dict:
-    """Per-loop-step KL of quantized models against the bfloat16 model (``model`` is
-    rounded to bfloat16 in place).
+                  group_size: int = 64, *, quantized: dict | None = None,
+                  q: float = 0.5) -> dict:
+    """Per loop step KL, exit-step agreement at ``q`` and average loops of quantized
+    models against the bfloat16 model (``model`` is rounded to bfloat16 in place):
+    round-to-nearest at each of ``bits_list`` (group ``group_size``), and each of
+    ``quantized`` ({name: quantized model}, e.g. from ``ouro-mlx quantize``) next to
+    round-to-nearest at its own bits and group size.
 
     Both run in float32 arithmetic: the reference with bfloat16-rounded weights, the
     quantized model with those weights quantized and dequantized (the same numbers
@@ -426,16 +417,30 @@ def quality_table(model: Model, config: dict, ids: mx.array, bits_list=(8, 4),
     and avoids MLX's slow CPU kernels for quantized × bfloat16."""
     from mlx_lm.utils import dequantize_model
 
+    from .quantize import quality, quantized_bits
+
+    samples = [(row, [1] * len(row)) for row in ids.tolist()]
+    rtn = [(bits, group_size) for bits in bits_list]
+    for other in (quantized or {}).values():
+        if quantized_bits(other) not in rtn:
+            rtn.append(quantized_bits(other))
     model.set_dtype(mx.bfloat16)  # in place, to keep a 1.4B model's copies in memory
     table = {}
-    for bits in bits_list:
-        q = copy.deepcopy(model)
-        q.set_dtype(mx.float32)  # float32 scales: dequantizing adds no rounding of its own
-        q = dequantize_model(quantize(q, config, bits, group_size))
+
+    def row(name: str, q_model) -> None:
+        q_model.set_dtype(mx.float32)
+        q_model = dequantize_model(q_model)
         model.set_dtype(mx.float32)
-        table[f"{bits}-bit"] = per_step_kl(model, q, ids)
-        del q
+        table[name] = quality(q_model, model, samples, q)
         model.set_dtype(mx.bfloat16)
+
+    for bits, group in rtn:
+        copied = copy.deepcopy(model)
+        copied.set_dtype(mx.float32)  # float32 scales: dequantizing adds no rounding
+        row(f"{bits}-bit" + ("" if group == group_size else f" g{group}"),
+            quantize(copied, config, bits, group))
+    for name, other in (quantized or {}).items():
+        row(name, other)
     return table
 
 

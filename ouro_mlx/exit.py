@@ -37,9 +37,18 @@ def exit_lambdas(gate_logits: list[mx.array] | mx.array) -> mx.array:
 def exit_pdf(gate_logits: list[mx.array] | mx.array) -> mx.array:
     """p_t = λ_t · Π_{j<t}(1 − λ_j) for t < T−1; the last step takes the remaining
     survival mass (its own λ is ignored), so the pdf sums to 1."""
-    lam = exit_lambdas(gate_logits)
+    return pdf_from_lambdas(exit_lambdas(gate_logits))
+
+
+def survival_before(lam: mx.array) -> mx.array:
+    """Π_{j<t}(1 − λ_j): the probability that step t runs, [..., T]."""
     survival = mx.cumprod(1.0 - lam, axis=-1)
-    before = mx.concatenate([mx.ones_like(lam[..., :1]), survival[..., :-1]], axis=-1)
+    return mx.concatenate([mx.ones_like(lam[..., :1]), survival[..., :-1]], axis=-1)
+
+
+def pdf_from_lambdas(lam: mx.array) -> mx.array:
+    """:func:`exit_pdf` from the per-step exit probabilities λ [..., T]."""
+    before = survival_before(lam)
     pdf = lam * before
     return mx.concatenate([pdf[..., :-1], before[..., -1:]], axis=-1)
 

@@ -5,9 +5,9 @@ error is met T times, and the exit gate reads states that quantization moved.
 Round-to-nearest (``rtn``) ignores both. ``dwq`` (distilled weight quantization, as
 ``mlx_lm.dwq``: the weights stay frozen as integers, their per-group scales and
 biases are trained) distils *every* loop step: the student's step-t distribution is
-pulled to the float model's step-t distribution, weighted by the float model's exit
-pdf (as Ouro's Stage I loss weights its steps), and the student's exit distribution
-to the float model's, so that adaptive exit makes the same decisions.
+pulled to the float model's step-t distribution, and the student's exit distribution
+to the float model's, so that adaptive exit makes the same decisions; each term is
+counted relative to its own size (``loss_terms``).
 ``loop_aware=False`` distils only the float model's output (its exit-selected
 logits), which is what stock DWQ does; it is kept for comparison.
 
@@ -34,13 +34,14 @@ METHODS = ("rtn", "dwq")
 
 @dataclass
 class DWQOptions:
-    num_samples: int = 1024  # training samples seen (one pass)
+    num_samples: int = 2048  # training samples seen (as mlx_lm.dwq)
     batch_size: int = 8
     max_seq_length: int = 512
     learning_rate: float | None = None  # default: by model width (see default_lr)
     seed: int = 0
     loop_aware: bool = True
     gate_weight: float = 1.0
+    grad_checkpoint: bool = False  # recompute each layer in the backward pass
 
     def check(self) -> None:
         for name in ("num_samples", "batch_size", "max_seq_length"):
@@ -79,11 +80,32 @@ def rtn(model, config: dict, bits: int, group_size: int, mixed: bool = False):
     return quantize_model(model, config, group_size, bits, quant_predicate=predicate(mixed))
 
 
-def step_outputs(model, inputs: mx.array, T: int) -> tuple[mx.array, mx.array]:
-    """Every loop step's log-probabilities [B, S, T, V] and the exit pdf [B, S, T]."""
+def quantized_bits(model) -> tuple[int, int]:
+    """(bits, group size) of a quantized model's shared layers (its most common
+    setting below 8 bits, else 8)."""
+    from collections import Counter
+
+    seen = Counter()
+
+    def look(_, m):
+        if isinstance(m, nn.QuantizedLinear):
+            seen[(m.bits, m.group_size)] += m.weight.size
+
+    model.apply_to_modules(look)
+    if not seen:
+        raise ValueError("not a quantized model (no quantized layer).")
+    low = {k: n for k, n in seen.items() if k[0] < 8}
+    return max(low or seen, key=(low or seen).get)
+
+
+def step_outputs(model, inputs: mx.array, T: int,
+                 lambdas: bool = False) -> tuple[mx.array, mx.array]:
+    """Every loop step's log-probabilities [B, S, T, V] and the exit pdf [B, S, T]
+    (or the per-step exit probabilities λ with ``lambdas``)."""
     out = model.model(inputs, None, T)
     logits = mx.stack([model.lm_head(h) for h in out.hidden], axis=2).astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), ex.exit_pdf(out.gate_logits)
+    gates = ex.exit_lambdas(out.gate_logits) if lambdas else ex.exit_pdf(out.gate_logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), gates
 
 
 def _kl(p_log: mx.array, q_log: mx.array) -> mx.array:
@@ -91,20 +113,38 @@ def _kl(p_log: mx.array, q_log: mx.array) -> mx.array:
     return (mx.exp(p_log) * (p_log - q_log)).sum(-1)
 
 
-def loss_terms(student, inputs, mask, teacher_lp, teacher_pdf, T, loop_aware, gate_weight):
-    """(loss, per-step KL [T]) over the counted tokens. Loop-aware: Σ_t pdf_t·KL_t plus
-    ``gate_weight``·KL(exit pdfs); else the KL of the exit-selected outputs only."""
-    lp, pdf = step_outputs(student, inputs, T)
+KL_FLOOR = 1e-7  # float32 resolution of a KL: below it, rounding noise
+
+
+def loss_terms(student, inputs, mask, teacher_lp, teacher_lam, T, opts):
+    """(loss, per-step KL [T]) over the counted tokens.
+
+    Loop-aware: Σ_t log(KL_t) + gate_weight·log(KL of the exit distributions), where
+    KL_t is step t's KL weighted per token by (pdf_t + 1/T)/2 (the float model's exit
+    pdf, as Ouro's Stage I loss weights its steps, half spread evenly so that no step
+    is left out). The logs make each term count relative to its own size: a step
+    whose error is already small (late steps at 4 bits) is kept small instead of being
+    traded for a larger one. Else: the KL of the exit-selected outputs only."""
+    lp, lam = step_outputs(student, inputs, T, lambdas=True)
     kl = _kl(teacher_lp, lp)  # [B, S, T]
     m = mask.astype(mx.float32)
     n = mx.maximum(m.sum(), 1)
-    if loop_aware:
-        eps = 1e-12
-        gate = (teacher_pdf * (mx.log(teacher_pdf + eps) - mx.log(pdf + eps))).sum(-1)
-        per_token = (teacher_pdf * kl).sum(-1) + gate_weight * gate
-    else:  # the float model's output: its own exit rule picks a step per token
-        per_token = _exit_selected(student, kl, teacher_pdf)
-    return (per_token * m).sum() / n, (kl * m[..., None]).sum((0, 1)) / n
+    per_step = (kl * m[..., None]).sum((0, 1)) / n
+    teacher_pdf = ex.pdf_from_lambdas(teacher_lam)
+    if not opts.loop_aware:  # the float model's output: its exit rule picks a step
+        return (_exit_selected(student, kl, teacher_pdf) * m).sum() / n, per_step
+    eps = 1e-7
+    pdf = ex.pdf_from_lambdas(lam)
+    # the KL of the exit distributions = Σ_t P(reach t)·KL(λ_t) (the chain rule)
+    gate = (teacher_pdf * (mx.log(teacher_pdf + eps) - mx.log(pdf + eps))).sum(-1)
+    w = (teacher_pdf + 1 / T) / 2
+    terms = ((w * kl) * m[..., None]).sum((0, 1)) / n
+    g = (gate * m).sum() / n
+
+    def log(x):
+        return mx.log(mx.maximum(x, 0) + KL_FLOOR)
+
+    return log(terms).sum() + opts.gate_weight * log(g), per_step
 
 
 def _exit_selected(model, kl: mx.array, pdf: mx.array) -> mx.array:
@@ -143,17 +183,24 @@ def dwq(student, teacher, train: list[Sample], valid: list[Sample], opts: DWQOpt
         raise ValueError("dwq: nothing to train (no quantized layer below 8 bits).")
     teacher.freeze()
     lr = opts.learning_rate or default_lr(teacher)
-    opt = optim.Adam(learning_rate=lr, bias_correction=True)
+    steps = max(1, opts.num_samples // opts.batch_size)
+    # decays to a tenth: the last steps settle instead of wandering around the optimum
+    opt = optim.Adam(learning_rate=optim.cosine_decay(lr, steps, lr / 10), bias_correction=True)
 
-    def loss(model, inputs, mask, t_lp, t_pdf):
-        return loss_terms(model, inputs, mask, t_lp, t_pdf, T, opts.loop_aware,
-                          opts.gate_weight)[0]
+    def loss(model, inputs, mask, t_lp, t_lam):
+        return loss_terms(model, inputs, mask, t_lp, t_lam, T, opts)[0]
 
     step = nn.value_and_grad(student, loss)
+    layer_type = type(student.model.layers[0])
+    call = layer_type.__call__
+    if opts.grad_checkpoint:  # mlx-lm's patches the class: undone below
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(student.model.layers[0])
 
     def targets(batch):
-        t_lp, t_pdf = step_outputs(teacher, batch[:, :-1], T)
-        return mx.stop_gradient(t_lp), mx.stop_gradient(t_pdf)
+        t_lp, t_lam = step_outputs(teacher, batch[:, :-1], T, True)
+        return mx.stop_gradient(t_lp), mx.stop_gradient(t_lam)
 
     def validate() -> float:
         total = count = 0.0
@@ -164,29 +211,34 @@ def dwq(student, teacher, train: list[Sample], valid: list[Sample], opts: DWQOpt
             total, count = total + value.item() * w, count + w
         return total / max(count, 1)
 
-    steps = max(1, opts.num_samples // opts.batch_size)
-    before = best = validate()
-    best_params = copy.deepcopy(dict(student.trainable_parameters()))
-    source = batches(train, opts.batch_size, opts.max_seq_length, opts.seed)
-    start = time.perf_counter()
-    every = max(1, steps // 4)
-    for n in range(steps):
-        b, m = next(source)
-        value, grads = step(student, b[:, :-1], m, *targets(b))
-        opt.update(student, grads)
-        mx.eval(student.trainable_parameters(), opt.state, value)
-        if progress is not None:
-            progress(n + 1, steps, value.item())
-        if (n + 1) % every == 0 or n + 1 == steps:
-            v = validate()
-            if v < best:
-                best, best_params = v, copy.deepcopy(dict(student.trainable_parameters()))
-    seconds = time.perf_counter() - start
+    every = max(1, steps // 8)
+    mx.reset_peak_memory()
+    try:
+        before = best = validate()
+        best_params = copy.deepcopy(dict(student.trainable_parameters()))
+        source = batches(train, opts.batch_size, opts.max_seq_length, opts.seed)
+        training = 0.0
+        for n in range(steps):
+            start = time.perf_counter()
+            b, m = next(source)
+            value, grads = step(student, b[:, :-1], m, *targets(b))
+            opt.update(student, grads)
+            mx.eval(student.trainable_parameters(), opt.state, value)
+            training += time.perf_counter() - start
+            if progress is not None:
+                progress(n + 1, steps, value.item())
+            if (n + 1) % every == 0 or n + 1 == steps:
+                v = validate()
+                if v < best:
+                    best, best_params = v, copy.deepcopy(dict(student.trainable_parameters()))
+    finally:
+        layer_type.__call__ = call
     student.update(best_params)  # never worse than where it started
     student.freeze()
     return {"steps": steps, "learning_rate": lr, "valid_before": round(before, 6),
-            "valid_after": round(best, 6), "seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / steps, 4)}
+            "valid_after": round(best, 6), "seconds": round(training, 1),
+            "seconds_per_step": round(training / steps, 4),
+            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
 
 
 def quality(model, reference, samples: list[Sample], q: float = 0.6, *,
@@ -210,6 +262,6 @@ def quality(model, reference, samples: list[Sample], q: float = 0.6, *,
         ref_loops += ((r_step + 1) * mf).sum().item()
         ntok += mf.sum().item()
     n = max(ntok, 1)
-    return {"kl_by_step": [round(x / n, 5) for x in kl_sum.tolist()],
+    return {"kl_by_step": [float(f"{x / n:.3g}") for x in kl_sum.tolist()],
             "exit_agreement": round(agree / n, 4), "avg_loops": round(loops / n, 3),
             "float_avg_loops": round(ref_loops / n, 3), "q": q, "tokens": int(ntok)}

@@ -14,7 +14,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 from ouro_mlx import CheckpointError, load_model
-from ouro_mlx.bench import per_step_kl
 from ouro_mlx.convert import hf_to_mlx, mlx_to_hf
 
 IDS = mx.array([[11, 200, 37, 400, 5, 63, 128, 256, 77, 19, 301, 2]])
@@ -100,7 +99,10 @@ def test_quantization_drift_per_loop_step(small_dir, tmp_path, bits, bound):
     assert type(gate) is nn.Linear and gate.weight.dtype == mx.float32
     assert all(v.dtype == mx.float32 for k, v in tree_flatten(q.parameters()) if "norm" in k)
     assert isinstance(q.layers[0].mlp.up_proj, nn.QuantizedLinear)
-    kls = per_step_kl(load_model(small_dir), q, IDS)
+    from ouro_mlx.quantize import quality
+
+    rows = [(row, [1] * len(row)) for row in IDS.tolist()]
+    kls = quality(q, load_model(small_dir), rows)["kl_by_step"]
     print(f"{bits}-bit KL per loop step: {[f'{k:.2e}' for k in kls]}")
     assert all(0 <= k < bound for k in kls), kls
 

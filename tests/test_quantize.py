@@ -74,3 +74,28 @@ def test_quantize_cli_writes_a_loadable_model(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", *argv],
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode != 0 and flag in bad.stderr.strip().splitlines()[-1], bad.stderr
+
+
+def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
+    """`bench --quality --quantized DIR` adds a row for DIR next to round-to-nearest at
+    DIR's own bits and group size; a directory quantized by RTN matches that row (up to
+    bench rounding its reference to bfloat16 first)."""
+    from ouro_mlx.commands import bench
+
+    out = tmp_path / "rtn3"
+    run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path", str(out),
+                          "--bits", "3", "--group-size", "32", "--method", "rtn"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    js = tmp_path / "q.json"
+    assert bench.main(["--quality", "--model", "demo", "--dtype", "float32",
+                       "--quantized", str(out), "--json-out", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "rtn3 KL per loop step" in text and "exit step agrees" in text
+    table = json.loads(js.read_text())["runs"]["float32"]["quality"]
+    assert set(table) == {"8-bit", "4-bit", "3-bit g32", "rtn3"}
+    ours, bench_rtn = table["rtn3"], table["3-bit g32"]
+    assert ours["kl_by_step"] == pytest.approx(bench_rtn["kl_by_step"], rel=0.2)
+    assert abs(ours["exit_agreement"] - bench_rtn["exit_agreement"]) < 0.05
+    with pytest.raises(ValueError, match="--quantized"):
+        bench.main(["--quality", "--random", "tiny", "--quantized", str(out)])

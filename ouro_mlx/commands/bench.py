@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", action="store_true",
                    help="Only the quantization error: the KL divergence of the 8-bit and "
                         "4-bit model's next-token distribution from the bfloat16 one, "
-                        "after each loop step.")
+                        "after each loop step, how often the exit step agrees, and the "
+                        "average loops.")
+    p.add_argument("--quantized", action="append", default=[], metavar="DIR",
+                   help="With --quality: also a quantized copy of --model (e.g. from "
+                        "ouro-mlx quantize), next to round-to-nearest at its bits and "
+                        "group size; repeat for several.")
+    p.add_argument("--exit-q", type=float, default=0.5,
+                   help="With --quality: the exit threshold at which exit steps are "
+                        "compared (default: 0.5).")
     p.add_argument("--json-out", default=None, help="Write the results here.")
     add_adapter_args(p)
     p.add_argument("--seed", type=seed, default=0, help="Seed of the random weights.")
@@ -216,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     import copy
 
     import mlx.core as mx
+    import mlx.nn as nn
 
     from .. import bench as B
     from ..exit import ExitRule
@@ -225,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                               or args.repeats < 1 or args.quality):
         raise ValueError("--compile-step cannot be combined with --no-compile, --kv-bits, "
                          "--no-peer, --repeats 0 or --quality.")
+    if args.quantized and not (args.quality and args.model):
+        raise ValueError("--quantized needs --quality and --model (the float model it "
+                         "was quantized from).")
+    if not 0 <= args.exit_q <= 1:
+        raise ValueError(f"--exit-q must be in [0, 1], got {args.exit_q}.")
     if args.json_out:  # before any work: never over a source, only over a bench result
         from ..outputs import output_file
 
@@ -297,16 +311,35 @@ def main(argv: list[str] | None = None) -> int:
             base = B.random_model(config, dtype, args.seed)
         with flag_terms():
             T = base._steps(args.ut_steps)
+        quantized = {}
+        for path in args.quantized if args.quality else []:
+            from ..loading import load_model
+
+            other = load_model(path, dtype=dtype)
+            from ..model import SIZES
+
+            if any(getattr(other.args, k) != getattr(base.args, k) for k in SIZES):
+                raise ValueError(f"--quantized {path}: not the shape of --model "
+                                 f"{args.model}.")
+            if not any(isinstance(m, nn.QuantizedLinear) for m in other.modules()):
+                raise ValueError(f"--quantized {path}: not a quantized model.")
+            quantized[Path(path).name] = other
         if args.quality:
-            kl = B.quality_table(base, config, ids[None])
-            results["runs"][dtype] = {"kl_per_step": kl}
-            for name, vals in kl.items():
+            table = B.quality_table(base, config, ids[None], quantized=quantized,
+                                    q=args.exit_q)
+            results["runs"][dtype] = {"kl_per_step": {k: v["kl_by_step"]
+                                                      for k, v in table.items()},
+                                      "quality": table}
+            for name, row in table.items():
                 print(f"{name:>6} KL per loop step vs bfloat16: "
-                      + "  ".join(f"t{t + 1}: {v:.3g}" for t, v in enumerate(vals)))
+                      + "  ".join(f"t{t + 1}: {v:.3g}" for t, v in enumerate(row["kl_by_step"]))
+                      + f"; exit step agrees {100 * row['exit_agreement']:.1f}%, avg loops "
+                        f"{row['avg_loops']:.2f} (bfloat16 {row['float_avg_loops']:.2f})")
             print(textwrap.fill("(KL divergence of the quantized model's next-token "
                                 "distribution from the bfloat16 one after loop step t, in "
-                                "nats: 0 = the same; weights in groups of 64, exit gate "
-                                "and norms unquantized)", 88, initial_indent="  ",
+                                "nats: 0 = the same; weights in groups of 64 unless named, "
+                                "exit gate and norms unquantized; exit steps compared at "
+                                f"q = {args.exit_q})", 88, initial_indent="  ",
                                 subsequent_indent="   "))
             continue
         for quant in quants:

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default for the bundled model: its shell games.")
     p.add_argument("--mixed", action="store_true",
                    help="Keep embeddings and lm_head at 8 bits.")
-    p.add_argument("--num-samples", type=int, default=1024,
-                   help="Training samples DWQ sees (default: 1024).")
+    p.add_argument("--num-samples", type=int, default=2048,
+                   help="Training samples DWQ sees (default: 2048).")
     p.add_argument("--max-seq-length", type=int, default=512,
                    help="Tokens per sample at most (default: 512).")
     p.add_argument("--batch-size", type=int, default=8, help="Samples per step (default: 8).")
@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Distil only the final output (stock DWQ's objective).")
     p.add_argument("--gate-weight", type=float, default=1.0,
                    help="Weight of the exit-distribution term (default: 1.0).")
-    p.add_argument("--exit-q", type=float, default=0.6,
-                   help="The threshold at which the report compares exit steps.")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="Recompute each layer in the backward pass: less memory, slower.")
+    p.add_argument("--exit-q", type=float, default=None,
+                   help="The threshold at which the report compares exit steps (default: "
+                        "the model's early_exit_threshold, else 0.5).")
     p.add_argument("--force", action="store_true",
                    help="Replace a --mlx-path that ouro-mlx wrote (never the source).")
     return p
@@ -77,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = Q.DWQOptions(num_samples=args.num_samples, batch_size=args.batch_size,
                         max_seq_length=args.max_seq_length,
                         learning_rate=args.learning_rate, seed=args.seed,
-                        loop_aware=args.loop_aware, gate_weight=args.gate_weight)
+                        loop_aware=args.loop_aware, gate_weight=args.gate_weight,
+                        grad_checkpoint=args.grad_checkpoint)
     try:
         opts.check()
     except ValueError as e:
         raise ValueError("--" + str(e).replace("_", "-", 2)) from None
-    if not 0 <= args.exit_q <= 1:
+    if args.exit_q is not None and not 0 <= args.exit_q <= 1:
         raise ValueError(f"--exit-q must be in [0, 1], got {args.exit_q}.")
     demo = not args.model or names_demo(args.model)
     path = model_or_demo(args) if not args.model else args.model
@@ -102,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train, valid = demo_data(tokenizer, n_train=max(args.num_samples, 64), n_valid=100)
     config = read_config(source)
+    q = args.exit_q if args.exit_q is not None else (
+        teacher.exit_threshold if teacher.exit_threshold not in (None, 1.0) else 0.5)
     student = copy.deepcopy(teacher)
     with contextlib.redirect_stdout(sys.stderr):  # mlx-lm's note: stdout is the report
         student, config = Q.rtn(student, config, args.bits, args.group_size, args.mixed)
-    report = {"rtn": Q.quality(student, teacher, valid, args.exit_q,
+    report = {"rtn": Q.quality(student, teacher, valid, q,
                                max_seq_length=args.max_seq_length)}
     if args.method == "dwq":
         from tqdm import tqdm
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
             report["train"] = Q.dwq(student, teacher, train, valid, opts, progress)
-        report["dwq"] = Q.quality(student, teacher, valid, args.exit_q,
+        report["dwq"] = Q.quality(student, teacher, valid, q,
                                   max_seq_length=args.max_seq_length)
     nbytes = sum(v.nbytes for _, v in tree_flatten(student.parameters()))
     with atomic_directory(out, force=args.force, verb="quantize") as tmp, \

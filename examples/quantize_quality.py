@@ -12,9 +12,10 @@ exit step (q = 0.6) agrees with the float model's, teacher-forced on held-out ga
 
 Methods: ``rtn`` (round to nearest), ``gptq``/``awq`` (loop-aware statistics),
 ``gptq-stock``/``awq-stock`` (one pooled pass, as mlx-lm's), ``dwq`` (loop-aware
-distillation, ``ouro-mlx quantize``'s default), ``dwq-final`` (``--no-loop-aware``: the
-float model's output only), ``mlx-dwq:LR`` (mlx-lm's own ``dwq_quantize`` on the same
-data and budget at learning rate LR).
+distillation from loop-aware gptq, ``ouro-mlx quantize``'s default), ``dwq-rtn`` (the
+same from round-to-nearest, ``--dwq-init rtn``), ``dwq-final`` (``--no-loop-aware``:
+the float model's output only, from stock gptq), ``mlx-dwq:LR`` (mlx-lm's own
+``dwq_quantize`` from round-to-nearest on the same data and budget, learning rate LR).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import copy
 import json
 import time
 
-METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "dwq", "dwq-final",
+METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "dwq", "dwq-rtn", "dwq-final",
            "mlx-dwq:1e-6", "mlx-dwq:1e-4", "mlx-dwq:1e-3"]
+STATS = 256  # samples gptq/awq gather statistics from, as ``ouro-mlx quantize``
 
 
 def stock_dwq(student, teacher, train, valid, lr, batch_size, seed) -> None:
@@ -46,19 +48,19 @@ def stock_dwq(student, teacher, train, valid, lr, batch_size, seed) -> None:
 
 
 def quantize(method: str, teacher, train, valid, bits: int, num_samples: int):
+    from ouro_mlx import quant_stats
     from ouro_mlx import quantize as Q
 
     student = copy.deepcopy(teacher)
-    if method in ("gptq", "gptq-stock", "awq", "awq-stock"):
-        from ouro_mlx import quant_stats
-
-        fn = getattr(quant_stats, method.split("-")[0])
-        fn(student, {}, train[:256], bits, 32, loop_aware=not method.endswith("stock"))
-        return student
-    Q.rtn(student, {}, bits, 32)
-    if method in ("dwq", "dwq-final"):
+    loop_aware = not method.endswith(("-stock", "-final"))
+    if method.startswith(("gptq", "awq")) or method in ("dwq", "dwq-final"):
+        fn = getattr(quant_stats, "awq" if method.startswith("awq") else "gptq")
+        fn(student, {}, train[:STATS], bits, 32, loop_aware=loop_aware)
+    else:
+        Q.rtn(student, {}, bits, 32)
+    if method.startswith("dwq"):
         Q.dwq(student, teacher, train, valid[:50],
-              Q.DWQOptions(num_samples=num_samples, loop_aware=method == "dwq"))
+              Q.DWQOptions(num_samples=num_samples, loop_aware=loop_aware))
     elif method.startswith("mlx-dwq:"):
         stock_dwq(student, teacher, train[:num_samples], valid[:32],
                   float(method.split(":")[1]), 8, 0)

@@ -40,7 +40,7 @@ class DWQOptions:
     learning_rate: float | None = None  # default: by model width (see default_lr)
     seed: int = 0
     loop_aware: bool = True
-    gate_weight: float = 1.0
+    gate_weight: float = 2.0
     grad_checkpoint: bool = False  # recompute each layer in the backward pass
 
     def check(self) -> None:

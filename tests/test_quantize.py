@@ -59,8 +59,12 @@ def test_quantize_cli_writes_a_loadable_model(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
-    assert set(report) == {"rtn", "train", "dwq"}
+    assert set(report) == {"rtn", "gptq", "train", "dwq"}  # dwq starts from gptq
     assert len(report["dwq"]["kl_by_step"]) == 4
+    assert all(d < r for d, r in zip(report["dwq"]["kl_by_step"], report["rtn"]["kl_by_step"]))
+    import mlx_lm
+
+    mlx_lm.load(str(out))  # stock mlx-lm reads it too (through our model class)
     model, tok = ouro_mlx.load(out)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 3
@@ -84,7 +88,8 @@ def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
 
     out = tmp_path / "rtn3"
     run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path", str(out),
-                          "--bits", "3", "--group-size", "32", "--method", "rtn"],
+                          "--bits", "3", "--group-size", "32", "--method", "rtn",
+                          "--num-samples", "16"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     js = tmp_path / "q.json"
@@ -97,5 +102,16 @@ def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
     ours, bench_rtn = table["rtn3"], table["3-bit g32"]
     assert ours["kl_by_step"] == pytest.approx(bench_rtn["kl_by_step"], rel=0.2)
     assert abs(ours["exit_agreement"] - bench_rtn["exit_agreement"]) < 0.05
+    for method in ("gptq", "awq"):  # written as a normal quantized directory
+        dst = tmp_path / method
+        run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path",
+                              str(dst), "--bits", "2", "--group-size", "32", "--method",
+                              method, "--num-samples", "32"],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
+        assert set(report) == {"rtn", method}
+        model, _ = ouro_mlx.load(dst)
+        assert Q.quantized_bits(model) == (2, 32)
     with pytest.raises(ValueError, match="--quantized"):
         bench.main(["--quality", "--random", "tiny", "--quantized", str(out)])

@@ -1,16 +1,17 @@
-"""ouro-mlx quantize: quantize a model, keeping every loop step (loop-aware DWQ).
+"""ouro-mlx quantize: quantize a model, keeping every loop step and its exit decisions.
 
-  ouro-mlx quantize --model DIR --mlx-path OUT --bits 2 --group-size 32 --method dwq \\
-      --data DATA_DIR
+  ouro-mlx quantize --model DIR --mlx-path OUT --bits 2 --group-size 32 --data DATA_DIR
 
---method rtn rounds to nearest (as convert -q). --method dwq then trains the
-quantization scales and biases (the integer weights stay frozen) so that every loop
-step's output and the exit decisions match the float model (--no-loop-aware: only
-the final output, as mlx_lm.dwq does). DATA_DIR: mlx-lm's layout, train.jsonl and
-optionally valid.jsonl (chat, prompt/completion or text lines; bad lines are
-reported as file:line and skipped). The report prints, for RTN and the result, the
-KL to the float model at every loop step, how often the exit step agrees at q, and
-the average loops.
+--method rtn rounds to nearest (as convert -q). gptq and awq choose the rounding from
+activation statistics gathered over every loop step, each step weighted by how many
+tokens still run it, layer by layer so later steps see earlier steps' error. dwq
+(the default) starts from gptq and trains the quantization scales and biases (the
+integer weights stay frozen) so that every loop step's output and the exit
+decisions match the float model. --no-loop-aware gives the stock objectives, for
+comparison. DATA_DIR: mlx-lm's layout, train.jsonl and optionally valid.jsonl (chat,
+prompt/completion or text lines; bad lines are reported as file:line and skipped).
+The report prints, for round-to-nearest and each stage, the KL to the float model at
+every loop step, how often the exit step agrees at q, and the average loops.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import argparse
 import contextlib
 import json
 import sys
+
+
+STATS_SAMPLES = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,15 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Bits per weight (default: 4).")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
                    help="Weights per scale (default: 64).")
-    p.add_argument("--method", choices=["rtn", "dwq"], default="dwq",
-                   help="rtn: round to nearest; dwq: then distil every loop step.")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "dwq"], default="dwq",
+                   help="rtn: round to nearest; gptq, awq: from activation statistics "
+                        "over every loop step; dwq (default): distil every loop step and "
+                        "the exit decisions, starting from gptq.")
+    p.add_argument("--dwq-init", choices=["gptq", "rtn"], default="gptq",
+                   help="Where dwq starts (default: gptq; rtn as mlx_lm.dwq).")
     p.add_argument("--data", default=None,
                    help="Calibration data: a directory with train.jsonl (and valid.jsonl); "
                         "default for the bundled model: its shell games.")
     p.add_argument("--mixed", action="store_true",
                    help="Keep embeddings and lm_head at 8 bits.")
-    p.add_argument("--num-samples", type=int, default=2048,
-                   help="Training samples DWQ sees (default: 2048).")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="Samples dwq trains on (default: 2048) or gptq/awq gather "
+                        f"statistics from (default: {STATS_SAMPLES}; dwq's gptq start "
+                        f"uses the first {STATS_SAMPLES}).")
     p.add_argument("--max-seq-length", type=int, default=512,
                    help="Tokens per sample at most (default: 512).")
     p.add_argument("--batch-size", type=int, default=8, help="Samples per step (default: 8).")
@@ -49,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "models, 3e-5 at hidden 2048).")
     p.add_argument("--seed", type=int, default=0, help="Data order (default: 0).")
     p.add_argument("--no-loop-aware", dest="loop_aware", action="store_false",
-                   help="Distil only the final output (stock DWQ's objective).")
+                   help="For comparison: distil only the final output (stock DWQ's "
+                        "objective); gptq/awq from one pooled pass (as mlx-lm's).")
     p.add_argument("--gate-weight", type=float, default=1.0,
                    help="Weight of the exit-distribution term (default: 1.0).")
     p.add_argument("--grad-checkpoint", action="store_true",
@@ -77,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                            names_demo, read_config, resolve, write_errors)
     from .options import model_or_demo
 
-    opts = Q.DWQOptions(num_samples=args.num_samples, batch_size=args.batch_size,
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}.")
+    opts = Q.DWQOptions(num_samples=args.num_samples or Q.DWQOptions.num_samples,
+                        batch_size=args.batch_size,
                         max_seq_length=args.max_seq_length,
                         learning_rate=args.learning_rate, seed=args.seed,
                         loop_aware=args.loop_aware, gate_weight=args.gate_weight,
@@ -104,27 +118,54 @@ def main(argv: list[str] | None = None) -> int:
         train, valid = load_data(args.data, tokenizer,
                                  warn=lambda m: print(m, file=sys.stderr))
     else:
-        train, valid = demo_data(tokenizer, n_train=max(args.num_samples, 64), n_valid=100)
+        train, valid = demo_data(tokenizer, n_train=max(opts.num_samples, STATS_SAMPLES),
+                                 n_valid=100)
     config = read_config(source)
     q = args.exit_q if args.exit_q is not None else (
         teacher.exit_threshold if teacher.exit_threshold not in (None, 1.0) else 0.5)
-    student = copy.deepcopy(teacher)
-    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm's note: stdout is the report
-        student, config = Q.rtn(student, config, args.bits, args.group_size, args.mixed)
-    report = {"rtn": Q.quality(student, teacher, valid, q,
-                               max_seq_length=args.max_seq_length)}
-    if args.method == "dwq":
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        with tqdm(total=max(1, args.num_samples // args.batch_size), desc="dwq",
+    def measure(model) -> dict:
+        return Q.quality(model, teacher, valid, q, max_seq_length=args.max_seq_length)
+
+    def quiet():  # mlx-lm prints notes on stdout, which is the report's
+        return contextlib.redirect_stdout(sys.stderr)
+
+    with quiet():
+        rtn = Q.rtn(copy.deepcopy(teacher), dict(config), args.bits, args.group_size,
+                    args.mixed)[0]
+    report = {"rtn": measure(rtn)}
+    del rtn
+    student = copy.deepcopy(teacher)
+    init = "rtn" if args.method == "dwq" and args.dwq_init == "rtn" else (
+        "gptq" if args.method == "dwq" else args.method)
+    if init == "rtn":
+        with quiet():
+            student, config = Q.rtn(student, config, args.bits, args.group_size, args.mixed)
+    else:
+        from .. import quant_stats
+
+        stats = train[:args.num_samples or STATS_SAMPLES] if args.method != "dwq" \
+            else train[:STATS_SAMPLES]
+        with tqdm(desc=init, unit="stage", file=sys.stderr) as bar, quiet():
+            def stage(n, total):
+                bar.total = total
+                bar.update(1)
+
+            student, config = getattr(quant_stats, init)(
+                student, config, stats, args.bits, args.group_size, args.mixed,
+                loop_aware=args.loop_aware, batch_size=args.batch_size,
+                max_seq_length=args.max_seq_length, progress=stage)
+        report[init] = measure(student)
+    if args.method == "dwq":
+        with tqdm(total=max(1, opts.num_samples // args.batch_size), desc="dwq",
                   unit="step", file=sys.stderr) as bar:
             def progress(n, total, loss):
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
 
             report["train"] = Q.dwq(student, teacher, train, valid, opts, progress)
-        report["dwq"] = Q.quality(student, teacher, valid, q,
-                                  max_seq_length=args.max_seq_length)
+        report["dwq"] = measure(student)
     nbytes = sum(v.nbytes for _, v in tree_flatten(student.parameters()))
     with atomic_directory(out, force=args.force, verb="quantize") as tmp, \
             write_errors(out, nbytes):

@@ -12,10 +12,10 @@ exit step (q = 0.6) agrees with the float model's, teacher-forced on held-out ga
 
 Methods: ``rtn`` (round to nearest), ``gptq``/``awq`` (loop-aware statistics),
 ``gptq-stock``/``awq-stock`` (one pooled pass, as mlx-lm's), ``dwq`` (loop-aware
-distillation from loop-aware gptq, ``ouro-mlx quantize``'s default), ``dwq-rtn`` (the
-same from round-to-nearest, ``--dwq-init rtn``), ``dwq-final`` (``--no-loop-aware``:
-the float model's output only, from stock gptq), ``mlx-dwq:LR`` (mlx-lm's own
-``dwq_quantize`` from round-to-nearest on the same data and budget, learning rate LR).
+distillation from round-to-nearest, ``ouro-mlx quantize``'s default), ``dwq-gptq`` (the
+same from loop-aware gptq, ``--dwq-init gptq``), ``dwq-final`` (``--no-loop-aware``:
+the float model's output only), ``mlx-dwq:LR`` (mlx-lm's own ``dwq_quantize`` from
+round-to-nearest on the same data and budget, learning rate LR).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import copy
 import json
 import time
 
-METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "dwq", "dwq-rtn", "dwq-final",
+METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "dwq", "dwq-gptq", "dwq-final",
            "mlx-dwq:1e-6", "mlx-dwq:1e-4", "mlx-dwq:1e-3"]
 STATS = 256  # samples gptq/awq gather statistics from, as ``ouro-mlx quantize``
 
@@ -53,7 +53,7 @@ def quantize(method: str, teacher, train, valid, bits: int, num_samples: int):
 
     student = copy.deepcopy(teacher)
     loop_aware = not method.endswith(("-stock", "-final"))
-    if method.startswith(("gptq", "awq")) or method in ("dwq", "dwq-final"):
+    if method.startswith(("gptq", "awq")) or method == "dwq-gptq":
         fn = getattr(quant_stats, "awq" if method.startswith("awq") else "gptq")
         fn(student, {}, train[:STATS], bits, 32, loop_aware=loop_aware)
     else:

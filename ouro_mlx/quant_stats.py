@@ -12,11 +12,12 @@ step t is part of its own input at step t+1. Stock mlx-lm ignores both:
 
 ``loop_aware=True`` (the default) changes three things:
 
-1. **Step weights.** Each token's input at step t is weighted by the probability that
-   the token still runs step t, the float model's survival 1 − cdf_{t−1} (from
-   ``ouro_mlx.exit.exit_pdf``; 1 at step 1). Measured on the bundled model, survival
-   beats weighting by the exit pdf itself, which gives step 1 little weight although
-   every token runs it and all later steps read its output (see ``STEP_WEIGHTS``).
+1. **Step weights.** Each token's input at step t is weighted by the float model's
+   exit pdf p_t (``ouro_mlx.exit.exit_pdf``): the share of that token's output the
+   step provides, as Ouro's own Stage I loss weights its steps. The survival
+   probability 1 − cdf_{t−1} (the chance the token runs step t) was the other
+   candidate; on the bundled model at 2 bits, GPTQ with pdf weights reached 0.97
+   accuracy at 4 loops against 0.91 with survival weights (``STEP_WEIGHTS``).
 2. **Every step.** GPTQ's Hessians and AWQ's activation statistics and scale/clip
    losses sum over all T applications of a shared Linear; ``lm_head`` reads every
    step's state, so its Hessian (GPTQ) and clip loss (AWQ) do too.
@@ -54,7 +55,7 @@ from .quantize import predicate, rtn
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-STEP_WEIGHTS = "survival"  # or "pdf": measured worse on the bundled model
+STEP_WEIGHTS = "pdf"  # or "survival": measured worse on the bundled model (2-bit GPTQ)
 N_GRID = 20  # AWQ's grid for scale ratios and clip shrink, as mlx-lm
 DAMP = 0.01  # GPTQ damping, a share of the Hessian's mean diagonal, as mlx-lm
 
@@ -164,15 +165,12 @@ def _batches(model, samples: list[Sample], batch_size: int, max_seq_length: int,
         n = mx.array([min(len(t), max_seq_length) - 1 for t, _ in rows])
         valid = (mx.arange(inputs.shape[1])[None] < n[:, None]).astype(mx.float32)
         if not loop_aware:
-            w = mx.stack([valid if steps == "all" or t == 0 else 0 * valid for t in range(T)])
+            w = mx.stack([valid if steps == "all" or t == 0 else 0 * valid
+                          for t in range(T)])
         else:
             pdf = ex.exit_pdf(model.model(inputs, None, T).gate_logits)  # [B, S, T]
             if STEP_WEIGHTS == "survival":
                 pdf = mx.cumsum(pdf[..., ::-1], axis=-1)[..., ::-1]  # 1 − cdf_{t−1}
-            elif STEP_WEIGHTS == "uniform":
-                pdf = mx.ones_like(pdf)
-            elif STEP_WEIGHTS == "mix":
-                pdf = 0.5 + 0.5 * mx.cumsum(pdf[..., ::-1], axis=-1)[..., ::-1]
             w = mx.moveaxis(pdf, -1, 0) * valid
         mx.eval(w)
         out.append(_Batch(inputs, w))
@@ -300,7 +298,7 @@ def gptq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
          mixed: bool = False, *, loop_aware: bool = True, batch_size: int = 8,
          max_seq_length: int = 512, progress: Progress = None):
     """GPTQ in place on a float Ouro model: ``(model, config)`` as ``rtn`` returns
-    them. Loop-aware: survival-weighted Hessians over every loop step, stage by stage
+    them. Loop-aware: exit-pdf-weighted Hessians over every loop step, stage by stage
     from the partly quantized model; else stock mlx-lm GPTQ (see the module doc)."""
     targets = _targets(model, bits, group_size, mixed)
     batches = _batches(model, samples, batch_size, max_seq_length, loop_aware, "all")
@@ -437,7 +435,7 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
         mixed: bool = False, *, loop_aware: bool = True, batch_size: int = 8,
         max_seq_length: int = 512, progress: Progress = None):
     """AWQ in place on a float Ouro model: ``(model, config)`` as ``rtn`` returns them.
-    Per decoder layer: capture its Linears' inputs at every loop step (survival
+    Per decoder layer: capture its Linears' inputs at every loop step (exit-pdf
     weights) from the partly quantized model, search scales and clips on them, then
     round; ``lm_head`` gets a clip search over every step's state. Not loop-aware:
     loop step 1's inputs only and ``lm_head`` rounded, as stock mlx-lm AWQ."""
@@ -449,7 +447,8 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
 
     def capture(stage_list: list[list[_Target]]) -> list[_Inputs]:
         inputs = [_Inputs() for _ in stage_list]
-        catchers = {s[0].path: _Catcher(s[0].linear, i.sink) for s, i in zip(stage_list, inputs)}
+        catchers = {s[0].path: _Catcher(s[0].linear, i.sink)
+                    for s, i in zip(stage_list, inputs)}
         _run(model, batches, catchers, targets)
         return inputs
 

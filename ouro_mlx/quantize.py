@@ -103,7 +103,9 @@ def step_outputs(model, inputs: mx.array, T: int,
     """Every loop step's log-probabilities [B, S, T, V] and the exit pdf [B, S, T]
     (or the per-step exit probabilities λ with ``lambdas``)."""
     out = model.model(inputs, None, T)
-    logits = mx.stack([model.lm_head(h) for h in out.hidden], axis=2).astype(mx.float32)
+    # one lm_head call for every step: its backward (to the scales) builds one
+    # [vocab, hidden] product, not one per step
+    logits = model.lm_head(mx.stack(out.hidden, axis=2)).astype(mx.float32)
     gates = ex.exit_lambdas(out.gate_logits) if lambdas else ex.exit_pdf(out.gate_logits)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True), gates
 

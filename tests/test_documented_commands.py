@@ -77,7 +77,7 @@ OVERRIDES: list[tuple[str, str | None, str, str]] = [
      "2 gate steps instead of 200"),
     (r"--demo-problems \d+", "--demo-problems 20", "", "20 games instead of 1,000"),
     (r"^ouro-mlx quantize (?!.*--num-samples)", None, "--num-samples 16",
-     "2 DWQ steps instead of 128"),
+     "2 DWQ steps instead of 256"),
     (r"^ouro-mlx demo-eval", None, "--n 20", "20 held-out games instead of 1,000"),
     (r"^ouro-mlx demo-train", None, "--scale 0.002",
      "the recipe's steps × 0.002 instead of 13 minutes of training"),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 import ouro_mlx
@@ -55,11 +56,12 @@ def test_loop_aware_dwq_keeps_every_step_and_the_exits(demo):
 def test_quantize_cli_writes_a_loadable_model(tmp_path):
     out = tmp_path / "q"
     run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path", str(out),
-                          "--bits", "3", "--group-size", "32", "--num-samples", "32"],
+                          "--bits", "3", "--group-size", "32", "--num-samples", "32",
+                          "--dwq-init", "gptq"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
-    assert set(report) == {"rtn", "gptq", "train", "dwq"}  # dwq starts from gptq
+    assert set(report) == {"rtn", "gptq", "train", "dwq"}  # --dwq-init gptq
     assert len(report["dwq"]["kl_by_step"]) == 4
     assert all(d < r for d, r in zip(report["dwq"]["kl_by_step"], report["rtn"]["kl_by_step"]))
     import mlx_lm
@@ -113,5 +115,9 @@ def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
         assert set(report) == {"rtn", method}
         model, _ = ouro_mlx.load(dst)
         assert Q.quantized_bits(model) == (2, 32)
+    from ouro_mlx.convert import mlx_to_hf
+
+    mlx_to_hf(tmp_path / "gptq", tmp_path / "hf")  # back to float, in the HF layout
+    assert not isinstance(ouro_mlx.load(tmp_path / "hf")[0].lm_head, nn.QuantizedLinear)
     with pytest.raises(ValueError, match="--quantized"):
         bench.main(["--quality", "--random", "tiny", "--quantized", str(out)])

@@ -5,8 +5,8 @@
 --method rtn rounds to nearest (as convert -q). gptq and awq choose the rounding from
 activation statistics gathered over every loop step, each step weighted by how many
 tokens still run it, layer by layer so later steps see earlier steps' error. dwq
-(the default) starts from gptq and trains the quantization scales and biases (the
-integer weights stay frozen) so that every loop step's output and the exit
+(the default) rounds to nearest (or --dwq-init gptq) and trains the quantization
+scales and biases (the integer weights stay frozen) so that every loop step's output and the exit
 decisions match the float model. --no-loop-aware gives the stock objectives, for
 comparison. DATA_DIR: mlx-lm's layout, train.jsonl and optionally valid.jsonl (chat,
 prompt/completion or text lines; bad lines are reported as file:line and skipped).
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rtn", "gptq", "awq", "dwq"], default="dwq",
                    help="rtn: round to nearest; gptq, awq: from activation statistics "
                         "over every loop step; dwq (default): distil every loop step and "
-                        "the exit decisions, starting from gptq.")
-    p.add_argument("--dwq-init", choices=["gptq", "rtn"], default="gptq",
-                   help="Where dwq starts (default: gptq; rtn as mlx_lm.dwq).")
+                        "the exit decisions.")
+    p.add_argument("--dwq-init", choices=["rtn", "gptq"], default="rtn",
+                   help="Where dwq starts (default: rtn, as mlx_lm.dwq).")
     p.add_argument("--data", default=None,
                    help="Calibration data: a directory with train.jsonl (and valid.jsonl); "
                         "default for the bundled model: its shell games.")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep embeddings and lm_head at 8 bits.")
     p.add_argument("--num-samples", type=int, default=None,
                    help="Samples dwq trains on (default: 2048) or gptq/awq gather "
-                        f"statistics from (default: {STATS_SAMPLES}; dwq's gptq start "
+                        f"statistics from (default: {STATS_SAMPLES}; --dwq-init gptq "
                         f"uses the first {STATS_SAMPLES}).")
     p.add_argument("--max-seq-length", type=int, default=512,
                    help="Tokens per sample at most (default: 512).")

@@ -325,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--quantized {path}: not a quantized model.")
             quantized[Path(path).name] = other
         if args.quality:
-            table = B.quality_table(base, config, ids[None], quantized=quantized,
+            kls = B.quality_table(base, config, ids[None], quantized=quantized,
                                     q=args.exit_q)
             results["runs"][dtype] = {"kl_per_step": {k: v["kl_by_step"]
-                                                      for k, v in table.items()},
-                                      "quality": table}
-            for name, row in table.items():
+                                                      for k, v in kls.items()},
+                                      "quality": kls}
+            for name, row in kls.items():
                 print(f"{name:>6} KL per loop step vs bfloat16: "
                       + "  ".join(f"t{t + 1}: {v:.3g}" for t, v in enumerate(row["kl_by_step"]))
                       + f"; exit step agrees {100 * row['exit_agreement']:.1f}%, avg loops "

@@ -29,8 +29,6 @@ import mlx.optimizers as optim
 from . import exit as ex
 from .calibrate import Sample, batches, pad_batch
 
-METHODS = ("rtn", "dwq")
-
 
 @dataclass
 class DWQOptions:

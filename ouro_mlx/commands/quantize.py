@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-loop-aware", dest="loop_aware", action="store_false",
                    help="For comparison: distil only the final output (stock DWQ's "
                         "objective); gptq/awq from one pooled pass (as mlx-lm's).")
-    p.add_argument("--gate-weight", type=float, default=1.0,
-                   help="Weight of the exit-distribution term (default: 1.0).")
+    p.add_argument("--gate-weight", type=float, default=2.0,
+                   help="Weight of the exit-distribution term (default: 2.0).")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer in the backward pass: less memory, slower.")
     p.add_argument("--exit-q", type=float, default=None,

@@ -16,6 +16,8 @@ VERBS = {
     "tokenizer": "Train a sentencepiece tokenizer (BPE or unigram) with ChatML tokens.",
     "lora": "Finetune with LoRA/DoRA/QLoRA/full (loop-aware: Stage I loss, per-loop adapters).",
     "train": "Train a looped model (Stage I, Stage II gate, fixed depth; MLX distributed).",
+    "eval": "Score lm-eval tasks at every loop depth from one pass (needs the eval extra).",
+    "perplexity": "Perplexity at every loop depth and with adaptive exit, from one pass.",
     "demo-eval": "Accuracy of the bundled demo model at each loop depth and with early exit.",
     "demo-train": "Train the bundled demo model from nothing (its full recipe).",
     "calibrate-exit": "Train only the exit gate on your data (Stage II); fewer loops.",

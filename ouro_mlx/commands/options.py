@@ -343,3 +343,56 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
             repetition_penalty=args.repetition_penalty) or None,
         max_tokens=args.max_tokens,
     )
+
+
+def depth_list(text: str) -> tuple[int, ...]:
+    """``1,2,3,4`` or ``1-8`` (or both, ``1-4,8``): loop depths, ascending, each once."""
+    depths: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected depths such as 1,2,3,4 or 1-8, got {text!r}") from None
+        if not 1 <= a <= b:
+            raise argparse.ArgumentTypeError(f"depths are >= 1 and ranges ascend: {text!r}")
+        depths.update(range(a, b + 1))
+    return tuple(sorted(depths))
+
+
+def threshold(text: str) -> float:
+    """An exit threshold in [0, 1]."""
+    q = number(text)
+    if not 0 <= q <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return q
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The depths ``eval`` and ``perplexity`` score: --ut-steps and --exit-threshold."""
+    p.add_argument("--ut-steps", type=depth_list, default=None, metavar="DEPTHS",
+                   help="Loop depths to score, e.g. 1,2,3,4 or 1-8 (beyond the trained "
+                        "depth too); all come from one pass at the deepest (default: 1 "
+                        "to the model's total_ut_steps).")
+    p.add_argument("--exit-threshold", type=threshold, nargs="*", default=None,
+                   metavar="Q", help="Adaptive exits to score too: each token stops at "
+                   "the first step whose exit cdf reaches Q, within the model's "
+                   "total_ut_steps (default: the model's own threshold, when it has one; "
+                   "the flag alone: none).")
+
+
+def scoring_depths(args: argparse.Namespace, model, mixture: bool = False):
+    """The ``Depths`` that --ut-steps and --exit-threshold name, for ``model``."""
+    from ..scoring import Depths
+
+    steps = args.ut_steps or tuple(range(1, model.ut_steps + 1))
+    if args.exit_threshold is None:
+        q = model.exit_threshold
+        thresholds = (q,) if q is not None and q < 1 else ()
+    else:
+        thresholds = tuple(dict.fromkeys(args.exit_threshold))
+    try:
+        return Depths(steps, thresholds, mixture)
+    except ValueError as e:
+        raise ValueError(f"--ut-steps: {e}") from None

@@ -59,6 +59,9 @@ EXCEPTIONS: list[tuple[str, str]] = [
     (r"(LD_PRELOAD=\S+ )?python examples/.*",
      "a measurement script of the source checkout (examples/ is not installed) that "
      "runs for minutes to hours; the figures it printed are in the docs"),
+    (r"ouro-mlx eval --model ByteDance/\S+ --tasks arc_easy .*",
+     "lm-eval's arc_easy and hellaswag download their datasets from the Hugging Face hub; "
+     "tests/test_eval.py runs eval on the bundled and local task files"),
     (r"(bash \.gpu/run )?bash examples/gpu_suite\.sh",
      "the GPU measurement script of the source checkout (examples/ is not installed), "
      "minutes at the 1.4B shape; tests/test_bench.py runs it with a tiny model"),
@@ -78,6 +81,9 @@ OVERRIDES: list[tuple[str, str | None, str, str]] = [
     (r"--demo-problems \d+", "--demo-problems 20", "", "20 games instead of 1,000"),
     (r"^ouro-mlx quantize (?!.*--num-samples)", None, "--num-samples 16",
      "2 DWQ steps instead of 256"),
+    (r"^ouro-mlx eval (?!.*--limit)", None, "--limit 20", "20 games instead of 1,000"),
+    (r"^python -m ouro_mlx\.demo\.task --n 1000 ", "python -m ouro_mlx.demo.task --n 50 ", "",
+     "50 games instead of 1,000"),
     (r"^ouro-mlx demo-eval", None, "--n 20", "20 held-out games instead of 1,000"),
     (r"^ouro-mlx demo-train", None, "--scale 0.002",
      "the recipe's steps × 0.002 instead of 13 minutes of training"),

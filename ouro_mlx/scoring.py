@@ -24,6 +24,10 @@ from . import exit as ex
 from .model import Model, check_ut_steps
 
 
+# float32 logits made at once (512 MB): long rows of a large vocabulary go in spans
+LOGIT_ELEMENTS = 1 << 27
+
+
 def threshold_key(q: float) -> str:
     return f"q{q:g}"
 
@@ -98,14 +102,25 @@ def score(model: Model, rows: list[list[int]], masks: list[list[int]],
     out = model.loop_outputs(inputs, ut_steps=depths.passes(model))
     mx.eval(out.hidden, out.gate_logits)
 
+    B, S = targets.shape
+    span = max(1, LOGIT_ELEMENTS // (B * model.args.vocab_size))
+
     def reduce(h: mx.array, greedy: bool = True) -> tuple[mx.array, mx.array | None]:
-        logits = model.lm_head(h).astype(mx.float32)
-        lp = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        lp = lp - mx.logsumexp(logits, axis=-1)
+        """Target log-probs [B, S] (and whether every scored token is the argmax),
+        the logits made ``span`` positions at a time."""
+        lps, hits = [], []
+        for a in range(0, S, span):
+            logits = model.lm_head(h[:, a:a + span]).astype(mx.float32)
+            tg = targets[:, a:a + span]
+            lp = mx.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
+            lps.append(lp - mx.logsumexp(logits, axis=-1))
+            if greedy:
+                hits.append(mx.argmax(logits, axis=-1) == tg)
+            mx.eval(lps[-1], *hits[-1:])
+        lp = mx.concatenate(lps, axis=1)
         if not greedy:
             return lp, None
-        hit = (mx.argmax(logits, axis=-1) == targets) | ~mask
-        return lp, mx.all(hit, axis=-1)
+        return lp, mx.all(mx.concatenate(hits, axis=1) | ~mask, axis=-1)
 
     def done(lp, hit, loops=None) -> Scores:
         total = mx.sum(mx.where(mask, lp, 0.0), axis=-1)

@@ -64,6 +64,23 @@ def test_one_pass_scores_equal_a_run_at_each_depth(tiny):
                                    rtol=1e-5)
 
 
+def test_long_rows_are_scored_in_spans(tiny, monkeypatch):
+    """The logits of a long row are made a few positions at a time: same scores."""
+    from ouro_mlx import scoring
+
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, tiny.args.vocab_size, n).tolist() for n in (11, 6)]
+    masks = [[0] + [1] * (len(r) - 1) for r in rows]
+    depths = Depths((1, 3), (0.5,), mixture=True)
+    whole = score(tiny, rows, masks, depths)
+    monkeypatch.setattr(scoring, "LOGIT_ELEMENTS", 2 * 3 * tiny.args.vocab_size)  # 3 positions
+    spans = score(tiny, rows, masks, depths)
+    for key, s in whole.items():
+        np.testing.assert_allclose(spans[key].logprob, s.logprob, rtol=1e-6, atol=1e-6)
+        if s.greedy is not None:
+            assert (spans[key].greedy == s.greedy).all()
+
+
 def test_depths_refuse_nonsense():
     with pytest.raises(ValueError, match="Nothing to score"):
         Depths()

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..evaluate import DepthRunner
     from ..loading import load
     from ..outputs import output_dir
-    from .options import apply_exit_gate, model_or_demo, scoring_depths
+    from .options import apply_compile_flag, apply_exit_gate, model_or_demo, scoring_depths
 
     dest = None
     if args.output_dir is not None:
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = output_dir(args.output_dir, "--output-dir", force=args.force, sources=sources)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     mx.random.seed(args.seed)
+    apply_compile_flag(args)
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
                             adapter_path=args.adapter_path)
     apply_exit_gate(model, args)

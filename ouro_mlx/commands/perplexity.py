@@ -107,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..data import check_input, read_samples
     from ..loading import load
     from ..scoring import score
-    from .options import apply_exit_gate, model_or_demo, scoring_depths
+    from .options import apply_compile_flag, apply_exit_gate, model_or_demo, scoring_depths
 
     path = data_file(args.data_path)
     check_input(path)
+    apply_compile_flag(args)
     model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
                             adapter_path=args.adapter_path)
     apply_exit_gate(model, args)

@@ -235,6 +235,10 @@ def test_eval_one_pass_outputs_and_plot(capsys, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     rc, _, err = run_cli(capsys, *argv[:-1], str(tmp_path / "mine"), "--force")
     assert rc == 1 and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    inside = tmp_path / "tasks"
+    inside.mkdir()
+    rc, _, err = run_cli(capsys, *argv[:-1], str(inside / "out"), "--include-path", str(inside))
+    assert rc == 1 and "--output-dir" in err and "--include-path" in err
 
 
 @needs_lm_eval

@@ -88,16 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     from ..outputs import output_dir
     from .options import apply_compile_flag, apply_exit_gate, model_or_demo, scoring_depths
 
+    path = model_or_demo(args)
     dest = None
     if args.output_dir is not None:
-        sources = [("--model", args.model)] if args.model else []
-        if args.include_path:
-            sources.append(("--include-path", args.include_path))
+        sources = [(flag, value) for flag, value in (
+            ("--model", path), ("--include-path", args.include_path),
+            ("--adapter-path", args.adapter_path), ("--exit-gate", args.exit_gate)) if value]
         dest = output_dir(args.output_dir, "--output-dir", force=args.force, sources=sources)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     mx.random.seed(args.seed)
     apply_compile_flag(args)
-    model, tokenizer = load(model_or_demo(args), dtype=args.dtype,
+    model, tokenizer = load(path, dtype=args.dtype,
                             adapter_path=args.adapter_path)
     apply_exit_gate(model, args)
     depths = scoring_depths(args, model)

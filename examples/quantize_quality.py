@@ -47,7 +47,8 @@ def stock_dwq(student, teacher, train, valid, lr, batch_size, seed) -> None:
     student.freeze()
 
 
-def quantize(method: str, teacher, train, valid, bits: int, num_samples: int):
+def quantize(method: str, teacher, train, valid, bits: int, num_samples: int,
+             stats: int = STATS):
     from ouro_mlx import quant_stats
     from ouro_mlx import quantize as Q
 
@@ -55,7 +56,7 @@ def quantize(method: str, teacher, train, valid, bits: int, num_samples: int):
     loop_aware = not method.endswith(("-stock", "-final"))
     if method.startswith(("gptq", "awq")) or method == "dwq-gptq":
         fn = getattr(quant_stats, "awq" if method.startswith("awq") else "gptq")
-        fn(student, {}, train[:STATS], bits, 32, loop_aware=loop_aware)
+        fn(student, {}, train[:stats], bits, 32, loop_aware=loop_aware)
     else:
         Q.rtn(student, {}, bits, 32)
     if method.startswith("dwq"):
@@ -74,6 +75,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--games", type=int, default=300)
     p.add_argument("--num-samples", type=int, default=2048)
+    p.add_argument("--stats-samples", type=int, default=STATS,
+                   help="samples gptq/awq gather statistics from")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
 
@@ -105,7 +108,8 @@ def main() -> None:
     for bits in args.bits:
         for method in args.methods:
             start = time.perf_counter()
-            model = quantize(method, teacher, train, valid, bits, args.num_samples)
+            model = quantize(method, teacher, train, valid, bits, args.num_samples,
+                             args.stats_samples)
             rows.append(row(f"{bits}-bit {method}", model, time.perf_counter() - start))
     if args.json_out:
         with open(args.json_out, "w") as f:

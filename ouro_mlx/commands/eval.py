@@ -1,9 +1,11 @@
 """ouro-mlx eval: lm-evaluation-harness tasks at every loop depth, in-process.
 
   ouro-mlx eval --model DIR --tasks arc_easy --ut-steps 1-4 --exit-threshold 0.5 0.9
-  ouro-mlx eval --tasks shell_game_mc shell_game_gen --include-path TASKS \\
-      --no-apply-chat-template --output-dir results --json
+  ouro-mlx eval --model DIR --tasks my_task --include-path my_tasks/ --limit 200
+  ouro-mlx eval --tasks shell_game shell_game_mc --output-dir results --json
   {"results": {"shell_game_mc": {"1": {"acc": ...}, ..., "q0.6": {"acc": ..., "avg_loops": ...}}}}
+
+shell_game and shell_game_mc are the bundled model's game (always available).
 
 Depth keys: "1", "2", ... run that many loop steps on every token (beyond the trained
 depth too); "q<Q>" stops each token at the first step whose exit cdf reaches Q

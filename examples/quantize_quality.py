@@ -11,7 +11,8 @@ the KL to the float model after each loop step and the share of answer tokens wh
 exit step (q = 0.6) agrees with the float model's, teacher-forced on held-out games.
 
 Methods: ``rtn`` (round to nearest), ``gptq``/``awq`` (loop-aware statistics),
-``gptq-stock``/``awq-stock`` (one pooled pass, as mlx-lm's), ``dwq`` (loop-aware
+``gptq-stock``/``awq-stock`` (one pooled pass, as mlx-lm's), ``awq-gptq`` (AWQ's
+scales, then GPTQ's rounding: ``--method awq --awq-gptq``), ``dwq`` (loop-aware
 distillation from round-to-nearest, ``ouro-mlx quantize``'s default), ``dwq-gptq`` (the
 same from loop-aware gptq, ``--dwq-init gptq``), ``dwq-final`` (``--no-loop-aware``:
 the float model's output only), ``mlx-dwq:LR`` (mlx-lm's own ``dwq_quantize`` from
@@ -25,7 +26,7 @@ import copy
 import json
 import time
 
-METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "dwq", "dwq-gptq", "dwq-final",
+METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "awq-gptq", "dwq", "dwq-gptq", "dwq-final",
            "mlx-dwq:1e-6", "mlx-dwq:1e-4", "mlx-dwq:1e-3"]
 STATS = 256  # samples gptq/awq gather statistics from, as ``ouro-mlx quantize``
 
@@ -54,7 +55,10 @@ def quantize(method: str, teacher, train, valid, bits: int, num_samples: int,
 
     student = copy.deepcopy(teacher)
     loop_aware = not method.endswith(("-stock", "-final"))
-    if method.startswith(("gptq", "awq")) or method == "dwq-gptq":
+    if method.startswith("awq-gptq"):
+        quant_stats.awq(student, {}, train[:stats], bits, 32, loop_aware=loop_aware,
+                        then_gptq=True)
+    elif method.startswith(("gptq", "awq")) or method == "dwq-gptq":
         fn = getattr(quant_stats, "awq" if method.startswith("awq") else "gptq")
         fn(student, {}, train[:stats], bits, 32, loop_aware=loop_aware)
     else:

@@ -433,12 +433,19 @@ def _search_clip(inputs: _Inputs, w: mx.array, bits: int, group_size: int,
 
 def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
         mixed: bool = False, *, loop_aware: bool = True, batch_size: int = 8,
-        max_seq_length: int = 512, progress: Progress = None):
+        max_seq_length: int = 512, progress: Progress = None, then_gptq: bool = False):
     """AWQ in place on a float Ouro model: ``(model, config)`` as ``rtn`` returns them.
     Per decoder layer: capture its Linears' inputs at every loop step (exit-pdf
     weights) from the partly quantized model, search scales and clips on them, then
     round; ``lm_head`` gets a clip search over every step's state. Not loop-aware:
-    loop step 1's inputs only and ``lm_head`` rounded, as stock mlx-lm AWQ."""
+    loop step 1's inputs only and ``lm_head`` rounded, as stock mlx-lm AWQ.
+    ``then_gptq``: only the scales are searched and folded (the model stays float and
+    computes the same function), then :func:`gptq` rounds it."""
+    if then_gptq:
+        scale_only(model, samples, bits, group_size, mixed, loop_aware=loop_aware,
+                   batch_size=batch_size, max_seq_length=max_seq_length)
+        return gptq(model, config, samples, bits, group_size, mixed, loop_aware=loop_aware,
+                    batch_size=batch_size, max_seq_length=max_seq_length, progress=progress)
     targets = _targets(model, bits, group_size, mixed)
     batches = _batches(model, samples, batch_size, max_seq_length, loop_aware, "first")
     head = loop_aware and "lm_head" in targets
@@ -455,13 +462,7 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
     for n, layer in enumerate(model.layers):
         layer_stages = _layer_stages(targets, n)
         inputs = capture(layer_stages)
-        for stage, prev, block in AWQ_FOLDS:
-            linears = [t.linear for t in layer_stages[stage]]
-            s = _search_scale(inputs[stage], linears, block and layer[block],
-                              bits, group_size)
-            _fold(_get(layer, prev), linears, s)
-            # the stage's own captured inputs are now divided by s
-            inputs[stage].items = [(x / s, w) for x, w in inputs[stage].items]
+        _scale_layer(layer, layer_stages, inputs, bits, group_size)
         for stage, inp in zip(layer_stages, inputs):
             for tgt in stage:
                 w = tgt.linear.weight
@@ -482,3 +483,27 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
     for path, w in final.items():
         targets[path].linear.weight = w
     return _finish(model, config, bits, group_size, mixed, {})
+
+
+def scale_only(model, samples: list[Sample], bits: int, group_size: int, mixed: bool = False,
+               *, loop_aware: bool = True, batch_size: int = 8, max_seq_length: int = 512):
+    """AWQ's scale search, folded into the shared norms, on a float model that stays
+    float (the same function, its weights easier to round)."""
+    targets = _targets(model, bits, group_size, mixed)
+    batches = _batches(model, samples, batch_size, max_seq_length, loop_aware, "first")
+    for n, layer in enumerate(model.layers):
+        layer_stages = _layer_stages(targets, n)
+        inputs = [_Inputs() for _ in layer_stages]
+        _run(model, batches, {s[0].path: _Catcher(s[0].linear, i.sink)
+                              for s, i in zip(layer_stages, inputs)}, targets)
+        _scale_layer(layer, layer_stages, inputs, bits, group_size)
+
+
+def _scale_layer(layer, layer_stages, inputs: list[_Inputs], bits: int, group_size: int):
+    """Search each fold's scales on the captured inputs and fold them in."""
+    for stage, prev, block in AWQ_FOLDS:
+        linears = [t.linear for t in layer_stages[stage]]
+        s = _search_scale(inputs[stage], linears, block and layer[block], bits, group_size)
+        _fold(_get(layer, prev), linears, s)
+        # the stage's own captured inputs are now divided by s
+        inputs[stage].items = [(x / s, w) for x, w in inputs[stage].items]

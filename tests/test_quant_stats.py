@@ -35,16 +35,33 @@ def demo():
     return model, train, valid
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 2), ("gptq", 3), ("awq", 2)])
+@pytest.mark.parametrize("method,bits", [("gptq", 2), ("gptq", 3), ("awq", 2),
+                                         ("awq-gptq", 2)])
 def test_beats_round_to_nearest_at_every_step(demo, method, bits):
     teacher, train, valid = demo
     rtn = Q.quality(Q.rtn(copy.deepcopy(teacher), {}, bits, 32)[0], teacher, valid)
-    model, config = getattr(S, method)(copy.deepcopy(teacher), {"model_type": "ouro"},
-                                       train, bits, 32)
+    extra = {"then_gptq": True} if method == "awq-gptq" else {}
+    model, config = getattr(S, method.split("-")[0])(
+        copy.deepcopy(teacher), {"model_type": "ouro"}, train, bits, 32, **extra)
     got = Q.quality(model, teacher, valid)
     assert all(g < r for g, r in zip(got["kl_by_step"], rtn["kl_by_step"])), (got, rtn)
     assert config["quantization"]["bits"] == bits
     assert type(model.model.early_exit_gate).__name__ == "Linear"  # full precision
+
+
+def test_awq_scales_keep_the_float_function(demo):
+    """AWQ's scales, folded into the norms before GPTQ rounds: the same outputs."""
+    teacher, train, _ = demo
+    model = copy.deepcopy(teacher)
+    S.scale_only(model, train[:16], 2, 32)
+    ids = mx.array([train[0][0]])
+    before, after = teacher.loop_outputs(ids), model.loop_outputs(ids)
+    moved = [not mx.allclose(a, b).item() for a, b in zip(
+        teacher.model.layers[0].input_layernorm.parameters().values(),
+        model.model.layers[0].input_layernorm.parameters().values())]
+    assert any(moved)  # the scales were folded in
+    for h0, h1 in zip(before.hidden, after.hidden):
+        assert mx.allclose(h0, h1, atol=1e-4, rtol=1e-4).item()
 
 
 @pytest.mark.parametrize("bits,group", [(7, 32), (4, 48)])

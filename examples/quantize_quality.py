@@ -12,7 +12,7 @@ exit step (q = 0.6) agrees with the float model's, teacher-forced on held-out ga
 
 Methods: ``rtn`` (round to nearest), ``gptq``/``awq`` (loop-aware statistics),
 ``gptq-stock``/``awq-stock`` (one pooled pass, as mlx-lm's), ``awq-gptq`` (AWQ's
-scales, then GPTQ's rounding: ``--method awq --awq-gptq``), ``dwq`` (loop-aware
+scales, then GPTQ's rounding; measured, not offered by ``ouro-mlx quantize``), ``dwq`` (loop-aware
 distillation from round-to-nearest, ``ouro-mlx quantize``'s default), ``dwq-gptq`` (the
 same from loop-aware gptq, ``--dwq-init gptq``), ``dwq-final`` (``--no-loop-aware``:
 the float model's output only), ``mlx-dwq:LR`` (mlx-lm's own ``dwq_quantize`` from

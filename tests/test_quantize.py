@@ -105,7 +105,7 @@ def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
     ours, bench_rtn = table["rtn3"], table["3-bit g32"]
     assert ours["kl_by_step"] == pytest.approx(bench_rtn["kl_by_step"], rel=0.2)
     assert abs(ours["exit_agreement"] - bench_rtn["exit_agreement"]) < 0.05
-    for method in ("gptq", "awq", "awq-gptq"):  # written as a normal quantized directory
+    for method in ("gptq", "awq"):  # written as a normal quantized directory
         dst = tmp_path / method
         run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path",
                               str(dst), "--bits", "2", "--group-size", "32", "--method",

@@ -36,13 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Bits per weight (default: 4).")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
                    help="Weights per scale (default: 64).")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq-gptq", "dwq"],
-                   default="dwq",
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "dwq"], default="dwq",
                    help="rtn: round to nearest; gptq, awq: from activation statistics "
-                        "over every loop step; awq-gptq: AWQ's scales, then GPTQ's "
-                        "rounding; dwq (default): distil every loop step and the exit "
-                        "decisions.")
-    p.add_argument("--dwq-init", choices=["rtn", "gptq", "awq-gptq"], default="rtn",
+                        "over every loop step; dwq (default): distil every loop step and "
+                        "the exit decisions.")
+    p.add_argument("--dwq-init", choices=["rtn", "gptq"], default="rtn",
                    help="Where dwq starts (default: rtn, as mlx_lm.dwq).")
     p.add_argument("--data", default=None,
                    help="Calibration data: a directory with train.jsonl (and valid.jsonl); "
@@ -153,11 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                 bar.total = total
                 bar.update(1)
 
-            extra = {"then_gptq": True} if init == "awq-gptq" else {}
-            student, config = getattr(quant_stats, init.split("-")[0])(
+            student, config = getattr(quant_stats, init)(
                 student, config, stats, args.bits, args.group_size, args.mixed,
                 loop_aware=args.loop_aware, batch_size=args.batch_size,
-                max_seq_length=args.max_seq_length, progress=stage, **extra)
+                max_seq_length=args.max_seq_length, progress=stage)
         report[init] = measure(student)
     if args.method == "dwq":
         with tqdm(total=max(1, opts.num_samples // args.batch_size), desc="dwq",

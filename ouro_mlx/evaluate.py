@@ -177,7 +177,8 @@ class DepthRunner:
             until = [until] if isinstance(until, str) else list(until)
             n = self.max_tokens or opts.get("max_gen_toks", DEFAULT_MAX_TOKENS)
             n = max(1, min(n, self.positions - 1))
-            prompt = self.encode(context)[-(self.positions - n):]
+            prompt = self.encode(context)[-(self.positions - n):] or [
+                self.tokenizer.eos_token_id]  # an empty context: generate after eos
             s = Sequence(prompt, self.model, rule, n, eos, sampler=self.sampler,
                          tag=(req, until))
             seqs.append(s)

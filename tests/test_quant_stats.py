@@ -35,14 +35,12 @@ def demo():
     return model, train, valid
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 2), ("gptq", 3), ("awq", 2),
-                                         ("awq-gptq", 2)])
+@pytest.mark.parametrize("method,bits", [("gptq", 2), ("gptq", 3), ("awq", 2)])
 def test_beats_round_to_nearest_at_every_step(demo, method, bits):
     teacher, train, valid = demo
     rtn = Q.quality(Q.rtn(copy.deepcopy(teacher), {}, bits, 32)[0], teacher, valid)
-    extra = {"then_gptq": True} if method == "awq-gptq" else {}
-    model, config = getattr(S, method.split("-")[0])(
-        copy.deepcopy(teacher), {"model_type": "ouro"}, train, bits, 32, **extra)
+    model, config = getattr(S, method)(copy.deepcopy(teacher), {"model_type": "ouro"},
+                                       train, bits, 32)
     got = Q.quality(model, teacher, valid)
     assert all(g < r for g, r in zip(got["kl_by_step"], rtn["kl_by_step"])), (got, rtn)
     assert config["quantization"]["bits"] == bits
@@ -50,7 +48,8 @@ def test_beats_round_to_nearest_at_every_step(demo, method, bits):
 
 
 def test_awq_scales_keep_the_float_function(demo):
-    """AWQ's scales, folded into the norms before GPTQ rounds: the same outputs."""
+    """AWQ's scales, folded into the norms before GPTQ rounds (``awq(then_gptq=True)``,
+    the measurement script's awq-gptq): the same outputs."""
     teacher, train, _ = demo
     model = copy.deepcopy(teacher)
     S.scale_only(model, train[:16], 2, 32)

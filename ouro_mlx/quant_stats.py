@@ -452,16 +452,9 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
     total = len(model.layers) + head
     final: dict[str, mx.array] = {}  # scaled and clipped float weights, rounded at the end
 
-    def capture(stage_list: list[list[_Target]]) -> list[_Inputs]:
-        inputs = [_Inputs() for _ in stage_list]
-        catchers = {s[0].path: _Catcher(s[0].linear, i.sink)
-                    for s, i in zip(stage_list, inputs)}
-        _run(model, batches, catchers, targets)
-        return inputs
-
     for n, layer in enumerate(model.layers):
         layer_stages = _layer_stages(targets, n)
-        inputs = capture(layer_stages)
+        inputs = _capture(model, batches, layer_stages, targets)
         _scale_layer(layer, layer_stages, inputs, bits, group_size)
         for stage, inp in zip(layer_stages, inputs):
             for tgt in stage:
@@ -476,8 +469,8 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
             progress(n + 1, total)
     if head:
         tgt = targets["lm_head"]
-        final["lm_head"] = _search_clip(capture([[tgt]])[0], tgt.linear.weight, tgt.bits,
-                                        tgt.group_size)
+        final["lm_head"] = _search_clip(_capture(model, batches, [[tgt]], targets)[0],
+                                        tgt.linear.weight, tgt.bits, tgt.group_size)
         if progress is not None:
             progress(total, total)
     for path, w in final.items():
@@ -493,10 +486,17 @@ def scale_only(model, samples: list[Sample], bits: int, group_size: int, mixed: 
     batches = _batches(model, samples, batch_size, max_seq_length, loop_aware, "first")
     for n, layer in enumerate(model.layers):
         layer_stages = _layer_stages(targets, n)
-        inputs = [_Inputs() for _ in layer_stages]
-        _run(model, batches, {s[0].path: _Catcher(s[0].linear, i.sink)
-                              for s, i in zip(layer_stages, inputs)}, targets)
-        _scale_layer(layer, layer_stages, inputs, bits, group_size)
+        _scale_layer(layer, layer_stages, _capture(model, batches, layer_stages, targets),
+                     bits, group_size)
+
+
+def _capture(model, batches: list[_Batch], stage_list: list[list[_Target]],
+             targets: dict[str, _Target]) -> list[_Inputs]:
+    """Each stage's inputs (every loop step, weighted) over the calibration batches."""
+    inputs = [_Inputs() for _ in stage_list]
+    _run(model, batches, {s[0].path: _Catcher(s[0].linear, i.sink)
+                          for s, i in zip(stage_list, inputs)}, targets)
+    return inputs
 
 
 def _scale_layer(layer, layer_stages, inputs: list[_Inputs], bits: int, group_size: int):

@@ -105,52 +105,48 @@ def score(model: Model, rows: list[list[int]], masks: list[list[int]],
     B, S = targets.shape
     span = max(1, LOGIT_ELEMENTS // (B * model.args.vocab_size))
 
-    def reduce(h: mx.array, greedy: bool = True) -> tuple[mx.array, mx.array | None]:
-        """Target log-probs [B, S] (and whether every scored token is the argmax),
-        the logits made ``span`` positions at a time."""
+    def read(h: mx.array) -> tuple[mx.array, mx.array]:
+        """Per position: the target's log-prob and whether it is the argmax, [B, S]
+        each, the logits made ``span`` positions at a time."""
         lps, hits = [], []
         for a in range(0, S, span):
             logits = model.lm_head(h[:, a:a + span]).astype(mx.float32)
             tg = targets[:, a:a + span]
             lp = mx.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
             lps.append(lp - mx.logsumexp(logits, axis=-1))
-            if greedy:
-                hits.append(mx.argmax(logits, axis=-1) == tg)
-            mx.eval(lps[-1], *hits[-1:])
-        lp = mx.concatenate(lps, axis=1)
-        if not greedy:
-            return lp, None
-        return lp, mx.all(mx.concatenate(hits, axis=1) | ~mask, axis=-1)
+            hits.append(mx.argmax(logits, axis=-1) == tg)
+            mx.eval(lps[-1], hits[-1])
+        return mx.concatenate(lps, axis=1), mx.concatenate(hits, axis=1)
 
-    def done(lp, hit, loops=None) -> Scores:
+    def done(lp, hit=None, loops=None) -> Scores:
         total = mx.sum(mx.where(mask, lp, 0.0), axis=-1)
+        if hit is not None:
+            hit = mx.all(hit | ~mask, axis=-1)
         mx.eval(total, *([] if hit is None else [hit]))
         return Scores(np.array(total, np.float64), None if hit is None else np.array(hit),
                       counts, loops)
 
-    result: dict[str, Scores] = {}
-    for t in depths.steps:
-        result[str(t)] = done(*reduce(out.hidden[t - 1]))
-    if depths.adaptive():
-        T = model.ut_steps
+    # each step's logits once: a Q-exit or the mixture only picks or weighs them
+    T = model.ut_steps if depths.adaptive() else 0
+    per_step = {t: read(out.hidden[t]) for t in sorted({t - 1 for t in depths.steps}
+                                                        | set(range(T)))}
+    result: dict[str, Scores] = {str(t): done(*per_step[t - 1]) for t in depths.steps}
+    if T:
+        lps = mx.stack([per_step[t][0] for t in range(T)], axis=-1)  # [B, S, T]
+        hits = mx.stack([per_step[t][1] for t in range(T)], axis=-1)
         pdf = ex.exit_pdf(out.gate_logits[:T])
         cdf = ex.exit_cdf(pdf)
         for q in depths.thresholds:
-            step = ex.select_exit_step(cdf, q)
-            loops = mx.sum(mx.where(mask, step + 1, 0), axis=-1)
-            lp, hit = reduce(ex.gather_steps(out.hidden[:T], step))
+            step = ex.select_exit_step(cdf, q)[..., None]
+            loops = mx.sum(mx.where(mask, step[..., 0] + 1, 0), axis=-1)
             mx.eval(loops)
-            result[threshold_key(q)] = done(lp, hit, np.array(loops, np.int64))
+            result[threshold_key(q)] = done(
+                mx.take_along_axis(lps, step, axis=-1)[..., 0],
+                mx.take_along_axis(hits, step, axis=-1)[..., 0], np.array(loops, np.int64))
         if depths.mixture:
-            per_step = []
-            for t in range(T):
-                lp, _ = reduce(out.hidden[t], greedy=False)
-                mx.eval(lp)
-                per_step.append(lp)
-            logp = mx.log(mx.maximum(pdf, 1e-30))
-            mixed = mx.logsumexp(mx.stack(per_step, axis=-1) + logp, axis=-1)
+            mixed = mx.logsumexp(lps + mx.log(mx.maximum(pdf, 1e-30)), axis=-1)
             steps = mx.arange(1, T + 1, dtype=mx.float32)
             expected = mx.sum(mx.where(mask, (pdf * steps).sum(-1), 0.0), axis=-1)
             mx.eval(expected)
-            result["mix"] = done(mixed, None, np.array(expected, np.float64))
+            result["mix"] = done(mixed, loops=np.array(expected, np.float64))
     return result

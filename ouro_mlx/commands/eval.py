@@ -155,9 +155,9 @@ def evaluate_at(runner, key: str, args: argparse.Namespace, manager) -> dict:
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    for handler_owner in (logging.getLogger("lm_eval.api.task"),):
-        if not any(isinstance(f, _CustomKwargsNote) for f in handler_owner.filters):
-            handler_owner.addFilter(_CustomKwargsNote())
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _CustomKwargsNote) for f in task_log.filters):
+        task_log.addFilter(_CustomKwargsNote())
     return lm_eval.simple_evaluate(
         model=runner.lm(key), tasks=args.tasks, task_manager=manager,
         num_fewshot=args.num_shots, limit=args.limit,
@@ -190,15 +190,14 @@ def results_table(runs: dict, runner) -> dict:
     return table
 
 
-def main_metric(row: dict) -> str | None:
-    names = [m for m in row if not m.endswith("_stderr") and m != "avg_loops"]
-    return names[0] if names else None
+def metric_names(row: dict) -> list[str]:
+    """A results row's scores: not their standard errors, not the loop count."""
+    return [m for m in row if not m.endswith("_stderr") and m != "avg_loops"]
 
 
 def print_table(table: dict) -> None:
     for task, by_depth in table.items():
-        first = next(iter(by_depth.values()))
-        names = [m for m in first if not m.endswith("_stderr") and m != "avg_loops"]
+        names = metric_names(next(iter(by_depth.values())))
         print(f"\n{task}")
         print(f"{'depth':<8} " + " ".join(f"{n:>12}" for n in names) + f" {'avg loops':>10}")
         for key, row in by_depth.items():
@@ -237,9 +236,10 @@ def plot(table: dict, path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (task, by_depth) in enumerate(table.items()):
         color = f"C{i % 10}"
-        metric = main_metric(next(iter(by_depth.values())))
-        if metric is None:
+        names = metric_names(next(iter(by_depth.values())))
+        if not names:
             continue
+        metric = names[0]
         fixed = sorted((int(k), r[metric]) for k, r in by_depth.items()
                        if k.isdigit() and metric in r)
         if fixed:

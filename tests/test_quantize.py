@@ -37,7 +37,8 @@ def test_loop_aware_dwq_keeps_every_step_and_the_exits(demo):
     decisions agree more, and the final-only objective leaves the early steps behind."""
     teacher, train, valid = demo
     rtn = Q.quality(quantized(teacher), teacher, valid)
-    opts = dict(num_samples=320, batch_size=8, seed=0)
+    # 40 steps: at 1e-3 (the default, 0.5% of a scale per step, is set for 256 steps)
+    opts = dict(num_samples=320, batch_size=8, seed=0, learning_rate=1e-3)
     aware = quantized(teacher)
     report = Q.dwq(aware, teacher, train, valid[:16], Q.DWQOptions(**opts))
     assert report["valid_after"] < report["valid_before"]
@@ -122,3 +123,32 @@ def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
     assert not isinstance(ouro_mlx.load(tmp_path / "hf")[0].lm_head, nn.QuantizedLinear)
     with pytest.raises(ValueError, match="--quantized"):
         bench.main(["--quality", "--random", "tiny", "--quantized", str(out)])
+
+
+def test_step_kl_in_spans_equals_at_once_with_its_gradient(small_dir, monkeypatch):
+    """The per-step KL made in spans of a few positions (as a 49k vocabulary at 512
+    tokens needs) is the KL made at once, and so is its gradient to the scales; the
+    KL of a model against itself is exactly 0."""
+    teacher, _ = ouro_mlx.load(small_dir)
+    student = quantized(teacher, 3)
+    Q.make_trainable(student)
+    inputs = mx.random.randint(0, teacher.args.vocab_size, (2, 9), key=mx.random.key(0))
+    mask = mx.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0, 0, 0]]) > 0
+    t_h, t_lam = Q.step_states(teacher, inputs, 4)
+    opts = Q.DWQOptions()
+
+    def run():
+        loss = lambda m: Q.loss_terms(m, teacher, inputs, mask, t_h, t_lam, opts)[0]  # noqa: E731
+        return nn.value_and_grad(student, loss)(student)
+
+    whole, grads = run()
+    monkeypatch.setattr(Q, "LOGIT_ELEMENTS", 4 * teacher.args.vocab_size * 3)  # 3 rows
+    spans, span_grads = run()
+    assert abs(whole.item() - spans.item()) < 1e-4 * abs(whole.item())
+    from mlx.utils import tree_flatten
+
+    for (k, a), (_, b) in zip(tree_flatten(grads), tree_flatten(span_grads)):
+        assert mx.allclose(a, b, rtol=1e-3, atol=1e-6).item(), k
+    rows = Q.counted_rows(t_h, mask)
+    assert rows.shape[0] == 12
+    assert mx.array_equal(Q.step_kl(teacher, teacher, rows, rows), mx.zeros((12, 4))).item()

@@ -55,14 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Tokens per sample at most (default: 512).")
     p.add_argument("--batch-size", type=int, default=8, help="Samples per step (default: 8).")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="DWQ learning rate (default: by model width, 1e-3 for small "
-                        "models, 3e-5 at hidden 2048).")
+                   help="DWQ learning rate (default: 1%% of the shared layers' median "
+                        "quantization scale, e.g. 2.3e-4 at 4 bits and 1e-3 at 2 bits "
+                        "on the bundled model).")
     p.add_argument("--seed", type=int, default=0, help="Data order (default: 0).")
     p.add_argument("--no-loop-aware", dest="loop_aware", action="store_false",
                    help="For comparison: distil only the final output (stock DWQ's "
                         "objective); gptq/awq from one pooled pass (as mlx-lm's).")
-    p.add_argument("--gate-weight", type=float, default=2.0,
-                   help="Weight of the exit-distribution term (default: 2.0).")
+    p.add_argument("--gate-weight", type=float, default=4.0,
+                   help="Weight of the exit-distribution term (default: 4.0).")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer in the backward pass: less memory, slower.")
     p.add_argument("--exit-q", type=float, default=None,

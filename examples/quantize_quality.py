@@ -13,20 +13,19 @@ exit step (q = 0.6) agrees with the float model's, teacher-forced on held-out ga
 Methods: ``rtn`` (round to nearest), ``gptq``/``awq`` (loop-aware statistics),
 ``gptq-stock``/``awq-stock`` (one pooled pass, as mlx-lm's), ``awq-gptq`` (AWQ's
 scales, then GPTQ's rounding; measured, not offered by ``ouro-mlx quantize``), ``dwq`` (loop-aware
-distillation from round-to-nearest, ``ouro-mlx quantize``'s default), ``dwq-gptq`` (the
-same from loop-aware gptq, ``--dwq-init gptq``), ``dwq-final`` (``--no-loop-aware``:
-the float model's output only), ``mlx-dwq:LR`` (mlx-lm's own ``dwq_quantize`` from
+distillation from loop-aware gptq, ``ouro-mlx quantize``'s default), ``dwq-rtn`` (the
+same from round-to-nearest, ``--dwq-init rtn``), ``dwq-final`` (``--no-loop-aware
+--dwq-init rtn``: the float model's output only, from round-to-nearest, as stock DWQ), ``mlx-dwq:LR`` (mlx-lm's own ``dwq_quantize`` from
 round-to-nearest on the same data and budget, learning rate LR).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
-METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "awq-gptq", "dwq", "dwq-gptq", "dwq-final",
+METHODS = ["rtn", "gptq", "gptq-stock", "awq", "awq-stock", "awq-gptq", "dwq", "dwq-rtn", "dwq-final",
            "mlx-dwq:1e-6", "mlx-dwq:1e-4", "mlx-dwq:1e-3"]
 STATS = 256  # samples gptq/awq gather statistics from, as ``ouro-mlx quantize``
 
@@ -53,12 +52,12 @@ def quantize(method: str, teacher, train, valid, bits: int, num_samples: int,
     from ouro_mlx import quant_stats
     from ouro_mlx import quantize as Q
 
-    student = copy.deepcopy(teacher)
+    student = Q.shared_copy(teacher)
     loop_aware = not method.endswith(("-stock", "-final"))
     if method.startswith("awq-gptq"):
         quant_stats.awq(student, {}, train[:stats], bits, 32, loop_aware=loop_aware,
                         then_gptq=True)
-    elif method.startswith(("gptq", "awq")) or method == "dwq-gptq":
+    elif method.startswith(("gptq", "awq")) or method == "dwq":
         fn = getattr(quant_stats, "awq" if method.startswith("awq") else "gptq")
         fn(student, {}, train[:stats], bits, 32, loop_aware=loop_aware)
     else:

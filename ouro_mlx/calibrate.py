@@ -84,6 +84,30 @@ def _read(path: Path, tokenizer, warn) -> list[Sample]:
     return samples
 
 
+def cut_to(train: list[Sample], valid: list[Sample], max_seq_length: int, data,
+           warn: Callable[[str], None] = print) -> tuple[list[Sample], list[Sample]]:
+    """``train`` and ``valid`` without the samples that keep no counted target within
+    their first ``max_seq_length`` tokens (a chat prompt longer than that leaves
+    nothing to learn from), with a warning saying how many; an error when a set
+    is left empty."""
+    from .data import DataError
+
+    def keep(samples):
+        return [s for s in samples if any(s[1][1:max_seq_length])]
+
+    kept = keep(train), keep(valid)
+    for name, before, after in (("training", train, kept[0]), ("validation", valid, kept[1])):
+        if not after:
+            raise DataError(f"--max-seq-length {max_seq_length}: no {name} sample of {data} "
+                            "has an answer token within its first "
+                            f"{max_seq_length} tokens; raise it")
+        if len(after) < len(before):
+            warn(f"{len(before) - len(after):,} of {len(before):,} {name} samples of {data} "
+                 "have no answer token "
+                 f"within --max-seq-length {max_seq_length} and are left out")
+    return kept
+
+
 def demo_data(tokenizer, n_train: int = 2000, n_valid: int = 200,
               seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Shell games for the bundled demo model, answer tokens counted (seeds below the

@@ -95,6 +95,18 @@ def predicate(mixed: bool = False) -> Callable:
     return pred
 
 
+def shared_copy(model):
+    """A copy of ``model`` whose modules are its own but whose arrays are
+    ``model``'s: MLX arrays never change in place (quantizing, folding or training
+    the copy assigns new arrays to it), so the float model and a student made from
+    it hold the float weights once (a deep copy of Ouro-1.4B in bfloat16 would add
+    2.9 GB: the float model's size again, before a weight is quantized)."""
+    from mlx.utils import tree_flatten
+
+    memo = {id(a): a for _, a in tree_flatten(model.parameters())}
+    return copy.deepcopy(model, memo)
+
+
 def rtn(model, config: dict, bits: int, group_size: int, mixed: bool = False):
     """Round-to-nearest in place: ``(model, config)`` with ``quantization`` set."""
     from mlx_lm.utils import quantize_model
@@ -135,11 +147,10 @@ def counted_rows(states: mx.array, mask: mx.array) -> mx.array:
     return states.reshape(-1, *states.shape[2:])[mx.array(idx)]
 
 
-# logits made at once by ``step_kl``: 256 MB in float32. Ouro-1.4B's 49,152-token
-# vocabulary over 4 steps makes 0.8 GB per 1,024 positions, and the loss holds a
-# few such arrays (and their gradients) at once; in spans, each span's logits are
-# recomputed in the backward pass instead of kept
-LOGIT_ELEMENTS = 1 << 26
+# logits made at once: 64 MB in float32. Ouro-1.4B's 49,152-token vocabulary over 4
+# steps makes 0.8 GB per 1,024 positions, and the loss holds a few such arrays at
+# once; beyond one span the gradient is made span by span (``loss_and_grad``)
+LOGIT_ELEMENTS = 1 << 24
 
 
 def _log_softmax(x: mx.array) -> mx.array:
@@ -147,22 +158,29 @@ def _log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
+def _span(student, T: int) -> int:
+    return max(1, LOGIT_ELEMENTS // (T * student.args.vocab_size))
+
+
+def _span_kl(student, teacher, hs: mx.array, ht: mx.array) -> mx.array:
+    target = mx.stop_gradient(_log_softmax(teacher.lm_head(ht)))
+    return _kl(target, _log_softmax(student.lm_head(hs)))
+
+
 def step_kl(student, teacher, h_student: mx.array, h_teacher: mx.array) -> mx.array:
     """KL(teacher ‖ student) of every step's next-token distribution, [N, T], from
-    both models' hidden states [N, T, H], in spans of at most ``LOGIT_ELEMENTS``
-    logits."""
+    both models' hidden states [N, T, H]. Beyond one span of ``LOGIT_ELEMENTS``
+    logits each span is evaluated on its own, so only one span's logits exist at a
+    time (no gradient flows through that; ``loss_and_grad`` makes it)."""
     N, T = h_student.shape[:2]
-    rows = max(1, LOGIT_ELEMENTS // (T * student.args.vocab_size))
-
-    def kl(hs, ht):
-        target = mx.stop_gradient(_log_softmax(teacher.lm_head(ht)))
-        return _kl(target, _log_softmax(student.lm_head(hs)))
-
+    rows = _span(student, T)
     if N <= rows:
-        return kl(h_student, h_teacher)
-    kl = nn.utils.checkpoint(student.lm_head, kl)
-    return mx.concatenate([kl(h_student[i:i + rows], h_teacher[i:i + rows])
-                           for i in range(0, N, rows)])
+        return _span_kl(student, teacher, h_student, h_teacher)
+    out = []
+    for i in range(0, N, rows):
+        out.append(_span_kl(student, teacher, h_student[i:i + rows], h_teacher[i:i + rows]))
+        mx.eval(out[-1])
+    return mx.concatenate(out)
 
 
 def _kl(p_log: mx.array, q_log: mx.array) -> mx.array:
@@ -181,24 +199,31 @@ KL_FLOOR = 1e-9
 
 def loss_terms(student, teacher, inputs, mask, teacher_h, teacher_lam, opts):
     """(loss, per-step KL [T]) over the counted tokens, the float ``teacher``'s step
-    states ``teacher_h`` [B, S, T, H] and λ [B, S, T] given.
+    states ``teacher_h`` [B, S, T, H] and λ [B, S, T] given (see ``objective``)."""
+    T = teacher_lam.shape[-1]
+    h, lam = (counted_rows(x, mask) for x in step_states(student, inputs, T))
+    kl = step_kl(student, teacher, h, counted_rows(teacher_h, mask))
+    return objective(kl, lam, counted_rows(teacher_lam, mask), student.exit_threshold, opts)
+
+
+def objective(kl: mx.array, lam: mx.array, teacher_lam: mx.array, q: float | None,
+              opts) -> tuple[mx.array, mx.array]:
+    """(loss, per-step KL [T]) from the per-token, per-step KL [N, T] and both models'
+    λ [N, T].
 
     Loop-aware: Σ_t log(KL_t) + gate_weight·log(KL of the exit distributions), where
     KL_t is step t's KL weighted per token by (pdf_t + 1/T)/2 (the float model's exit
     pdf, as Ouro's Stage I loss weights its steps, half spread evenly so that no step
     is left out). The logs make each term count relative to its own size: a step
     whose error is already small (late steps at 4 bits) is kept small instead of being
-    traded for a larger one. Else: the KL of the exit-selected outputs only."""
-    T = teacher_lam.shape[-1]
-    h, lam = step_states(student, inputs, T)
-    h, lam = counted_rows(h, mask), counted_rows(lam, mask)
-    teacher_h, teacher_lam = counted_rows(teacher_h, mask), counted_rows(teacher_lam, mask)
-    kl = step_kl(student, teacher, h, teacher_h)  # [N, T]
+    traded for a larger one. Else: the KL of the step the float model's exit rule
+    (at ``q``) picks, only."""
+    T = kl.shape[-1]
     n = max(kl.shape[0], 1)
     per_step = kl.sum(0) / n
     teacher_pdf = ex.pdf_from_lambdas(teacher_lam)
     if not opts.loop_aware:  # the float model's output: its exit rule picks a step
-        return _exit_selected(student, kl, teacher_pdf).sum() / n, per_step
+        return _exit_selected(q, kl, teacher_pdf).sum() / n, per_step
     eps = 1e-7
     pdf = ex.pdf_from_lambdas(lam)
     # the KL of the exit distributions = Σ_t P(reach t)·KL(λ_t) (the chain rule)
@@ -213,9 +238,62 @@ def loss_terms(student, teacher, inputs, mask, teacher_h, teacher_lam, opts):
     return log(terms).sum() + opts.gate_weight * log(g), per_step
 
 
-def _exit_selected(model, kl: mx.array, pdf: mx.array) -> mx.array:
-    q = model.exit_threshold
-    T = kl.shape[-1]
+def loss_and_grad(student, teacher, inputs, mask, teacher_h, teacher_lam, opts):
+    """``loss_terms``' loss and its gradient to the student's trainable parameters.
+
+    Within one span of logits: one ``value_and_grad``. Beyond it, in three passes
+    that hold one span's logits and one lm_head gradient at a time: the student's
+    step states and every span's KL without a graph; the objective's gradient to the
+    KL and λ (small), then span by span the lm_head's gradient and the states'
+    (evaluated and summed as it goes); last, the states' gradient carried back
+    through the model body (``mx.vjp``). One more forward pass of the body than a
+    plain ``value_and_grad``, whose backward keeps every span's [vocab, hidden]
+    gradient alive at once (1.3 GB for 25 spans at hidden 256)."""
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+    T = teacher_lam.shape[-1]
+    n_rows = int(mask.sum().item())
+    rows = _span(student, T)
+    if n_rows <= rows:
+        return nn.value_and_grad(student, lambda m: loss_terms(
+            m, teacher, inputs, mask, teacher_h, teacher_lam, opts)[0])(student)
+    th, tl = counted_rows(teacher_h, mask), counted_rows(teacher_lam, mask)
+    params = student.trainable_parameters()
+    body = [(k, v) for k, v in tree_flatten(params) if not k.startswith("lm_head.")]
+    head = student.lm_head.trainable_parameters()
+
+    def states(*arrays):
+        student.update(tree_unflatten(list(zip([k for k, _ in body], arrays))))
+        return tuple(counted_rows(x, mask) for x in step_states(student, inputs, T))
+
+    h, lam = states(*[v for _, v in body])
+    mx.eval(h, lam)
+    kl = step_kl(student, teacher, h, th)
+    value, (d_kl, d_lam) = mx.value_and_grad(
+        lambda k, lm: objective(k, lm, tl, student.exit_threshold, opts)[0],
+        argnums=(0, 1))(kl, lam)
+
+    def span(hp, hs, ht, c):
+        student.lm_head.update(hp)
+        return (_span_kl(student, teacher, hs, ht) * c).sum()
+
+    span_grad = mx.grad(span, argnums=(0, 1))
+    g_head, d_h = None, []
+    for i in range(0, n_rows, rows):
+        g, dh = span_grad(head, h[i:i + rows], th[i:i + rows], d_kl[i:i + rows])
+        g_head = g if g_head is None else tree_map(mx.add, g_head, g)
+        mx.eval(g_head, dh)
+        d_h.append(dh)
+    student.lm_head.update(head)
+    _, g_body = mx.vjp(states, [v for _, v in body], [mx.concatenate(d_h), d_lam])
+    student.update(params)
+    grads = tree_unflatten(list(zip([k for k, _ in body], g_body)))
+    if head:
+        grads["lm_head"] = g_head
+    return value, grads
+
+
+def _exit_selected(q: float | None, kl: mx.array, pdf: mx.array) -> mx.array:
     if q is None or q >= 1.0:
         return kl[..., -1]
     step = ex.select_exit_step(ex.exit_cdf(pdf), q)
@@ -256,7 +334,8 @@ def dwq(student, teacher, train: list[Sample], valid: list[Sample], opts: DWQOpt
     def loss(model, inputs, mask, t_h, t_lam):
         return loss_terms(model, teacher, inputs, mask, t_h, t_lam, opts)[0]
 
-    step = nn.value_and_grad(student, loss)
+    def step(model, inputs, mask, t_h, t_lam):
+        return loss_and_grad(model, teacher, inputs, mask, t_h, t_lam, opts)
     layer_type = type(student.model.layers[0])
     call = layer_type.__call__
     if opts.grad_checkpoint:  # mlx-lm's patches the class: undone below
@@ -281,7 +360,7 @@ def dwq(student, teacher, train: list[Sample], valid: list[Sample], opts: DWQOpt
     mx.reset_peak_memory()
     try:
         before = best = validate()
-        best_params = copy.deepcopy(dict(student.trainable_parameters()))
+        best_params = student.trainable_parameters()  # references: updates assign new arrays
         source = batches(train, opts.batch_size, opts.max_seq_length, opts.seed)
         training = 0.0
         for n in range(steps):
@@ -296,7 +375,7 @@ def dwq(student, teacher, train: list[Sample], valid: list[Sample], opts: DWQOpt
             if (n + 1) % every == 0 or n + 1 == steps:
                 v = validate()
                 if v < best:
-                    best, best_params = v, copy.deepcopy(dict(student.trainable_parameters()))
+                    best, best_params = v, student.trainable_parameters()
     finally:
         layer_type.__call__ = call
     student.update(best_params)  # never worse than where it started

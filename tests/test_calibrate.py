@@ -187,11 +187,11 @@ def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
     original = digest(tiny_dir)
     gate = tmp_path / "gate.safetensors"
     assert main(["calibrate-exit", "--model", str(tiny_dir), "--data", str(data), "--iters",
-                 "2", "--gate-out", str(gate), "--json", "--max-seq-length", "40"]) == 0
+                 "2", "--gate-out", str(gate), "--json", "--max-seq-length", "96"]) == 0
     out, err = capsys.readouterr()
     r = json.loads(out)
     assert f"{data / 'train.jsonl'}:13: skipped, not valid JSON" in err
-    assert "16 samples are longer than --max-seq-length 40 tokens and are cut" in err
+    assert "16 samples are longer than --max-seq-length 96 tokens and are cut" in err
     assert r["train_samples"] == 12 and r["valid_samples"] == 4
     assert set(r["before"]) == {"full", "0.3", "0.5", "0.7", "0.9", "tokens"}
     assert r["before"]["full"] == r["after"]["full"]

@@ -57,12 +57,11 @@ def test_loop_aware_dwq_keeps_every_step_and_the_exits(demo):
 def test_quantize_cli_writes_a_loadable_model(tmp_path):
     out = tmp_path / "q"
     run = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", "--mlx-path", str(out),
-                          "--bits", "3", "--group-size", "32", "--num-samples", "32",
-                          "--dwq-init", "gptq"],
+                          "--bits", "3", "--group-size", "32", "--num-samples", "32"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
-    assert set(report) == {"rtn", "gptq", "train", "dwq"}  # --dwq-init gptq
+    assert set(report) == {"rtn", "gptq", "train", "dwq"}  # dwq starts from gptq
     assert len(report["dwq"]["kl_by_step"]) == 4
     # 4 steps of 3 bits: the total falls (the late steps' KL, ~1e-6, is rounding noise)
     assert sum(report["dwq"]["kl_by_step"]) < sum(report["rtn"]["kl_by_step"])
@@ -78,10 +77,28 @@ def test_quantize_cli_writes_a_loadable_model(tmp_path):
     for argv, flag in [(["--mlx-path", str(out)], "--mlx-path"),  # exists, no --force
                        (["--mlx-path", str(tmp_path / "x"), "--num-samples", "0"],
                         "--num-samples"),
-                       (["--mlx-path", str(tmp_path / "y"), "--model", str(out)], "--model")]:
+                       (["--mlx-path", str(tmp_path / "y"), "--model", str(out)], "--model"),
+                       # the shell games' answers start after their chat prompt
+                       (["--mlx-path", str(tmp_path / "z"), "--max-seq-length", "4"],
+                        "--max-seq-length")]:
         bad = subprocess.run([sys.executable, "-m", "ouro_mlx", "quantize", *argv],
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode != 0 and flag in bad.stderr.strip().splitlines()[-1], bad.stderr
+
+
+def test_samples_whose_answer_lies_beyond_the_length_are_left_out_with_a_warning():
+    from ouro_mlx.calibrate import cut_to
+    from ouro_mlx.data import DataError
+
+    late, early = ([1] * 10, [0] * 8 + [1] * 2), ([1] * 10, [0, 1] + [0] * 8)
+    notes = []
+    train, valid = cut_to([late, early], [early], 6, "data/", warn=notes.append)
+    assert (train, valid) == ([early], [early])
+    assert notes == ["1 of 2 training samples of data/ have no answer token within "
+                     "--max-seq-length 6 and are left out"]
+    with pytest.raises(DataError, match="^--max-seq-length 6: no validation sample of data/"):
+        cut_to([early], [late], 6, "data/")
+    assert cut_to([late], [late], 10, "data/") == ([late], [late])  # the last token counts
 
 
 def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
@@ -126,8 +143,8 @@ def test_bench_quality_compares_a_quantized_directory(tmp_path, capsys):
 
 
 def test_step_kl_in_spans_equals_at_once_with_its_gradient(small_dir, monkeypatch):
-    """The per-step KL made in spans of a few positions (as a 49k vocabulary at 512
-    tokens needs) is the KL made at once, and so is its gradient to the scales; the
+    """The loss and gradient made span by span (as a 49k vocabulary at 512 tokens
+    needs) are the ones made at once, for the scales of lm_head and of the body; the
     KL of a model against itself is exactly 0."""
     teacher, _ = ouro_mlx.load(small_dir)
     student = quantized(teacher, 3)
@@ -138,8 +155,7 @@ def test_step_kl_in_spans_equals_at_once_with_its_gradient(small_dir, monkeypatc
     opts = Q.DWQOptions()
 
     def run():
-        loss = lambda m: Q.loss_terms(m, teacher, inputs, mask, t_h, t_lam, opts)[0]  # noqa: E731
-        return nn.value_and_grad(student, loss)(student)
+        return Q.loss_and_grad(student, teacher, inputs, mask, t_h, t_lam, opts)
 
     whole, grads = run()
     monkeypatch.setattr(Q, "LOGIT_ELEMENTS", 4 * teacher.args.vocab_size * 3)  # 3 rows
@@ -147,8 +163,37 @@ def test_step_kl_in_spans_equals_at_once_with_its_gradient(small_dir, monkeypatc
     assert abs(whole.item() - spans.item()) < 1e-4 * abs(whole.item())
     from mlx.utils import tree_flatten
 
-    for (k, a), (_, b) in zip(tree_flatten(grads), tree_flatten(span_grads)):
-        assert mx.allclose(a, b, rtol=1e-3, atol=1e-6).item(), k
+    flat, span_flat = dict(tree_flatten(grads)), dict(tree_flatten(span_grads))
+    assert set(flat) == set(span_flat) and "lm_head.scales" in flat
+    for k, a in flat.items():
+        assert mx.allclose(a, span_flat[k], rtol=1e-3, atol=1e-6).item(), k
     rows = Q.counted_rows(t_h, mask)
     assert rows.shape[0] == 12
     assert mx.array_equal(Q.step_kl(teacher, teacher, rows, rows), mx.zeros((12, 4))).item()
+
+
+def test_a_student_shares_the_float_weights_and_never_changes_them(small_dir):
+    """``shared_copy`` holds the float arrays once; quantizing the copy (rtn, gptq,
+    awq: folds, clips, error feedback) and training it leave the float model as it
+    was."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from ouro_mlx import quant_stats
+
+    teacher, _ = ouro_mlx.load(small_dir)
+    before = {k: np.array(v) for k, v in tree_flatten(teacher.parameters())}
+    copy_ = Q.shared_copy(teacher)
+    assert all(a is b for (_, a), (_, b) in zip(tree_flatten(teacher.parameters()),
+                                                tree_flatten(copy_.parameters())))
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, teacher.args.vocab_size, 12).tolist(), [0] * 4 + [1] * 8)
+               for _ in range(4)]
+    for method in (quant_stats.gptq, quant_stats.awq):
+        method(Q.shared_copy(teacher), {}, samples, 3, 64, batch_size=2)
+    student = Q.shared_copy(teacher)
+    Q.rtn(student, {}, 3, 64)
+    Q.dwq(student, teacher, samples, samples[:2], Q.DWQOptions(num_samples=4, batch_size=2))
+    for k, v in tree_flatten(teacher.parameters()):
+        assert np.array_equal(np.array(v), before[k]), k
+    assert isinstance(teacher.lm_head, nn.Linear)

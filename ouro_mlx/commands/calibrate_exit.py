@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         train, valid = cal.demo_data(tokenizer, seed=args.seed)
     else:
         train, valid = cal.load_data(args.data, tokenizer, warn=warn)
+    train, valid = cal.cut_to(train, valid, args.max_seq_length,
+                              args.data or "the demo data", warn)
     valid = valid[:args.val_samples]
     if long := sum(len(t) > args.max_seq_length for t, _ in train + valid):
         warn(f"{long:,} samples are longer than --max-seq-length {args.max_seq_length} "

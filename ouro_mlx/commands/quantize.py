@@ -5,7 +5,7 @@
 --method rtn rounds to nearest (as convert -q). gptq and awq choose the rounding from
 activation statistics gathered over every loop step, each step weighted by how many
 tokens still run it, layer by layer so later steps see earlier steps' error. dwq
-(the default) rounds to nearest (or --dwq-init gptq) and trains the quantization
+(the default) starts from loop-aware gptq (or --dwq-init rtn) and trains the quantization
 scales and biases (the integer weights stay frozen) so that every loop step's output and the exit
 decisions match the float model. --no-loop-aware gives the stock objectives, for
 comparison. DATA_DIR: mlx-lm's layout, train.jsonl and optionally valid.jsonl (chat,
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn: round to nearest; gptq, awq: from activation statistics "
                         "over every loop step; dwq (default): distil every loop step and "
                         "the exit decisions.")
-    p.add_argument("--dwq-init", choices=["rtn", "gptq"], default="rtn",
-                   help="Where dwq starts (default: rtn, as mlx_lm.dwq).")
+    p.add_argument("--dwq-init", choices=["rtn", "gptq"], default="gptq",
+                   help="Where dwq starts (default: gptq; rtn as mlx_lm.dwq).")
     p.add_argument("--data", default=None,
                    help="Calibration data: a directory with train.jsonl (and valid.jsonl); "
                         "default for the bundled model: its shell games.")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep embeddings and lm_head at 8 bits.")
     p.add_argument("--num-samples", type=int, default=None,
                    help="Samples dwq trains on (default: 2048) or gptq/awq gather "
-                        f"statistics from (default: {STATS_SAMPLES}; --dwq-init gptq "
+                        f"statistics from (default: {STATS_SAMPLES}; dwq's gptq start "
                         f"uses the first {STATS_SAMPLES}).")
     p.add_argument("--max-seq-length", type=int, default=512,
                    help="Tokens per sample at most (default: 512).")
@@ -76,14 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import copy
     from pathlib import Path
 
     from mlx.utils import tree_flatten
     from mlx_lm.utils import save_model
 
     from .. import quantize as Q
-    from ..calibrate import demo_data, load_data
+    from ..calibrate import cut_to, demo_data, load_data
     from ..demo import model_path
     from ..loading import (atomic_directory, copy_support_files, destination, load,
                            names_demo, read_config, resolve, write_errors)
@@ -121,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train, valid = demo_data(tokenizer, n_train=max(opts.num_samples, STATS_SAMPLES),
                                  n_valid=100)
+    train, valid = cut_to(train, valid, opts.max_seq_length, args.data or "the demo data",
+                          warn=lambda m: print(m, file=sys.stderr))
     config = read_config(source)
     q = args.exit_q if args.exit_q is not None else (
         teacher.exit_threshold if teacher.exit_threshold not in (None, 1.0) else 0.5)
@@ -133,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return contextlib.redirect_stdout(sys.stderr)
 
     with quiet():
-        rtn = Q.rtn(copy.deepcopy(teacher), dict(config), args.bits, args.group_size,
+        rtn = Q.rtn(Q.shared_copy(teacher), dict(config), args.bits, args.group_size,
                     args.mixed)[0]
     report = {"rtn": measure(rtn)}
     del rtn
-    student = copy.deepcopy(teacher)
+    student = Q.shared_copy(teacher)
     init = args.dwq_init if args.method == "dwq" else args.method
     if init == "rtn":
         with quiet():

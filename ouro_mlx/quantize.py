@@ -39,6 +39,7 @@ class DWQOptions:
     seed: int = 0
     loop_aware: bool = True
     gate_weight: float = 4.0  # 2 bits: 95.8% of exit decisions kept (3 seeds), 94.3% at 2.0
+    cdf_weight: float = 8.0  # 3 bits: 99.5% of exit decisions kept (3 seeds), 98.9% at 0
     grad_checkpoint: bool = False  # recompute each layer in the backward pass
 
     def check(self) -> None:
@@ -47,8 +48,9 @@ class DWQOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if not self.gate_weight >= 0:
-            raise ValueError(f"gate_weight must be >= 0, got {self.gate_weight}.")
+        for name in ("gate_weight", "cdf_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
 
 # Adam moves every parameter by about the learning rate per step, whatever its size:
@@ -195,6 +197,9 @@ def _kl(p_log: mx.array, q_log: mx.array) -> mx.array:
 # a step's KL below this counts as done: far below what moves a token (4-bit round-
 # to-nearest leaves 1e-7 at step 4), above what float32 resolves with ``_kl``
 KL_FLOOR = 1e-9
+# a squared cdf difference below this counts as done: float32 resolves a cdf near
+# 1 to about 6e-8
+CDF_FLOOR = 1e-12
 
 
 def loss_terms(student, teacher, inputs, mask, teacher_h, teacher_lam, opts):
@@ -211,13 +216,17 @@ def objective(kl: mx.array, lam: mx.array, teacher_lam: mx.array, q: float | Non
     """(loss, per-step KL [T]) from the per-token, per-step KL [N, T] and both models'
     λ [N, T].
 
-    Loop-aware: Σ_t log(KL_t) + gate_weight·log(KL of the exit distributions), where
-    KL_t is step t's KL weighted per token by (pdf_t + 1/T)/2 (the float model's exit
-    pdf, as Ouro's Stage I loss weights its steps, half spread evenly so that no step
-    is left out). The logs make each term count relative to its own size: a step
-    whose error is already small (late steps at 4 bits) is kept small instead of being
-    traded for a larger one. Else: the KL of the step the float model's exit rule
-    (at ``q``) picks, only."""
+    Loop-aware: Σ_t log(KL_t) + gate_weight·log(KL of the exit distributions)
+    + cdf_weight·log(mean squared difference of the exit cdfs), where KL_t is step
+    t's KL weighted per token by (pdf_t + 1/T)/2 (the float model's exit pdf, as
+    Ouro's Stage I loss weights its steps, half spread evenly so that no step is left
+    out). The logs make each term count relative to its own size: a step whose error
+    is already small (late steps at 4 bits) is kept small instead of being traded for
+    a larger one. The cdf term is what a Q-exit reads, at any threshold: a token
+    exits where its cdf first reaches q, so a decision flips where the cdfs differ
+    across q (the exit distributions' KL weighs a difference by the inverse of the
+    probability, and lets the likely steps' cdfs drift). Else: the KL of the step the
+    float model's exit rule (at ``q``) picks, only."""
     T = kl.shape[-1]
     n = max(kl.shape[0], 1)
     per_step = kl.sum(0) / n
@@ -232,10 +241,14 @@ def objective(kl: mx.array, lam: mx.array, teacher_lam: mx.array, q: float | Non
     terms = (w * kl).sum(0) / n
     g = gate.sum() / n
 
-    def log(x):
-        return mx.log(mx.maximum(x, 0) + KL_FLOOR)
+    def log(x, floor=KL_FLOOR):
+        return mx.log(mx.maximum(x, 0) + floor)
 
-    return log(terms).sum() + opts.gate_weight * log(g), per_step
+    loss = log(terms).sum() + opts.gate_weight * log(g)
+    if opts.cdf_weight:  # the last step's cdf is 1 in both
+        d = ex.exit_cdf(pdf)[:, :-1] - ex.exit_cdf(teacher_pdf)[:, :-1]
+        loss = loss + opts.cdf_weight * log((d * d).mean(), CDF_FLOOR)
+    return loss, per_step
 
 
 def loss_and_grad(student, teacher, inputs, mask, teacher_h, teacher_lam, opts):

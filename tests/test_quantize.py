@@ -197,3 +197,35 @@ def test_a_student_shares_the_float_weights_and_never_changes_them(small_dir):
     for k, v in tree_flatten(teacher.parameters()):
         assert np.array_equal(np.array(v), before[k]), k
     assert isinstance(teacher.lm_head, nn.Linear)
+
+
+def test_the_exit_cdf_term_ranks_a_flipped_exit_decision_worse():
+    """Of two students, one moves a little mass between two likely steps, so that its
+    cdf crosses q = 0.6 a step earlier (a changed exit decision); the other moves as
+    much between two unlikely late steps (no decision moves). The exit distributions'
+    KL, which divides a change by the probability, ranks the second worse; with the
+    cdf term (the default) the objective ranks the first worse, as a Q-exit would."""
+    from ouro_mlx import exit as ex
+
+    def lam(pdf):  # λ_t = p_t / P(reach t); the last step takes what is left
+        reach = 1 - mx.cumsum(mx.array([[0.0] + pdf[:-1]]), axis=-1)
+        return mx.array([pdf]) / reach
+
+    teacher = lam([0.05, 0.54, 0.31, 0.10])
+    near = lam([0.05, 0.555, 0.295, 0.10])  # cdf at step 2: 0.59 → 0.605
+    far = lam([0.05, 0.54, 0.32, 0.09])  # cdf at step 3: 0.90 → 0.91
+
+    def step(x):
+        return ex.select_exit_step(ex.exit_cdf(ex.pdf_from_lambdas(x)), 0.6).item()
+
+    assert (step(teacher), step(near), step(far)) == (2, 1, 2)
+    kl = mx.zeros((1, 4))  # the same token distributions: only the exit terms differ
+
+    def cost(student, **opts):
+        return Q.objective(kl, student, teacher, 0.6, Q.DWQOptions(**opts))[0].item()
+
+    assert cost(far, cdf_weight=0.0) > cost(near, cdf_weight=0.0)
+    assert cost(near) > cost(far)
+    assert cost(teacher) < min(cost(near), cost(far))
+    with pytest.raises(ValueError, match="cdf_weight"):
+        Q.DWQOptions(cdf_weight=-1.0).check()

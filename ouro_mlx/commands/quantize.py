@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "objective); gptq/awq from one pooled pass (as mlx-lm's).")
     p.add_argument("--gate-weight", type=float, default=4.0,
                    help="Weight of the exit-distribution term (default: 4.0).")
+    p.add_argument("--cdf-weight", type=float, default=8.0,
+                   help="Weight of the exit-cdf term, which keeps the exit decisions at "
+                        "every threshold (default: 8.0).")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="Recompute each layer in the backward pass: less memory, slower.")
     p.add_argument("--exit-q", type=float, default=None,
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_seq_length=args.max_seq_length,
                         learning_rate=args.learning_rate, seed=args.seed,
                         loop_aware=args.loop_aware, gate_weight=args.gate_weight,
+                        cdf_weight=args.cdf_weight,
                         grad_checkpoint=args.grad_checkpoint)
     try:
         opts.check()

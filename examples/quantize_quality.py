@@ -1,7 +1,7 @@
 """Quantization methods on the bundled model, at every loop depth: measured.
 
     python examples/quantize_quality.py [--bits 2 3 4] [--methods rtn gptq dwq ...]
-                                        [--games 300] [--num-samples 2048]
+                                        [--games 300] [--num-samples 2048] [--seed 0]
 
 Calibrates on the bundled model's shell games (``ouro_mlx.calibrate.demo_data``, the
 seeds ``ouro-mlx quantize`` uses) and evaluates on games of another seed (those of
@@ -48,7 +48,7 @@ def stock_dwq(student, teacher, train, valid, lr, batch_size, seed) -> None:
 
 
 def quantize(method: str, teacher, train, valid, bits: int, num_samples: int,
-             stats: int = STATS):
+             stats: int = STATS, seed: int = 0):
     from ouro_mlx import quant_stats
     from ouro_mlx import quantize as Q
 
@@ -64,10 +64,10 @@ def quantize(method: str, teacher, train, valid, bits: int, num_samples: int,
         Q.rtn(student, {}, bits, 32)
     if method.startswith("dwq"):
         Q.dwq(student, teacher, train, valid[:50],
-              Q.DWQOptions(num_samples=num_samples, loop_aware=loop_aware))
+              Q.DWQOptions(num_samples=num_samples, loop_aware=loop_aware, seed=seed))
     elif method.startswith("mlx-dwq:"):
         stock_dwq(student, teacher, train[:num_samples], valid[:32],
-                  float(method.split(":")[1]), 8, 0)
+                  float(method.split(":")[1]), 8, seed)
     return student
 
 
@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=2048)
     p.add_argument("--stats-samples", type=int, default=STATS,
                    help="samples gptq/awq gather statistics from")
+    p.add_argument("--seed", type=int, default=0, help="data order of the DWQ methods")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
 
@@ -112,7 +113,7 @@ def main() -> None:
         for method in args.methods:
             start = time.perf_counter()
             model = quantize(method, teacher, train, valid, bits, args.num_samples,
-                             args.stats_samples)
+                             args.stats_samples, args.seed)
             rows.append(row(f"{bits}-bit {method}", model, time.perf_counter() - start))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -48,7 +48,7 @@ EXCEPTIONS: list[tuple[str, str]] = [
     (r"\. \.venv/bin/activate", "activates that environment (the test calls its scripts)"),
     (r"pip install .*", "installs packages from the network; this environment has the "
                         "package and its extras installed already"),
-    (r"pytest", "runs the test suite, this test included"),
+    (r"pytest( -n auto)?", "runs the test suite, this test included"),
     (r"ouro-mlx app( .*)?", "opens a window; tests/test_desktop.py drives the app offscreen"),
     (r"mlx\.launch --hostfile hosts\.json .*",
      "needs the Macs hosts.json names, reached over ssh; the same training runs with two "

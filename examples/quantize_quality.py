@@ -2,6 +2,7 @@
 
     python examples/quantize_quality.py [--bits 2 3 4] [--methods rtn gptq dwq ...]
                                         [--games 300] [--num-samples 2048] [--seed 0]
+                                        [--stats-offset 0]
 
 Calibrates on the bundled model's shell games (``ouro_mlx.calibrate.demo_data``, the
 seeds ``ouro-mlx quantize`` uses) and evaluates on games of another seed (those of
@@ -48,18 +49,19 @@ def stock_dwq(student, teacher, train, valid, lr, batch_size, seed) -> None:
 
 
 def quantize(method: str, teacher, train, valid, bits: int, num_samples: int,
-             stats: int = STATS, seed: int = 0):
+             stats: int = STATS, seed: int = 0, offset: int = 0):
     from ouro_mlx import quant_stats
     from ouro_mlx import quantize as Q
 
     student = Q.shared_copy(teacher)
+    calib = train[offset:offset + stats]
     loop_aware = not method.endswith(("-stock", "-final"))
     if method.startswith("awq-gptq"):
-        quant_stats.awq(student, {}, train[:stats], bits, 32, loop_aware=loop_aware,
+        quant_stats.awq(student, {}, calib, bits, 32, loop_aware=loop_aware,
                         then_gptq=True)
     elif method.startswith(("gptq", "awq")) or method == "dwq":
         fn = getattr(quant_stats, "awq" if method.startswith("awq") else "gptq")
-        fn(student, {}, train[:stats], bits, 32, loop_aware=loop_aware)
+        fn(student, {}, calib, bits, 32, loop_aware=loop_aware)
     else:
         Q.rtn(student, {}, bits, 32)
     if method.startswith("dwq"):
@@ -80,6 +82,9 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=2048)
     p.add_argument("--stats-samples", type=int, default=STATS,
                    help="samples gptq/awq gather statistics from")
+    p.add_argument("--stats-offset", type=int, default=0,
+                   help="index of the first sample gptq/awq gather statistics from "
+                        "(another calibration set)")
     p.add_argument("--seed", type=int, default=0, help="data order of the DWQ methods")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -113,7 +118,7 @@ def main() -> None:
         for method in args.methods:
             start = time.perf_counter()
             model = quantize(method, teacher, train, valid, bits, args.num_samples,
-                             args.stats_samples, args.seed)
+                             args.stats_samples, args.seed, args.stats_offset)
             rows.append(row(f"{bits}-bit {method}", model, time.perf_counter() - start))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -26,6 +26,15 @@ step t is part of its own input at step t+1. Stock mlx-lm ignores both:
    model whose earlier stages are already quantized: step t+1's inputs carry the
    error of steps ≤ t.
 
+4. **Searched ranges.** The embedding (whose rounding error every step's input
+   carries) and, for AWQ, every Linear round to a grid whose ends are searched per
+   row and group (``range_search``) instead of the group's min and max: for AWQ the
+   error weighed by the group's block of the step-weighted Hessian (the layer's
+   output error over every step), replacing mlx-lm's symmetric clip search; for the
+   embedding, plain squared error. On the bundled model at 2 bits this took GPTQ at
+   4 loops from 0.94/0.88 to 0.97/0.99 (two calibration sets) and AWQ from 0.69 to
+   0.92–0.96.
+
 AWQ's per-channel scales are folded into the RMSNorm before q/k/v and gate/up (and
 into ``up_proj`` before ``down_proj``), as mlx-lm does for Llama. One norm serves
 every loop step, so one scale per channel, searched over all steps, is consistent.
@@ -33,8 +42,8 @@ every loop step, so one scale per channel, searched over all steps, is consisten
 
 ``loop_aware=False`` reproduces the stock procedures on this model for comparison:
 GPTQ with one float pass and pooled, unweighted Hessians; AWQ from loop step 1's
-inputs, ``lm_head`` round to nearest. In every mode the embedding is rounded to
-nearest, the exit gate and the norms' roles stay full precision, and the result has
+inputs with mlx-lm's clip search, ``lm_head`` and the embedding round to nearest. In
+every mode the exit gate and the norms' roles stay full precision, and the result has
 the structure and ``config["quantization"]`` of ``ouro_mlx.quantize.rtn``.
 """
 
@@ -57,6 +66,8 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 STEP_WEIGHTS = "pdf"  # or "survival": measured worse on the bundled model (2-bit GPTQ)
 N_GRID = 20  # AWQ's grid for scale ratios and clip shrink, as mlx-lm
+RANGE_GRID = 10  # range_search: steps per end, each end shrunk by up to 45%
+SWEEPS = 1  # round_searched: passes that weigh the cross terms between groups
 DAMP = 0.01  # GPTQ damping, a share of the Hessian's mean diagonal, as mlx-lm
 
 # The stages of one decoder layer: (block, Linears reading the same input).
@@ -92,6 +103,70 @@ def codes_of(w: mx.array, scales: mx.array, biases: mx.array, bits: int) -> mx.a
 def fake_quant(w: mx.array, bits: int, group_size: int) -> mx.array:
     """Round to nearest and back: what the quantized layer computes with."""
     return mx.dequantize(*mx.quantize(w, group_size, bits), group_size, bits)
+
+
+def range_search(w: mx.array, h: mx.array, bits: int, grid: int = RANGE_GRID,
+                 lin: mx.array | None = None):
+    """Per-row affine ``(scales, biases)`` [out, 1] for one group ``w`` [out, g]: the
+    group's min and max each shrunk towards 0 by 0, 1/2g, … (g−1)/2g of itself
+    (g = ``grid``; GPTQ's reference quantizer shrinks both alike), independently,
+    keeping the pair whose rounding error d = ŵ − w costs least: d·h·dᵀ for a Hessian
+    block ``h`` [g, g], Σ h·d² for a diagonal [g]; plus 2·d·linᵀ (``lin`` [out, g]:
+    the cross terms with the other groups' errors)."""
+    top = 2**bits - 1
+    w = w.astype(mx.float32)
+    lo0, hi0 = w.min(axis=1, keepdims=True), w.max(axis=1, keepdims=True)
+    best = mx.full(lo0.shape, math.inf)
+    best_s, best_b = mx.zeros_like(lo0), lo0
+    for i in range(grid):
+        for j in range(grid):
+            lo, hi = lo0 * (1 - 0.5 * i / grid), hi0 * (1 - 0.5 * j / grid)
+            s = mx.maximum(hi - lo, 1e-8) / top
+            d = mx.clip(mx.round((w - lo) / s), 0, top) * s + lo - w
+            err = ((d @ h) * d if h.ndim == 2 else d * d * h).sum(axis=1, keepdims=True)
+            if lin is not None:
+                err = err + 2 * (d * lin).sum(axis=1, keepdims=True)
+            better = err < best
+            best = mx.where(better, err, best)
+            best_s, best_b = mx.where(better, s, best_s), mx.where(better, lo, best_b)
+        mx.eval(best, best_s, best_b)
+    return best_s, best_b
+
+
+def round_searched(w: mx.array, bits: int, group_size: int, H: mx.array | None = None):
+    """Round ``w`` [out, in] to nearest on grids ``range_search`` picks per row and
+    group. ``H`` None: each group's plain squared error. ``H`` [in, in] (a Hessian,
+    Σ x·xᵀ): the layer's output error d·H·dᵀ (d = ŵ − w per row), first each group on
+    its own diagonal block, then ``SWEEPS`` passes over the groups in which each
+    group's pick also weighs its cross terms with every other group's current error
+    (coordinate descent: the cost never rises). Returns (codes, scales, biases,
+    dequantized weight) as :func:`gptq_weight`."""
+    cols = [(k, i, i + group_size) for k, i in enumerate(range(0, w.shape[1], group_size))]
+    picks = [range_search(w[:, i:j], mx.ones((group_size,)) if H is None else H[i:j, i:j],
+                          bits) for _, i, j in cols]
+    scales = mx.concatenate([s for s, _ in picks], axis=1)
+    biases = mx.concatenate([b for _, b in picks], axis=1)
+    codes = codes_of(w, scales, biases, bits)
+    if H is None:
+        return _assemble(codes, scales, biases)
+    D = _assemble(codes, scales, biases)[3] - w.astype(mx.float32)  # current error
+    for _ in range(SWEEPS):
+        for k, i, j in cols:
+            cross = D @ H[:, i:j] - D[:, i:j] @ H[i:j, i:j]  # other groups' share
+            s, b = range_search(w[:, i:j], H[i:j, i:j], bits, lin=cross)
+            c = codes_of(w[:, i:j], s, b, bits)
+            D[:, i:j] = c * s + b - w[:, i:j].astype(mx.float32)
+            codes[:, i:j] = c
+            scales[:, k:k + 1], biases[:, k:k + 1] = s, b
+            mx.eval(D, codes, scales, biases)
+    return _assemble(codes, scales, biases)
+
+
+def _assemble(codes: mx.array, scales: mx.array, biases: mx.array):
+    g = codes.shape[1] // scales.shape[1]
+    deq = (codes.reshape(*scales.shape, g) * scales[..., None]
+           + biases[..., None]).reshape(codes.shape)
+    return codes, scales, biases, deq
 
 
 # ------------------------------------------------------------------------- set-up
@@ -247,6 +322,20 @@ def _finish(model, config: dict, bits: int, group_size: int, mixed: bool,
     return model, config
 
 
+def _embedding(model, bits: int, group_size: int, mixed: bool, exact: dict) -> None:
+    """Round the embedding on searched ranges (its bits and group size as ``rtn``
+    gives them) into ``exact``; the model computes with the rounded table from now on,
+    so the statistics gathered next see its error."""
+    emb = model.model.embed_tokens
+    p = predicate(mixed)("model.embed_tokens", emb)
+    if not p or not isinstance(emb, nn.Embedding):
+        return
+    b, g = (p["bits"], p["group_size"]) if isinstance(p, dict) else (bits, group_size)
+    codes, scales, biases, deq = round_searched(emb.weight, b, g)
+    exact["model.embed_tokens"] = (codes, scales, biases)
+    emb.weight = deq.astype(emb.weight.dtype)
+
+
 # --------------------------------------------------------------------------- GPTQ
 
 
@@ -287,11 +376,8 @@ def gptq_weight(W: mx.array, H: mx.array, bits: int, group_size: int):
         all_scales.append(scales)
         all_biases.append(biases)
         mx.eval(W, all_codes)
-    codes = mx.concatenate(all_codes, axis=1)
-    scales, biases = mx.concatenate(all_scales, axis=1), mx.concatenate(all_biases, axis=1)
-    deq = (codes.reshape(*scales.shape, group_size) * scales[..., None]
-           + biases[..., None]).reshape(codes.shape)
-    return codes, scales, biases, deq
+    return _assemble(mx.concatenate(all_codes, axis=1), mx.concatenate(all_scales, axis=1),
+                     mx.concatenate(all_biases, axis=1))
 
 
 def gptq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
@@ -304,6 +390,8 @@ def gptq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
     batches = _batches(model, samples, batch_size, max_seq_length, loop_aware, "all")
     stages = _stages(model, targets)
     exact = {}
+    if loop_aware:
+        _embedding(model, bits, group_size, mixed, exact)
 
     def collect(stage_list: list[list[_Target]]) -> dict[str, mx.array]:
         store: dict[str, mx.array] = {}
@@ -359,6 +447,14 @@ class _Inputs:
             total = total + (mse(a, b).sum(-1) * w).sum()
             norm += w.sum().item() * a.shape[-1]
         return total / max(norm, 1e-12)
+
+    def hessian(self) -> mx.array:
+        """Σ weight·x·xᵀ over every kept input [in, in] (float32)."""
+        H = 0
+        for x, w in self.items:
+            x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+            H = H + (x * w.reshape(-1, 1)).T @ x
+        return H
 
     def channel_mean(self) -> mx.array:
         """The weighted mean |x| per input channel (AWQ's activation statistic)."""
@@ -435,12 +531,14 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
         mixed: bool = False, *, loop_aware: bool = True, batch_size: int = 8,
         max_seq_length: int = 512, progress: Progress = None, then_gptq: bool = False):
     """AWQ in place on a float Ouro model: ``(model, config)`` as ``rtn`` returns them.
-    Per decoder layer: capture its Linears' inputs at every loop step (exit-pdf
-    weights) from the partly quantized model, search scales and clips on them, then
-    round; ``lm_head`` gets a clip search over every step's state. Not loop-aware:
-    loop step 1's inputs only and ``lm_head`` rounded, as stock mlx-lm AWQ.
-    ``then_gptq``: only the scales are searched and folded (the model stays float and
-    computes the same function), then :func:`gptq` rounds it."""
+    Loop-aware, per decoder layer: capture its Linears' inputs at every loop step
+    (exit-pdf weights) from the partly quantized model, search and fold the scales,
+    then round each Linear on ranges searched against its step-weighted Hessian;
+    ``lm_head`` likewise over every step's state, the embedding first
+    (``range_search``). Not loop-aware: loop step 1's inputs only, mlx-lm's clip
+    search (none for q and k), ``lm_head`` and the embedding rounded to nearest, as
+    stock mlx-lm AWQ. ``then_gptq``: only the scales are searched and folded (the
+    model stays float and computes the same function), then :func:`gptq` rounds it."""
     if then_gptq:
         scale_only(model, samples, bits, group_size, mixed, loop_aware=loop_aware,
                    batch_size=batch_size, max_seq_length=max_seq_length)
@@ -450,32 +548,41 @@ def awq(model, config: dict, samples: list[Sample], bits: int, group_size: int,
     batches = _batches(model, samples, batch_size, max_seq_length, loop_aware, "first")
     head = loop_aware and "lm_head" in targets
     total = len(model.layers) + head
-    final: dict[str, mx.array] = {}  # scaled and clipped float weights, rounded at the end
+    exact: dict[str, tuple[mx.array, mx.array, mx.array]] = {}
+    clipped: dict[str, mx.array] = {}  # stock: clipped float weights, rounded at the end
+    if loop_aware:
+        _embedding(model, bits, group_size, mixed, exact)
+
+    def round_stage(stage: list[_Target], inp: _Inputs) -> None:
+        H = inp.hessian() if loop_aware else None
+        for tgt in stage:
+            w = tgt.linear.weight
+            if loop_aware:
+                codes, scales, biases, deq = round_searched(w, tgt.bits, tgt.group_size, H)
+                exact[tgt.path] = (codes, scales, biases)
+            else:
+                if tgt.name not in ("q_proj", "k_proj"):  # as mlx-lm: no clip for q, k
+                    w = _search_clip(inp, w, tgt.bits, tgt.group_size)
+                clipped[tgt.path] = w
+                deq = fake_quant(w, tgt.bits, tgt.group_size)
+            tgt.linear.weight = deq.astype(w.dtype)  # later layers and steps see it rounded
 
     for n, layer in enumerate(model.layers):
         layer_stages = _layer_stages(targets, n)
         inputs = _capture(model, batches, layer_stages, targets)
         _scale_layer(layer, layer_stages, inputs, bits, group_size)
         for stage, inp in zip(layer_stages, inputs):
-            for tgt in stage:
-                w = tgt.linear.weight
-                if tgt.name not in ("q_proj", "k_proj"):  # as mlx-lm: no clip for q, k
-                    w = _search_clip(inp, w, tgt.bits, tgt.group_size)
-                final[tgt.path] = w
-        for stage in layer_stages:  # later layers and steps see this one rounded
-            for tgt in stage:
-                tgt.linear.weight = fake_quant(final[tgt.path], tgt.bits, tgt.group_size)
+            round_stage(stage, inp)
         if progress is not None:
             progress(n + 1, total)
     if head:
-        tgt = targets["lm_head"]
-        final["lm_head"] = _search_clip(_capture(model, batches, [[tgt]], targets)[0],
-                                        tgt.linear.weight, tgt.bits, tgt.group_size)
+        stage = [targets["lm_head"]]
+        round_stage(stage, _capture(model, batches, [stage], targets)[0])
         if progress is not None:
             progress(total, total)
-    for path, w in final.items():
+    for path, w in clipped.items():
         targets[path].linear.weight = w
-    return _finish(model, config, bits, group_size, mixed, {})
+    return _finish(model, config, bits, group_size, mixed, exact)
 
 
 def scale_only(model, samples: list[Sample], bits: int, group_size: int, mixed: bool = False,

@@ -3,8 +3,9 @@
   ouro-mlx quantize --model DIR --mlx-path OUT --bits 2 --group-size 32 --data DATA_DIR
 
 --method rtn rounds to nearest (as convert -q). gptq and awq choose the rounding from
-activation statistics gathered over every loop step, each step weighted by how many
-tokens still run it, layer by layer so later steps see earlier steps' error. dwq
+activation statistics gathered over every loop step, each step weighted by the float
+model's chance to exit there, layer by layer so later steps see earlier steps' error,
+the embedding (and, for awq, every layer) on grids searched for the least error. dwq
 (the default) starts from loop-aware gptq (or --dwq-init rtn) and trains the quantization
 scales and biases (the integer weights stay frozen) so that every loop step's output and the exit
 decisions match the float model. --no-loop-aware gives the stock objectives, for
@@ -118,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--data is required (a directory with train.jsonl) for a model "
                          "other than the bundled one.")
     teacher, tokenizer = load(source)
+
+    def warn(message: str) -> None:
+        print(message, file=sys.stderr)
+
     if args.data:
-        train, valid = load_data(args.data, tokenizer,
-                                 warn=lambda m: print(m, file=sys.stderr))
+        train, valid = load_data(args.data, tokenizer, warn=warn)
     else:
         train, valid = demo_data(tokenizer, n_train=max(opts.num_samples, STATS_SAMPLES),
                                  n_valid=100)
     train, valid = cut_to(train, valid, opts.max_seq_length, args.data or "the demo data",
-                          warn=lambda m: print(m, file=sys.stderr))
+                          warn=warn)
     config = read_config(source)
     q = args.exit_q if args.exit_q is not None else (
         teacher.exit_threshold if teacher.exit_threshold not in (None, 1.0) else 0.5)

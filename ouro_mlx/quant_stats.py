@@ -28,12 +28,13 @@ step t is part of its own input at step t+1. Stock mlx-lm ignores both:
 
 4. **Searched ranges.** The embedding (whose rounding error every step's input
    carries) and, for AWQ, every Linear round to a grid whose ends are searched per
-   row and group (``range_search``) instead of the group's min and max: for AWQ the
-   error weighed by the group's block of the step-weighted Hessian (the layer's
-   output error over every step), replacing mlx-lm's symmetric clip search; for the
+   row and group (``range_search``) instead of the group's min and max: for AWQ
+   against the layer's output error over every step (the step-weighted Hessian,
+   each group's block, then one pass with the cross terms between groups,
+   ``round_searched``), replacing mlx-lm's symmetric clip search; for the
    embedding, plain squared error. On the bundled model at 2 bits this took GPTQ at
-   4 loops from 0.94/0.88 to 0.97/0.99 (two calibration sets) and AWQ from 0.69 to
-   0.92–0.96.
+   4 loops from 0.94 and 0.88 to 0.975 and 0.995 (two calibration sets), AWQ from
+   0.69 to 0.978 and 0.982 (docs/quantize.md).
 
 AWQ's per-channel scales are folded into the RMSNorm before q/k/v and gate/up (and
 into ``up_proj`` before ``down_proj``), as mlx-lm does for Llama. One norm serves

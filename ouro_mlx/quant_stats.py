@@ -340,10 +340,15 @@ def _embedding(model, bits: int, group_size: int, mixed: bool, exact: dict) -> N
 # --------------------------------------------------------------------------- GPTQ
 
 
+def _gram(x: mx.array, w: mx.array) -> mx.array:
+    """Σ w·x·xᵀ over the tokens of ``x`` [..., in] with weights ``w`` [...] (float32)."""
+    x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+    return (x * w.reshape(-1, 1)).T @ x
+
+
 def _hessian_sink(store: dict, key: str) -> Callable[[mx.array, mx.array], None]:
     def sink(x: mx.array, w: mx.array) -> None:
-        x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        h = (x * w.reshape(-1, 1)).T @ x
+        h = _gram(x, w)
         store[key] = store[key] + h if key in store else h
 
     return sink
@@ -451,11 +456,7 @@ class _Inputs:
 
     def hessian(self) -> mx.array:
         """Σ weight·x·xᵀ over every kept input [in, in] (float32)."""
-        H = 0
-        for x, w in self.items:
-            x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-            H = H + (x * w.reshape(-1, 1)).T @ x
-        return H
+        return sum(_gram(x, w) for x, w in self.items)
 
     def channel_mean(self) -> mx.array:
         """The weighted mean |x| per input channel (AWQ's activation statistic)."""

@@ -89,9 +89,26 @@ def resolve(
     except Exception as e:  # the hub raises many types; all mean "not available"
         raise FileNotFoundError(
             f"{repo!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face hub ({type(e).__name__}: {e}). Offline, it must already be "
+            f"Hugging Face hub ({hub_reason(e, revision)}). Offline, it must already be "
             "in the local HF cache (HF_HUB_OFFLINE=1 reads only from there)."
         ) from e
+
+
+def hub_reason(e: Exception, revision: str | None = None) -> str:
+    """Why the hub gave nothing, in a few words on one line (its own messages run to
+    several lines of advice)."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"it has no revision {revision!r}"
+    if isinstance(e, errors.GatedRepoError):
+        return "a gated repository: accept its terms on the hub, then log in"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return "no such repository, or it is private"
+    if isinstance(e, errors.LocalEntryNotFoundError):
+        return "not in the local cache, and the hub could not be reached"
+    first = " ".join(str(e).split("\n")[0].split())
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def names_demo(path_or_repo: str | Path | None) -> bool:

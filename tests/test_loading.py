@@ -92,6 +92,8 @@ def test_hub_repo_id_from_local_cache_offline(tiny_dir, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode != 0 and "local HF cache" in out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # one line, in a few words
+    assert "could not be reached" in last and "local HF cache" in last
 
 
 def test_missing_config(tiny_dir, tmp_path):

@@ -1208,8 +1208,10 @@ class CompletionRender(Render):
 async def stream_choices(job: Job, choices: list[Choice], render: Render, request: Request,
                          req: GenerationRequest) -> AsyncIterator[str]:
     """SSE chunks: each choice's opening (chat: the role; completions: an echoed
-    prompt) before its first token, a chunk per token carrying its loops, the usage with the last, and with
-    ``stream_options.include_usage`` a final chunk of no choices and the usage."""
+    prompt) before its first token, a chunk per token carrying its loops, and with
+    ``stream_options.include_usage`` a final chunk of no choices and the usage (the
+    only one that carries it, as OpenAI's and mlx-lm's servers stream: a client that
+    adds up the usage it sees counts it once)."""
     base = {**render.head, "object": render.object}
     seen: list[int] = []
     ready: list[str] = []  # chunks written together while more tokens wait
@@ -1223,8 +1225,6 @@ async def stream_choices(job: Job, choices: list[Choice], render: Render, reques
             seen.append(e.loops)
         body = {**base, "choices": [render.chunk(c, e, content, reasoning)],
                 "ouro": ouro_field([] if c.score_only else [e.loops], seen)}
-        if all(x.finish for x in choices):
-            body["usage"] = render.usage(job, choices)
         ready.append(sse(body))
         if isinstance(render, CompletionRender) and not c.score_only:
             c.offset += len(content)

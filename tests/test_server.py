@@ -113,7 +113,11 @@ def test_stream_chat_equals_whole(demo):
     assert loops == whole.model_extra["ouro"]["loops"]  # one token per chunk
     last = chunks[-1]
     assert last.choices[0].finish_reason == whole.choices[0].finish_reason
-    assert last.usage.completion_tokens == len(loops)
+    assert all(c.usage is None for c in chunks)  # only asked for (include_usage)
+    asked = list(demo.client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert [c.usage is None for c in asked] == [True] * (len(asked) - 1) + [False]
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == len(loops)
 
 
 def test_completions_whole_and_streamed(demo):
@@ -203,13 +207,13 @@ def test_prompt_cache_reused_by_the_next_turn(demo):
 def raw_stream(url: str, prompt: str, **extra) -> tuple[str, dict, list[str]]:
     """Content, final usage and every data line of one streamed chat request."""
     body = {"model": "ouro-demo", "messages": user(prompt), "max_tokens": 16, "stream": True,
-            **extra}
+            "stream_options": {"include_usage": True}, **extra}
     lines = []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         lines = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
     chunks = [json.loads(x) for x in lines[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
     return text, chunks[-1]["usage"], lines
 
 
@@ -224,7 +228,7 @@ def test_concurrent_streams_are_complete_and_their_own(demo):
         assert text == alone[g][0]
         ids = encode_chat(demo.tokenizer, user(g), add_generation_prompt=True)
         assert use["prompt_tokens"] == len(ids)
-        assert use["completion_tokens"] == len(lines) - 2  # the role chunk and [DONE]
+        assert use["completion_tokens"] == len(lines) - 3  # role, usage and [DONE]
 
 
 def test_assembler_splits_thinking_and_holds_back_stops(demo):

@@ -65,6 +65,11 @@ def test_quantize_cli_writes_a_loadable_model(tmp_path):
     assert len(report["dwq"]["kl_by_step"]) == 4
     # 4 steps of 3 bits: the total falls (the late steps' KL, ~1e-6, is rounding noise)
     assert sum(report["dwq"]["kl_by_step"]) < sum(report["rtn"]["kl_by_step"])
+    # one size line, ours, not mlx-lm's note for each model quantized on the way
+    assert "[INFO] Quantized model" not in run.stdout + run.stderr
+    wrote = run.stdout.strip().splitlines()[-1]
+    assert wrote.startswith(f"Wrote {out}: 3-bit weights in groups of 32; ")
+    assert "bits per parameter overall" in wrote
     import mlx_lm
 
     mlx_lm.load(str(out))  # stock mlx-lm reads it too (through our model class)

@@ -12,13 +12,15 @@ decisions match the float model. --no-loop-aware gives the stock objectives, for
 comparison. DATA_DIR: mlx-lm's layout, train.jsonl and optionally valid.jsonl (chat,
 prompt/completion or text lines; bad lines are reported as file:line and skipped).
 The report prints, for round-to-nearest and each stage, the KL to the float model at
-every loop step, how often the exit step agrees at q, and the average loops.
+every loop step, how often the exit step agrees at q, and the average loops. dwq's
+loss is a sum of logarithms of small errors: negative, and lower is better.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import sys
 
@@ -138,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     def measure(model) -> dict:
         return Q.quality(model, teacher, valid, q, max_seq_length=args.max_seq_length)
 
+    @contextlib.contextmanager
     def quiet():  # mlx-lm prints notes on stdout, which is the report's
-        return contextlib.redirect_stdout(sys.stderr)
+        notes = io.StringIO()
+        with contextlib.redirect_stdout(notes):
+            yield
+        for line in notes.getvalue().splitlines():  # its bits per weight: ours at the end
+            if not line.startswith("[INFO] Quantized model with"):
+                print(line, file=sys.stderr)
 
     with quiet():
         rtn = Q.rtn(Q.shared_copy(teacher), dict(config), args.bits, args.group_size,
@@ -182,5 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_support_files(source, tmp)
     print(json.dumps(report, indent=2))
-    print(f"Wrote {out}")
+    from mlx_lm.utils import compute_bits_per_weight
+
+    mixed = ", embeddings and lm_head at 8 bits" if args.mixed else ""
+    print(f"Wrote {out}: {args.bits}-bit weights in groups of {args.group_size}{mixed}; "
+          f"{compute_bits_per_weight(student):.2f} bits per parameter overall, counting "
+          "the groups' scales and biases and the float norms and exit gate.")
     return 0

@@ -369,7 +369,7 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
         "peer": lambda: run_peer(peer, prompt, n_gen, context=context, dtype=dtype),
         "full": lambda: run_ouro(model, ExitRule(T), prompt, n_gen, name=f"ouro T={T}", **kw),
         "exit1": lambda: run_ouro(model, ExitRule(T, at_step=0), prompt, n_gen,
-                                  name="ouro exit at step 1", **kw),
+                                  name="ouro 1 loop", **kw),
     }
     if compile_step:  # full depth through the compiled loop step (ouro_mlx.decoding.compiled)
         make["compiled"] = lambda: run_ouro(model, ExitRule(T), prompt, n_gen, compile_step=True,
@@ -388,8 +388,8 @@ def target_ratios(model: Model, peer: nn.Module, prompt: mx.array, n_gen: int, *
                                           / median("peer", "prompt_tps"), 3),
         "decode vs unrolled peer": round(median("full", "decode_tps")
                                          / median("peer", "decode_tps"), 3),
-        "exit at step 1 speed-up over full depth": round(median("exit1", "decode_tps")
-                                                         / median("full", "decode_tps"), 3),
+        "1 loop speed-up over full depth": round(median("exit1", "decode_tps")
+                                                 / median("full", "decode_tps"), 3),
         **({"compiled decode speed-up over full depth": round(
             median("compiled", "decode_tps") / median("full", "decode_tps"), 3),
             "compiled decode vs unrolled peer": round(

@@ -39,7 +39,10 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # no verb: a usage error, the list of verbs on stderr
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         try:
             print(usage(), flush=True)
         except BrokenPipeError:
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ouro-mlx {__version__}")
         return 0
     if verb not in VERBS:
-        print(f"ouro-mlx: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        print(unknown_verb(verb), file=sys.stderr)
         return 2
     module = importlib.import_module(f"ouro_mlx.commands.{verb.replace('-', '_')}")
     try:
@@ -69,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         return error(verb, e)
     except OSError as e:  # missing files, a full disk, permissions: one line, no traceback
         return error(verb, os_message(e))
+
+
+def unknown_verb(verb: str) -> str:
+    """One line for a verb that is not one: the closest verb, or where the list is."""
+    import difflib
+
+    close = difflib.get_close_matches(verb, VERBS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "ouro-mlx --help lists the verbs."
+    return f"ouro-mlx: unknown verb {verb!r}; {hint}"
 
 
 def command_line(verb: str, argv: list[str] | None) -> str:

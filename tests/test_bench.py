@@ -22,20 +22,20 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
                      "--context", "16", "--json-out", str(out)]) == 0
     captured = capsys.readouterr()
     text = captured.out
-    assert "mlx-lm llama, unrolled" in text and "ouro exit at step 1" in text
+    assert "mlx-lm llama, unrolled" in text and "ouro 1 loop" in text
     assert "use --gen-tokens 8 or more for decode figures" in captured.err  # 3 decoded
     assert list(tmp_path.iterdir()) == [out]  # written via a temporary file, renamed
     data = json.loads(out.read_text())
     run = data["runs"]["float32"]
     names = [r["name"] for r in run["ouro"]]
-    assert names == ["ouro T=4", "ouro exit at step 1", "ouro exit at step 2",
-                     "ouro exit at step 3", "ouro adaptive q0.5", "ouro adaptive h0.5",
+    assert names == ["ouro T=4", "ouro 1 loop", "ouro 2 loops",
+                     "ouro 3 loops", "ouro adaptive q0.5", "ouro adaptive h0.5",
                      "ouro T=4 kv last"]
     assert run["ouro"][1]["avg_loops"] == 1.0
     assert run["summary"]["kv last / full bytes"] == 0.25
     assert run["fused"]  # decoded as generate does: q/k/v and gate/up fused
     assert {"decode vs unrolled peer",
-            "exit at step 1 speed-up over full depth"} <= set(run["summary"])
+            "1 loop speed-up over full depth"} <= set(run["summary"])
     # adaptive runs are timed against a replay of their own tokens and depths
     over = run["adaptive_overhead"]["q0.5"]
     assert over["ratio"] > 0 and 1 <= over["avg_loops"] <= 4 and over["repeats"] == 3
@@ -45,7 +45,7 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert {k: len(v) for k, v in med["runs_tok_per_s"].items()} == {"peer": 3, "full": 3,
                                                                      "exit1": 3}
     for k in ("prefill vs unrolled peer", "decode vs unrolled peer",
-              "exit at step 1 speed-up over full depth"):
+              "1 loop speed-up over full depth"):
         assert run["summary"][k] == med[k] > 0
 
 

@@ -40,7 +40,14 @@ def test_help_and_unknown_verb():
     out = ouro("--help")
     assert out.returncode == 0 and "generate" in out.stdout and "convert" in out.stdout
     out = ouro("frobnicate")
-    assert out.returncode == 2 and "unknown verb" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr == ("ouro-mlx: unknown verb 'frobnicate'; ouro-mlx --help lists "
+                          "the verbs.\n")
+    out = ouro("generat")
+    assert out.returncode == 2
+    assert out.stderr == "ouro-mlx: unknown verb 'generat'; did you mean 'generate'?\n"
+    out = ouro()  # no verb: a usage error, the verbs listed on stderr
+    assert out.returncode == 2 and out.stdout == "" and "generate" in out.stderr
 
 
 def test_random_then_generate(tmp_path):
@@ -250,3 +257,11 @@ def test_help_describes_every_flag_with_its_default(verb):
         assert "(default: 512)" in out.stdout and "-m MAX_TOKENS" in out.stdout
     if verb == "generate":
         assert "-p PROMPT" in out.stdout and "--ignore-chat-template" in out.stdout
+        text = " ".join(out.stdout.split())
+        for words in ("Temperature (0 = greedy). (default: 0.0)", "(0 = off). (default: 0)",
+                      "Stop every token after loop step K (0 = one loop, 1 = two loops, "
+                      "...; default: off)", "the model's trained loop count, 4 for Ouro"):
+            assert words in text, words
+    # the user's terms: no module paths or config keys
+    for words in ("ouro_mlx.decoding", "total_ut_steps", "early_exit_threshold", "mx.compile"):
+        assert words not in out.stdout, (verb, words)

@@ -279,8 +279,9 @@ def test_eval_without_lm_eval_says_what_to_install(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     rc, _, err = run_cli(capsys, "eval", "--tasks", "shell_game")
     assert rc == 1
-    assert err.strip() == "ouro-mlx eval: error: ouro-mlx eval needs lm-eval: " \
-                          "pip install 'ouro-mlx[eval]'"
+    assert err.strip() == "ouro-mlx eval: error: lm-eval is not installed: " \
+                          'pip install "lm-eval>=0.4.9,<0.5" (or pip install ".[eval]" ' \
+                          "in a checkout of ouro-mlx)"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,8 +5,9 @@ loop and exit-threshold controls, a system prompt, collapsible thinking sections
 status bar (tok/s, average loops, memory). Conversations are kept across restarts in
 SQLite, in the per-user data directory (OURO_MLX_APP_DIR overrides it). With no
 --model it opens the bundled demo model; the window's model picker loads others.
-Ctrl-C in the terminal quits it. Needs PySide6: pip install "PySide6-Essentials>=6.6"
-(from a checkout: pip install -e ".[desktop]").
+Ctrl-C in the terminal quits it. Needs PySide6: pip install ".[desktop]" in a checkout
+of ouro-mlx, or pip install "PySide6-Essentials>=6.6" ("PySide6-Essentials>=6.6,<6.12"
+on Python 3.11 and older).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         # PySide6 6.12 crashes on Python < 3.12 (see pyproject's desktop extra)
         spec = ">=6.6" if sys.version_info >= (3, 12) else ">=6.6,<6.12"
         raise ImportError(f"the desktop app needs PySide6 ({e}): pip install "
-                          f'"PySide6-Essentials{spec}" (from a checkout: pip install -e '
-                          '".[desktop]")') from None
+                          f'"PySide6-Essentials{spec}" (or pip install ".[desktop]" in a '
+                          "checkout of ouro-mlx)") from None
     from pathlib import Path
 
     from ..desktop.store import DB_NAME

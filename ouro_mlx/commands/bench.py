@@ -1,8 +1,9 @@
 """ouro-mlx bench: prompt and decode speed, peak memory, loop depth and KV memory.
 
 Runs, in one process, Ouro at full depth, at every fixed depth, with adaptive exit and
-in kv_mode "last", next to a peer: mlx-lm's own llama with Ouro's layers unrolled to
-L×T (sharing Ouro's weights). Prints a table per dtype/quantization and writes JSON.
+as with --kv-mode last, next to a peer: mlx-lm's own llama with Ouro's layers unrolled to
+L×T (sharing Ouro's weights). Prints a table per dtype/quantization; with --json-out it
+also writes the results as JSON.
 
 Without --model or --random it measures the bundled demo model.
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=49152, help="custom shape: vocabulary")
     p.add_argument("--dtype", default="bfloat16", help="Comma list: bfloat16,float16,float32.")
     p.add_argument("--quant", default="none", help="Comma list of none, 8, 4 (affine, group 64).")
-    p.add_argument("--ut-steps", type=int, default=None, help="Loop steps (default: config).")
+    p.add_argument("--ut-steps", type=int, default=None,
+                   help="Loop steps (default: the model's trained loop count).")
     p.add_argument("--exits", default="q0.5",
                    help="Comma list of adaptive exits: qQ (Q-exit) or hE (hidden change).")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
@@ -52,25 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=0,
                    help="Pre-fill caches with this many tokens of random K/V.")
     p.add_argument("--repeats", type=int, default=3,
-                   help="Alternating runs for the medians: peer / full depth / exit at "
-                        "step 1, and adaptive / same-depth fixed decoding per exit rule.")
+                   help="Alternating runs for the medians: peer / full depth / 1 loop, "
+                        "and adaptive / same-depth fixed decoding per exit rule.")
     p.add_argument("--no-peer", action="store_true", help="Skip the unrolled mlx-lm peer.")
     p.add_argument("--no-fuse", action="store_true",
                    help="Run q/k/v and gate/up as separate matrix products, as they are "
                         "stored (by default they are fused for decoding, as generate, chat "
                         "and serve do).")
     p.add_argument("--no-fixed", action="store_true", help="Skip the fixed depths 1..T-1.")
-    p.add_argument("--no-compile", action="store_true", help="Disable mx.compile.")
+    p.add_argument("--no-compile", action="store_true",
+                   help="Run without MLX's graph compilation.")
     p.add_argument("--compile-step", action="store_true",
-                   help="Also time full depth through the compiled loop step "
-                        "(ouro_mlx.decoding.compiled) against the plain path and the peer.")
+                   help="Also time full depth through the compiled loop step against plain "
+                        "decoding and the peer.")
     p.add_argument("--draft-loops", default="",
                    help="Comma list of K: also rows of self-speculative decoding drafting "
                         "with the first K loop steps (greedy, full depth; single runs).")
     p.add_argument("--num-draft-tokens", type=int, default=None,
                    help="Most drafts per verify call, adaptive (default: 4).")
     p.add_argument("--pipeline", action="store_true",
-                   help="Also rows of pipelined loop decoding (ouro_mlx.decoding.pipeline), its draft "
+                   help="Also rows of pipelined loop decoding, its draft "
                         "from step K-1 for each K of --draft-loops (default 1), compiled too "
                         "with --compile-step (greedy, full depth; single runs), with their "
                         "decode speed-up over full depth.")
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in depths:
                 r = (first.get("exit1") if k == 1 else None) or B.run_ouro(
                     model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
-                    name=f"ouro exit at step {k}", **kw)
+                    name=f"ouro {k} loop{'s' if k > 1 else ''}", **kw)
                 rows.append(B.as_dict(r))
             for k in draft_ks:
                 for compiled in (False, True) if args.compile_step else (False,):
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 full.bytes_per_token * full_tps / bw, 4)
             if medians:  # the targets' ratios from alternating runs, not the rows above
                 for k in ("prefill vs unrolled peer", "decode vs unrolled peer",
-                          "exit at step 1 speed-up over full depth",
+                          "1 loop speed-up over full depth",
                           "compiled decode speed-up over full depth",
                           "compiled decode vs unrolled peer"):
                     if k in medians:
@@ -435,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
             print(table(([peer] if peer else []) + rows, peer))
             print(legend(rows, peer, bool(args.random)))
             if medians:
-                print(f"  (ratios to the peer and exit at step 1: medians of {args.repeats} "
-                      "alternating runs each; the rows above are single runs)")
+                print(textwrap.fill(f"(ratios to the peer and of 1 loop to full depth: "
+                                    f"medians of {args.repeats} alternating runs each; the "
+                                    "rows above are single runs)", 88, initial_indent="  ",
+                                    subsequent_indent="   "))
             for k, v in summary.items():
                 print(f"  {k}: {v}")
             for spec, o in overheads.items():
@@ -466,9 +471,9 @@ def summarize(rows: list[dict], peer: dict | None, T: int) -> dict:
     if peer:
         out["decode vs unrolled peer"] = round(full["decode_tps"] / peer["decode_tps"], 3)
         out["prefill vs unrolled peer"] = round(full["prompt_tps"] / peer["prompt_tps"], 3)
-    if (one := by.get("ouro exit at step 1")) is not None:
+    if (one := by.get("ouro 1 loop")) is not None:
         speed_up = one["decode_tps"] / full["decode_tps"]
-        out["exit at step 1 speed-up over full depth"] = round(speed_up, 3)
+        out["1 loop speed-up over full depth"] = round(speed_up, 3)
     last = by.get(f"ouro T={T} kv last")
     if last and full["kv_bytes"]:
         out["kv last / full bytes"] = round(last["kv_bytes"] / full["kv_bytes"], 4)

@@ -3,7 +3,8 @@ tokenizer, shards, Stage I, Stage II, evaluation — into one directory.
 
   ouro-mlx demo-train --out runs/demo
   ouro-mlx demo-train --out runs/demo --resume  # after Ctrl-C: continues where it stopped
-  cp runs/demo/model/* ouro_mlx/demo/model/     # to ship it
+  ouro-mlx generate --model runs/demo/model --prompt "4,34,12,23" --show-depth
+  ouro-mlx demo-eval --model runs/demo/model    # the trained model, as the bundled one
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ shell_game and shell_game_mc are the bundled model's game (always available).
 
 Depth keys: "1", "2", ... run that many loop steps on every token (beyond the trained
 depth too); "q<Q>" stops each token at the first step whose exit cdf reaches Q
-(within the model's total_ut_steps; "avg_loops" is the loop steps per scored or
+(within the model's trained loop count; "avg_loops" is the loop steps per scored or
 generated token). Loglikelihood tasks (multiple choice, perplexity) get every depth
 from one forward pass per batch; generation tasks run once per depth.
 
@@ -17,7 +17,8 @@ The flags are mlx_lm.evaluate's where they mean the same, and so are the scores 
 one depth. --output-dir gets lm-eval's results per depth (DEPTH/results.json),
 eval.json and eval.png (accuracy and loop steps against depth). Tasks come from
 lm-eval's registry or from --include-path (task YAML files and local data: nothing
-is downloaded then). Needs the eval extra: pip install 'ouro-mlx[eval]'.
+is downloaded then). Needs lm-eval: pip install "lm-eval>=0.4.9,<0.5" (and matplotlib
+for eval.png), or pip install ".[eval]" in a checkout of ouro-mlx.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import json
 import os
 import sys
 
-INSTALL = "ouro-mlx eval needs lm-eval: pip install 'ouro-mlx[eval]'"
+INSTALL = ('lm-eval is not installed: pip install "lm-eval>=0.4.9,<0.5" (or '
+           'pip install ".[eval]" in a checkout of ouro-mlx)')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """ouro-mlx fuse: merge trained adapters into the base model, as mlx_lm.fuse.
 
 Writes a new MLX model directory (--save-path) with each LoRA/DoRA layer merged into
-its base weight by mlx-lm's own ``fuse()``; a quantized base stays quantized (the
+its base weight, exactly as mlx_lm.fuse merges it; a quantized base stays quantized (the
 merged weight re-quantized with its settings) unless --dequantize. A trained exit gate
 and full-finetuned layers are kept as trained. --export-hf also writes a PyTorch-layout
 checkpoint that the official code loads. The original model is never modified.

@@ -8,7 +8,7 @@ prompt/completion, text). Re-running with the same --adapter-path continues the 
 model.
 
   ouro-mlx lora --model DIR --train --data DATA --iters 600 --adapter-path adapters
-  ouro-mlx lora --train --data DATA --iters 100     # the bundled demo model (--model demo)
+  ouro-mlx lora --train --data DATA --iters 100 --mask-prompt   # the bundled demo model
   ouro-mlx lora -c lora.yaml --per-loop-adapters --loss ouro --beta 0.05
 """
 

@@ -13,7 +13,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+        default = action.default
+        # 0 and 0.0 are defaults to show; None, False (a switch), [] and SUPPRESS are not
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or "default" in text):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -127,7 +130,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True,
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="Compute in this dtype (default: the checkpoint's).")
     p.add_argument("--no-compile", action="store_true",
-                   help="Disable mx.compile (for debugging).")
+                   help="Run without MLX's graph compilation (slower; for "
+                        "troubleshooting).")
     add_adapter_args(p)
 
 
@@ -178,13 +182,15 @@ def apply_compile_flag(args: argparse.Namespace) -> None:
 def add_depth_args(g) -> None:
     """--ut-steps, --exit-threshold, --exit-at-step on the argument group ``g``."""
     g.add_argument("--ut-steps", type=int, default=None,
-                   help="Loop steps per token (default: the config's total_ut_steps).")
+                   help="Loop steps per token (default: the model's trained loop count, "
+                        "4 for Ouro).")
     g.add_argument("--exit-threshold", type=number, default=None,
                    help="Q-exit threshold in [0, 1]: a token stops at the first step whose "
                         "exit cdf reaches it (1.0 = always the last step; default: the "
-                        "config's early_exit_threshold).")
-    g.add_argument("--exit-at-step", type=int, default=None,
-                   help="Run exactly this many + 1 loops per token (0-based step).")
+                        "model's own threshold).")
+    g.add_argument("--exit-at-step", type=int, default=None, metavar="K",
+                   help="Stop every token after loop step K (0 = one loop, 1 = two loops, "
+                        "...; default: off).")
 
 
 def add_loop_args(p: argparse.ArgumentParser) -> None:
@@ -195,21 +201,26 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-loops", type=int, default=None,
                    help="Always stop a token after this many loop steps (default: all).")
     g.add_argument("--hidden-eps", type=number, default=None,
-                   help="Also stop when ‖h_t − h_t−1‖/‖h_t−1‖ falls below this.")
+                   help="Also stop when ‖h_t − h_t−1‖/‖h_t−1‖ falls below this "
+                        "(default: off).")
     g.add_argument("--kv-mode", choices=["full", "last"], default="full",
                    help="full: a KV cache per loop step; last: one shared cache (1/T memory).")
     g.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
                    help="Quantize the KV cache to this many bits (default: not quantized).")
     g.add_argument("--kv-group-size", type=int, default=64,
-                   help="Group size of the KV cache quantization (must divide head_dim).")
+                   help="Group size of the KV cache quantization (must divide the model's "
+                        "attention head size).")
+
+
+FAST_DECODING = "faster fixed-depth decoding (experimental)"
 
 
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("self-speculative decoding (fixed depth, kv-mode full)")
+    g = p.add_argument_group(FAST_DECODING)
     g.add_argument("--draft-loops", type=int, default=None, metavar="K",
-                   help="Draft tokens with the first K loop steps and verify them at the "
-                        "full depth in one call; the same greedy output, faster when drafts "
-                        "are accepted (default: off).")
+                   help="Self-speculative decoding: draft tokens with the first K loop "
+                        "steps and verify them at the full depth in one call; the same "
+                        "greedy output, faster when drafts are accepted (default: off).")
     g.add_argument("--num-draft-tokens", type=int, default=None, metavar="N",
                    help="At most N drafts per verify call, adapted to the acceptance "
                         "(default: 4).")
@@ -262,8 +273,10 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_compile_step_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile-step", action="store_true",
-                   help="Decode each token through one compiled graph (ouro_mlx.decoding.compiled): "
+    """--compile-step, next to the drafting and pipeline flags where the parser has them."""
+    g = next((g for g in p._action_groups if g.title == FAST_DECODING), p)
+    g.add_argument("--compile-step", action="store_true",
+                   help="Decode each token through one compiled graph: "
                         "the same tokens, faster on small models; needs a fixed depth "
                         "(--exit-threshold 1.0 or --exit-at-step), --kv-mode full, no "
                         "--kv-bits.")
@@ -374,11 +387,11 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ut-steps", type=depth_list, default=None, metavar="DEPTHS",
                    help="Loop depths to score, e.g. 1,2,3,4 or 1-8 (beyond the trained "
                         "depth too); all come from one pass at the deepest (default: 1 "
-                        "to the model's total_ut_steps).")
+                        "to the model's trained loop count).")
     p.add_argument("--exit-threshold", type=threshold, nargs="*", default=None,
                    metavar="Q", help="Adaptive exits to score too: each token stops at "
                    "the first step whose exit cdf reaches Q, within the model's "
-                   "total_ut_steps (default: the model's own threshold, when it has one; "
+                   "trained loop count (default: the model's own threshold, when it has one; "
                    "the flag alone: none).")
 
 

@@ -13,9 +13,10 @@ default); "mix" is the likelihood when the exit step is drawn from the gate
 Data: a .txt file (documents separated by blank lines), a .jsonl file of {"text"},
 {"prompt", "completion"} or {"messages"} lines (mlx-lm's formats), or an mlx-lm data
 directory (test.jsonl, else valid.jsonl, else train.jsonl). For prompt/completion and
-chat lines only the answer tokens are scored (--mask-prompt, as mlx_lm.lora trains
-them), one line per row; plain text is joined and cut into rows of
---sequence-length tokens, as mlx_lm.perplexity does.
+chat lines only the answer tokens are scored by default (--mask-prompt, as
+mlx_lm.lora --mask-prompt trains them; --no-mask-prompt scores the prompt too), one
+line per row; plain text is joined and cut into rows of --sequence-length tokens, as
+mlx_lm.perplexity does.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=256,
                    help="Rows to score (-1: all the data).")
     p.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass.")
-    p.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false",
-                   help="Score the prompt tokens of prompt/completion and chat lines too.")
+    mask = p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,
+                          default=True)
+    # set here: older Pythons' BooleanOptionalAction appends "(default: True)" to a help
+    mask.help = ("Score only the answer tokens of prompt/completion and chat lines (the "
+                 "default); --no-mask-prompt scores their prompt tokens too.")
     p.add_argument("--json", action="store_true", help="Print only the JSON figures.")
     return p
 

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Recompute each layer in the backward pass: less memory, slower.")
     p.add_argument("--exit-q", type=float, default=None,
                    help="The threshold at which the report compares exit steps (default: "
-                        "the model's early_exit_threshold, else 0.5).")
+                        "the model's own exit threshold, else 0.5).")
     p.add_argument("--force", action="store_true",
                    help="Replace a --mlx-path that ouro-mlx wrote (never the source).")
     return p

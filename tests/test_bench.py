@@ -88,7 +88,7 @@ def test_rows_say_what_their_figures_mean(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "acc 0" not in text and "ticks/tok" not in text
     names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
-    assert any(re.fullmatch(r"ouro draft 1 loops, (\d+% kept|no drafts)", n) for n in names)
+    assert any(re.fullmatch(r"ouro draft 1 loop, (\d+% kept|no drafts)", n) for n in names)
     assert any(re.fullmatch(r"ouro T=4 pipeline k=1, (\d+\.\d\d passes/tok(, \d+ plain)?"
                             r"|all plain)", n) for n in names)
     legend = " ".join(text[text.index("decode tok/s: tokens after the first"):].split())

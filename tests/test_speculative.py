@@ -390,7 +390,7 @@ def test_bench_rows(tmp_path, capsys):
                      "--draft-loops", "1,3", "--num-draft-tokens", "2",
                      "--json-out", str(out)]) == 0
     names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
-    assert re.fullmatch(r"ouro draft 1 loops, (\d+% kept|no drafts)", names[1])
+    assert re.fullmatch(r"ouro draft 1 loop, (\d+% kept|no drafts)", names[1])
     assert re.fullmatch(r"ouro draft 3 loops, (\d+% kept|no drafts)", names[2])
     with pytest.raises(ValueError, match="--draft-loops takes a comma list"):
         cmd.main(["--random", "tiny", "--draft-loops", "x"])
@@ -418,9 +418,9 @@ def test_bench_reports_draft_rows_plain_and_compiled(tmp_path, capsys):
                      "--compile-step", "--draft-loops", "1,2", "--json-out", str(out)]) == 0
     names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
     for k in (1, 2):
-        assert any(re.fullmatch(rf"ouro draft {k} loops, (\d+% kept|no drafts)", n)
+        assert any(re.fullmatch(rf"ouro draft {k} loops?, (\d+% kept|no drafts)", n)
                    for n in names)
-        assert any(re.fullmatch(rf"ouro draft {k} loops compiled, (\d+% kept|no drafts)",
+        assert any(re.fullmatch(rf"ouro draft {k} loops? compiled, (\d+% kept|no drafts)",
                                 n) for n in names)
     assert "ouro draft 2 loops compiled" in capsys.readouterr().out
 
@@ -446,7 +446,7 @@ def test_bench_reports_pipeline_rows(tmp_path, capsys):
     names = [r["name"] for r in json.loads(out.read_text())["runs"]["float32"]["ouro"]]
     for k in (2, 3):
         assert any(n.startswith(f"ouro T=4 pipeline k={k}, ") for n in names)
-        assert any(re.fullmatch(rf"ouro draft {k} loops, (\d+% kept|no drafts)", n)
+        assert any(re.fullmatch(rf"ouro draft {k} loops?, (\d+% kept|no drafts)", n)
                    for n in names)
     with pytest.raises(ValueError, match="--pipeline cannot be combined with --kv-bits"):
         cmd.main(["--random", "tiny", "--pipeline", "--kv-bits", "8"])

@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in draft_ks:
                 for compiled in (False, True) if args.compile_step else (False,):
                     r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
-                                   name=f"ouro draft {k} loops{' compiled' if compiled else ''}",
+                                   name=f"ouro draft {k} loop{'s' * (k != 1)}"
+                                        f"{' compiled' if compiled else ''}",
                                    draft_loops=k, num_draft_tokens=args.num_draft_tokens,
                                    compile_step=compiled, **kw)
                     rows.append(B.as_dict(r))

@@ -242,15 +242,26 @@ def measure(model, samples: list[Sample], thresholds=THRESHOLDS, *, batch_size: 
     """Teacher-forced Q-exit over the counted tokens of ``samples``: for each q the
     average loop count and the cross-entropy of the chosen step's logits, and the
     same at full depth. ``{"full": {"loops", "loss"}, "0.5": {...}, ..., "tokens"}``."""
+    return measure_with_gate_loss(model, samples, thresholds, batch_size=batch_size,
+                                  max_seq_length=max_seq_length)[0]
+
+
+def measure_with_gate_loss(model, samples: list[Sample], thresholds=THRESHOLDS, *,
+                           batch_size: int = 8, max_seq_length: int = 2048, k: float = 50.0,
+                           gamma: float = 0.005) -> tuple[dict, float | None]:
+    """:func:`measure`, and the Stage II loss that :func:`train_gate` minimises, on the
+    same samples (token-weighted; None for a model with one loop step), from the same
+    forward passes."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i][0]))
     sums = {key: [0.0, 0.0] for key in ["full", *map(_key, thresholds)]}
-    ntoks = 0
+    ntoks, gate_sum = 0, 0.0
     T = model.ut_steps
     for i in range(0, len(order), batch_size):
         batch, mask = pad_batch([samples[j] for j in order[i:i + batch_size]], max_seq_length)
         hidden, step_ce = step_losses(model, batch)
         m = mask.astype(mx.float32)
-        cdf = ex.exit_cdf(ex.exit_pdf(gate_logits(model, hidden)))
+        logits = gate_logits(model, hidden)
+        cdf = ex.exit_cdf(ex.exit_pdf(logits))
         picks = {"full": mx.full(m.shape, T - 1, dtype=mx.int32)}
         picks.update({_key(q): ex.select_exit_step(cdf, q) for q in thresholds})
         for key, step in picks.items():
@@ -259,11 +270,14 @@ def measure(model, samples: list[Sample], thresholds=THRESHOLDS, *, batch_size: 
             mx.eval(loops, loss)
             sums[key][0] += loops.item()
             sums[key][1] += loss.item()
+        if T >= 2:
+            gate_loss, n_gate = adaptive_gate_loss(step_ce, logits, mask, k, gamma)
+            gate_sum += (gate_loss * n_gate).item()
         ntoks += int(m.sum().item())
     n = max(ntoks, 1)
     out = {key: {"loops": round(a / n, 4), "loss": round(b / n, 5)} for key, (a, b) in sums.items()}
     out["tokens"] = ntoks
-    return out
+    return out, (round(gate_sum / n, 5) if T >= 2 else None)
 
 
 def demo_accuracy(model, tokenizer, thresholds=THRESHOLDS, n: int = 500) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -74,6 +75,11 @@ def test_gate_loss_equals_stage2(tiny_dir, tmp_path):
     ref, n_ref = stage2(model, batch, mask)
     assert n.item() == n_ref.item() > 0
     assert abs(ours.item() - ref.item()) < 1e-5
+    # the held-out figure calibrate-exit reports: the same loss, token-weighted over batches
+    for batch_size in (8, 2):
+        rows, held_out = cal.measure_with_gate_loss(model, samples, batch_size=batch_size)
+        assert abs(held_out - ref.item()) < 1e-4
+        assert rows == cal.measure(model, samples, batch_size=batch_size)
 
 
 def test_gate_file_round_trips(tiny_dir, tmp_path):
@@ -149,11 +155,12 @@ def test_short_run_teaches_a_silent_gate_to_exit(tmp_path):
     model, tok = load(model_path())
     train, valid = cal.demo_data(tok, n_train=64, n_valid=32)
     cal.reset_gate(model)
-    before = cal.measure(model, valid, (0.5,))
+    before, loss_before = cal.measure_with_gate_loss(model, valid, (0.5,))
     assert before["0.5"]["loops"] == 4.0
     cal.train_gate(model, train, iters=30, batch_size=8, learning_rate=3e-2, progress=False)
-    after = cal.measure(model, valid, (0.5,))
+    after, loss_after = cal.measure_with_gate_loss(model, valid, (0.5,))
     assert after["0.5"]["loops"] < 3.5
+    assert loss_after < 0.5 * loss_before  # the held-out Stage II loss falls
     assert after["full"] == before["full"]  # the LM itself is untouched
 
 
@@ -194,6 +201,8 @@ def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
     assert "16 samples are longer than --max-seq-length 96 tokens and are cut" in err
     assert r["train_samples"] == 12 and r["valid_samples"] == 4
     assert set(r["before"]) == {"full", "0.3", "0.5", "0.7", "0.9", "tokens"}
+    assert set(r["stage2_loss"]) == {"first", "last", "valid_before", "valid_after"}
+    assert all(isinstance(v, float) for v in r["stage2_loss"].values())
     assert r["before"]["full"] == r["after"]["full"]
     model, _ = load(tiny_dir)
     q = cal.load_exit_gate(model, gate)
@@ -205,6 +214,9 @@ def test_cli_gate_out_and_out_dir(tiny_dir, tmp_path, capsys):
                  "2", "--tolerance", "10", "--out", str(dest)]) == 0
     text = capsys.readouterr().out
     assert "chosen threshold: 0.3" in text and f"wrote {dest}" in text
+    # the loss before and after: on the held-out samples the table uses, labelled so
+    assert re.search(r"^2 steps on 12 samples \(held-out Stage II loss \d\.\d{4} -> "
+                     r"\d\.\d{4}[^)]*\); table on 4 held-out samples", text, re.M), text
     new, _ = load(dest)
     assert new.exit_threshold == 0.3
     old, _ = load(tiny_dir)
@@ -276,3 +288,29 @@ def test_help_describes_every_flag(capsys):
     for default in ("(default: 200)", "(default: 8)", "(default: 0.3,0.5,0.7,0.9)",
                     "(default: 0.01)", "(default: 0)", "2 / hidden_size"):
         assert default in out, default
+
+
+def test_report_labels_the_loss_change(capsys):
+    """The before/after loss is the held-out one; a rise says what to try. Without
+    held-out figures, the training batches are named as such."""
+    from ouro_mlx.commands.calibrate_exit import print_report
+
+    row = {"loops": 4.0, "loss": 1.0}
+    r = {"iters": 5, "train_samples": 2000, "valid_samples": 50, "threshold": 0.5,
+         "metric": "loss", "tolerance": 0.01, "written": None,
+         "before": {"full": row, "0.5": row, "tokens": 245},
+         "after": {"full": row, "0.5": row, "tokens": 245},
+         "stage2_loss": {"first": 0.48861, "last": 0.92779, "valid_before": 0.48964,
+                         "valid_after": 1.04954}}
+    print_report(r, [0.5], 4)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "5 steps on 2,000 samples (held-out Stage II loss 0.4896 -> 1.0495, higher: try "
+        "more --iters or a lower --learning-rate); table on 50 held-out samples, 245 answer "
+        "tokens, teacher forced")
+    r["stage2_loss"].update(valid_after=0.3)
+    print_report(r, [0.5], 4)
+    assert "(held-out Stage II loss 0.4896 -> 0.3000); table" in capsys.readouterr().out
+    r["stage2_loss"] = {"first": 0.48861, "last": 0.92779}
+    print_report(r, [0.5], 4)
+    assert "(Stage II loss on the first batch 0.4886, on the last 0.9278); table" in \
+        capsys.readouterr().out

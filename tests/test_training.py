@@ -401,3 +401,83 @@ def test_plot_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         plot_history(tmp_path / "history.jsonl", tmp_path / "training.png")
     assert [p.name for p in tmp_path.iterdir()] == ["history.jsonl"]
+
+
+def test_cli_prints_rounded_figures_and_where_it_saved(data_dir, tiny_dir, tmp_path, capsys):
+    """stdout: the final figures as one JSON line, rounded (history.jsonl keeps them
+    whole); stderr ends with the checkpoint written and the command that uses it."""
+    import shlex
+
+    from ouro_mlx.cli import main
+
+    out = tmp_path / "my run"
+    flags = ["train", "--data", str(data_dir), "--out", str(out), "--model", '{"shape": "tiny"}',
+             "--iters", "3", "--batch-size", "2", "--eval-every", "3", "--eval-batches", "1",
+             "--plot", "false", "--lr", "0.0003", "--warmup", "7"]
+    assert main([*flags, "--tokenizer", str(tiny_dir)]) == 0
+    stdout, err = capsys.readouterr()
+    last = json.loads(stdout.strip().splitlines()[-1])
+    row = history(out)[-1]
+    assert last["step"] == 3 and last["ut_steps"] == 4
+    assert last["loss"] == round(row["loss"], 4) != row["loss"]
+    assert last["lr"] == float(f"{row['lr']:.3g}") == 0.000129  # 3e-4 * 3/7
+    assert last["eval_step_losses"] == [round(x, 4) for x in row["eval_step_losses"]]
+    assert last["eval_expected_loops"] == round(row["eval_expected_loops"], 3)
+    assert err.strip().splitlines()[-1] == (
+        f"saved {out / 'ckpt-0000003'} (step 3); generate with: ouro-mlx generate --model "
+        f'{shlex.quote(str(out))} --prompt "Hi"')
+    ouro_mlx.load(out)  # what that command loads: the run directory's latest checkpoint
+    # run again: nothing left to do, and it says so
+    assert main([*flags, "--tokenizer", str(tiny_dir)]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"nothing to train: {out / 'ckpt-0000003'} is already at step 3 (raise --iters")
+    # without --tokenizer the checkpoint cannot generate: it says what to pass instead
+    flags[flags.index(str(out))] = str(tmp_path / "bare")
+    assert main(flags) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"saved {tmp_path / 'bare' / 'ckpt-0000003'} (step 3); it holds no tokenizer, so "
+        "generate cannot use it (pass --tokenizer DIR, the one the data was prepared with, "
+        "so checkpoints carry it)")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("data: x\nbogus_key: 1\n", "unknown option 'bogus_key'"),
+    ("data: x\nbatch-size: 1\nlrr: 2\n",
+     "unknown options 'batch-size' (did you mean 'batch_size'?), 'lrr' (did you mean 'lr'?)"),
+    ("data: x\nmodel:\n  shape: tiny\n   bad: 1\n",
+     "cannot read it (mapping values are not allowed here at line 4, column 7)"),
+    ("data: [x\n", "cannot read it (expected ',' or ']', but got '<stream end>' at line 2, "
+                   "column 1)"),
+    ("- data\n- x\n", "must hold a mapping of options (key: value lines), not a list"),
+    ("just words\n", "must hold a mapping of options (key: value lines), not a string"),
+    (None, "cannot read it (no such file or directory)"),
+    (b"\xff\xfedata: x\n", "cannot read it (not UTF-8 text)"),
+    ("data: x\nlr: fast\n", "lr must be a finite number, got 'fast'."),
+    ("data: x\nbatch_size: two\n", "batch_size must be an integer, got 'two'."),
+    ("data: x\nmodel: {shape: huge}\n", "model: unknown shape 'huge'"),
+    ("data: x\nloop_schedule: [[0, 0]]\n",
+     "a loop_schedule entry's ut_steps must be an integer >= 1, got 0."),
+])
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch,
+                                                         text, message):
+    from ouro_mlx.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if isinstance(text, bytes):
+        Path("recipe.yaml").write_bytes(text)
+    elif text is not None:
+        Path("recipe.yaml").write_text(text)
+    assert main(["train", "--config", "recipe.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ouro-mlx train: error: --config recipe.yaml: {message}"), err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_flag_replacing_a_bad_file_value_is_not_blamed_on_the_file(tmp_path, capsys):
+    from ouro_mlx.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: x\nlr: fast\nbatch_size: 2\n")
+    assert main(["train", "--config", str(recipe), "--lr", "0.01", "--batch-size", "0"]) == 1
+    assert capsys.readouterr().err == "ouro-mlx train: error: batch_size must be >= 1, got 0.\n"

@@ -2,10 +2,10 @@
 
 Trains only the exit gate, the language model frozen, on your own data (mlx-lm's
 layout: a directory with train.jsonl and optionally valid.jsonl, or one .jsonl/.txt
-file; chat, completions or text lines). Prints, before and after, the average loops
-per answer token with Q-exit at each threshold and the loss at that depth (teacher
-forced, on held-out samples), then the threshold with the fewest loops whose loss is
-within --tolerance of full depth. The original model is never edited:
+file; chat, completions or text lines). Prints, before and after, the gate's Stage II
+loss and the average loops per answer token with Q-exit at each threshold and the loss
+at that depth (teacher forced, on held-out samples), then the threshold with the fewest
+loops whose loss is within --tolerance of full depth. The original model is never edited:
 
   ouro-mlx calibrate-exit --model DIR --data data/ --gate-out gate.safetensors
   ouro-mlx generate --model DIR --exit-gate gate.safetensors --prompt "..."
@@ -164,14 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         cal.reset_gate(model)
 
     metric = "accuracy" if demo else "loss"
-    before = cal.measure(model, valid, thresholds, max_seq_length=args.max_seq_length)
+    before, gate_before = cal.measure_with_gate_loss(model, valid, thresholds,
+                                                     max_seq_length=args.max_seq_length)
     demo_before = cal.demo_accuracy(model, tokenizer, thresholds, args.demo_problems) \
         if demo else None
     losses = cal.train_gate(model, train, iters=args.iters, batch_size=args.batch_size,
                             learning_rate=args.learning_rate,
                             max_seq_length=args.max_seq_length, seed=args.seed,
                             progress=not args.json)
-    after = cal.measure(model, valid, thresholds, max_seq_length=args.max_seq_length)
+    after, gate_after = cal.measure_with_gate_loss(model, valid, thresholds,
+                                                   max_seq_length=args.max_seq_length)
     demo_after = cal.demo_accuracy(model, tokenizer, thresholds, args.demo_problems) \
         if demo else None
     chosen = cal.choose_threshold(demo_after if demo else after, thresholds, args.tolerance,
@@ -186,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"before": before, "after": after, "threshold": chosen, "metric": metric,
               "tolerance": args.tolerance, "train_samples": len(train),
               "valid_samples": len(valid), "iters": args.iters,
-              "stage2_loss": {"first": losses[0], "last": losses[-1]},
+              # first/last: the first and last training batch; valid_*: the held-out
+              # samples before and after training (the figures to compare)
+              "stage2_loss": {"first": losses[0], "last": losses[-1],
+                              "valid_before": gate_before, "valid_after": gate_after},
               "written": str(written) if written else None}
     if demo:
         result.update(demo_before=demo_before, demo_after=demo_after)
@@ -200,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(r: dict, thresholds: list[float], T: int) -> None:
     from ..calibrate import _key
 
-    print(f"{r['iters']} steps on {r['train_samples']:,} samples (Stage II loss "
-          f"{r['stage2_loss']['first']:.4f} -> {r['stage2_loss']['last']:.4f}); table on "
+    s2 = r["stage2_loss"]
+    if s2.get("valid_before") is not None:
+        change = (f"held-out Stage II loss {_loss(s2['valid_before'])} -> "
+                  f"{_loss(s2['valid_after'])}")
+        if s2["valid_after"] > s2["valid_before"]:  # e.g. a few steps overshooting
+            change += ", higher: try more --iters or a lower --learning-rate"
+    else:
+        change = (f"Stage II loss on the first batch {_loss(s2['first'])}, on the last "
+                  f"{_loss(s2['last'])}")
+    print(f"{r['iters']} steps on {r['train_samples']:,} samples ({change}); table on "
           f"{r['valid_samples']:,} held-out samples, {r['before']['tokens']:,} answer tokens, "
           "teacher forced")
     rows = [("full", f"full (T={T})")] + [(_key(q), f"q = {q:g}") for q in thresholds]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
 from dataclasses import MISSING, fields
+from difflib import get_close_matches
 from pathlib import Path
 
 
@@ -54,24 +57,114 @@ def _bool(s: str) -> bool:
 
 
 def load_config(args: argparse.Namespace):
+    """The options: flags win over the --config file. A refusal is one line that names
+    the file, or the flag, at fault."""
     from ..training import TrainConfig
 
-    values = {}
-    if args.config:
-        import yaml
-
-        try:
-            with open(args.config) as fh:
-                values = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"Cannot read {args.config}: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"{args.config} must hold a mapping of options.")
+    values = read_config_file(args.config) if args.config else {}
+    from_file = set(values)
     for f in fields(TrainConfig):
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
-    return TrainConfig.from_dict(values)
+            from_file.discard(f.name)
+    try:
+        return TrainConfig.from_dict(values)
+    except ValueError as e:
+        # a value the file set (and no flag replaced): say which file
+        # ("lr must be ...", "model: ...", "a loop_schedule entry's ut_steps ...")
+        key = re.match(r"(?:a )?(\w+)", str(e))
+        if key and key[1] in from_file:
+            raise ValueError(f"--config {args.config}: {e}") from None
+        raise
+
+
+def read_config_file(path: str) -> dict:
+    """The option mapping of a YAML recipe; its unknown keys refused, by name."""
+    import yaml
+
+    from ..training import TrainConfig
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh)
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({(e.strerror or str(e)).lower()})"
+                         ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: cannot read it (not UTF-8 text)") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: cannot read it ({_yaml_message(e)})") from None
+    if values is None:  # an empty file
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: must hold a mapping of options (key: value "
+                         f"lines), not a {_yaml_kind(values)}")
+    names = [f.name for f in fields(TrainConfig)]
+    if unknown := [k for k in values if k not in names]:
+        raise ValueError(f"--config {path}: unknown option{'s' * (len(unknown) > 1)} "
+                         + ", ".join(_unknown(k, names) for k in unknown))
+    return dict(values)
+
+
+def _unknown(key, names: list[str]) -> str:
+    """An unknown key, with the option it likely meant (batch-size: batch_size)."""
+    text = str(key)
+    close = (text.replace("-", "_") if text.replace("-", "_") in names
+             else next(iter(get_close_matches(text, names, n=1)), None))
+    return f"{key!r} (did you mean {close!r}?)" if close else repr(key)
+
+
+def _yaml_message(e: Exception) -> str:
+    """A YAML parser error in one line: what is wrong, and where."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _yaml_kind(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number",
+            bool: "true/false value"}.get(type(value), type(value).__name__)
+
+
+def summary(last: dict) -> dict:
+    """The final metrics as printed: rounded to what they mean (the run's
+    history.jsonl keeps them whole)."""
+    def loss(x):
+        return round(x, 4)
+
+    rounding = {"loss": loss, "lr": lambda x: float(f"{x:.3g}"),
+                "tokens_per_s": lambda x: round(x, 1),
+                "eval_step_losses": lambda xs: [loss(x) for x in xs],
+                "eval_exit_dist": lambda xs: [round(x, 4) for x in xs],
+                "eval_expected_loops": lambda x: round(x, 3)}
+    return {k: rounding[k](v) if k in rounding and v is not None else v
+            for k, v in last.items()}
+
+
+def saved_line(out: str, trained: bool) -> str | None:
+    """Where the run's latest checkpoint is, and how to use it (None without one).
+    ``trained``: whether this run took any step (else it was already at --iters)."""
+    from ..loading import latest_checkpoint
+
+    run = Path(out)
+    try:
+        ckpt = latest_checkpoint(run.expanduser())
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"] if ckpt else None
+    except (OSError, ValueError, KeyError, TypeError):  # CheckpointError is a ValueError
+        return None
+    if ckpt is None:
+        return None
+    where = (f"saved {run / ckpt.name} (step {step})" if trained else
+             f"nothing to train: {run / ckpt.name} is already at step {step} (raise --iters "
+             "to continue)")
+    if not (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer.model").is_file():
+        return (f"{where}; it holds no tokenizer, so generate cannot use it (pass --tokenizer "
+                "DIR, the one the data was prepared with, so checkpoints carry it)")
+    return (f"{where}; generate with: ouro-mlx generate --model {shlex.quote(str(run))} "
+            '--prompt "Hi"')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,5 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # a full disk mid-run: say what survives
         return error("train", f"{os_message(e)} {kept(Path(cfg.out))}.")
-    print(json.dumps(last))
+    print(json.dumps(summary(last)), flush=True)  # stdout: the figures, for scripts
+    if mx_rank() == 0 and (line := saved_line(cfg.out, trained=bool(last))):
+        print(line, file=sys.stderr)
     return 0
+
+
+def mx_rank() -> int:
+    import mlx.core as mx
+
+    return mx.distributed.init().rank()

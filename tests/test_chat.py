@@ -35,8 +35,9 @@ def test_chat_commands_and_turns(repl):
     repl.expect(r"generation: 6 tokens")
     repl.expect(r"avg loops: \d\.\d\d")
     repl.expect_exact(PROMPT)
-    for cmd, answer in [("/loops 2", "loop steps per token: 2"), ("/loops 0", "usage: /loops"),
-                        ("/exit-threshold 1.5", "usage: /exit-threshold"),
+    for cmd, answer in [("/loops 2", "loop steps per token: 2"),
+                        ("/loops 0", "/loops 0: N must be a whole number from 1 to 64"),
+                        ("/exit-threshold 1.5", "/exit-threshold 1.5: Q must be a number"),
                         ("/exit-threshold 0.9", "exit threshold: 0.9"),
                         ("/bogus", "unknown command"), ("/help", "/reset"),
                         ("/reset", "conversation cleared")]:
@@ -54,7 +55,7 @@ def test_non_utf8_input_keeps_the_repl_running(repl):
     repl.expect_exact("not valid UTF-8")
     repl.expect_exact(PROMPT)
     repl.sendline("/stats")
-    repl.expect_exact("avg loops")
+    repl.expect_exact("no answer yet")
     repl.sendeof()
     repl.expect(pexpect.EOF)
 
@@ -176,10 +177,45 @@ def test_typed_special_tokens_are_plain_text(session):
 def test_absurd_loops_are_refused_at_once(session):
     """/loops 1000000 would allocate a million caches per layer: refused, session intact."""
     out = command(session, "/loops 1000000")
-    assert out.startswith("usage: /loops N") and "above the limit of 64" in out
+    assert out == ("/loops 1000000: N must be a whole number from 1 to 64 "
+                   "(set OURO_MLX_MAX_UT_STEPS to allow more)")
     assert session.loop.get("ut_steps") is None
     assert command(session, "/loops 2") == "(loop steps per token: 2)"
     assert len(list(session.send("hi"))) > 0
+
+
+@pytest.mark.parametrize("line,reply", [
+    ("/loops abc", "/loops abc: N must be a whole number from 1 to 64"),
+    ("/loops 0", "/loops 0: N must be a whole number from 1 to 64"),
+    ("/loops -2", "/loops -2: N must be a whole number from 1 to 64"),
+    ("/loops 2.5", "/loops 2.5: N must be a whole number from 1 to 64"),
+    ("/loops 100", "/loops 100: N must be a whole number from 1 to 64 "
+                   "(set OURO_MLX_MAX_UT_STEPS to allow more)"),
+    ("/loops", "/loops needs N, a whole number from 1 to 64 (e.g. /loops 2)"),
+    ("/exit-threshold x", "/exit-threshold x: Q must be a number from 0 to 1 "
+                          "(1 = always the last step)"),
+    ("/exit-threshold 2", "/exit-threshold 2: Q must be a number from 0 to 1 "
+                          "(1 = always the last step)"),
+    ("/exit-threshold nan", "/exit-threshold nan: Q must be a number from 0 to 1 "
+                            "(1 = always the last step)"),
+    ("/exit-threshold", "/exit-threshold needs Q, a number from 0 to 1 "
+                        "(1 = always the last step)"),
+    ("/stats", "(/stats: no answer yet; it describes the last answer)"),
+    ("/bogus 3", "unknown command /bogus; /help lists them"),
+    ("/loops\t3", "(loop steps per token: 3)"),
+    ("/exit-threshold 0.50", "(exit threshold: 0.5)"),
+])
+def test_slash_commands_answer_in_one_line_of_the_users_terms(session, line, reply):
+    """Every refusal names the command and what it takes, never Python's own words."""
+    assert command(session, line) == reply
+    assert session.loop.get("ut_steps") in (None, 3)
+
+
+def test_loops_that_clash_with_the_loop_flags_name_the_flag(tiny_dir):
+    model, tok = ouro_mlx.load(tiny_dir)
+    clash = ChatSession(model, tok, loop={"min_loops": 3})
+    assert command(clash, "/loops 2") == "/loops 2: --min-loops must be in [1, 2], got 3."
+    assert clash.loop.get("ut_steps") is None
 
 
 def test_stats_say_why_the_answer_ended(session):
@@ -277,3 +313,56 @@ def test_chat_fast_decoding_flags_give_the_same_answers():
         bad = ouro("chat", *flags, stdin="/exit\n")
         assert bad.returncode == 1 and f"ouro-mlx chat: error: {message}" in bad.stderr, flags
         assert len(bad.stderr.strip().splitlines()) <= 2  # the demo note and the error
+
+
+def test_chat_names_the_bundled_model_and_ends_piped_input_on_a_new_line():
+    """No install path in the header; a piped /exit (no echoed Enter) still ends the
+    last line; --model demo is the bundled model too, one game per message."""
+    for args in ([], ["--model", "demo"]):
+        out = ouro("chat", *args, stdin="2,23,14,31\n1,12,34\n/exit\n")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("ouro-mlx chat with the bundled demo model. /help "
+                                     "lists commands, Ctrl-D quits. Every message is a "
+                                     "new conversation.\n"), args
+        assert "=133" in out.stdout and "=22" in out.stdout
+        assert os.sep + "demo" + os.sep not in out.stdout
+        assert out.stdout.endswith(">> \n")
+
+
+def test_chat_keeps_the_path_it_was_given(tiny_dir):
+    out = ouro("chat", "--model", str(tiny_dir), "-m", "2", stdin="")
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first == f"ouro-mlx chat with {tiny_dir}. /help lists commands, Ctrl-D quits."
+
+
+def test_only_shell_game_vocabularies_count_as_the_demo_task(tiny_dir, bundled):
+    from ouro_mlx.demo import plays_the_shell_game
+
+    assert plays_the_shell_game(bundled[1])
+    assert not plays_the_shell_game(ouro_mlx.load(tiny_dir)[1])
+
+
+def test_a_model_fused_from_the_bundled_one_answers_each_game_afresh(tmp_path):
+    """LoRA on the bundled model, fused into a new directory: chat still starts a new
+    conversation for each game (the second game would otherwise see the first)."""
+    from ouro_mlx import demo
+    from ouro_mlx.adapters import adapter_config, apply_adapters, save_adapters
+    from ouro_mlx.demo import task
+    from ouro_mlx.loading import load_model
+
+    model = load_model(demo.model_path())
+    apply_adapters(model, fine_tune_type="lora", num_layers=-1)  # lora_b = 0: no change
+    save_adapters(tmp_path / "adapters", model,
+                  adapter_config({"fine_tune_type": "lora", "num_layers": -1}))
+    fused = ouro("fuse", "--adapter-path", str(tmp_path / "adapters"),
+                 "--save-path", str(tmp_path / "fused"))
+    assert fused.returncode == 0, fused.stderr
+    games = ["2,23,14,31", "1,12,34", "3,13,24,41"]
+    out = ouro("chat", "--model", str(tmp_path / "fused"), stdin="\n".join(games) + "\n")
+    assert out.returncode == 0, out.stderr
+    assert ("Every message is a new conversation (a shell-game model like the bundled "
+            "demo, trained on single games).") in out.stdout.splitlines()[0]
+    answers = [line.removeprefix(">> ").strip() for line in out.stdout.splitlines()
+               if line.startswith(">> =")]
+    assert answers == [task.solve(g) for g in games]

@@ -573,7 +573,7 @@ class MainWindow(QMainWindow):
         self.start_loops = self.start_threshold = None  # command-line values apply once
         self.loops.setValue(min(loops, MAX_LOOPS))
         self.threshold.setValue(threshold)
-        self.single_turn.setChecked(info["bundled"])
+        self.single_turn.setChecked(info["single_turn"])
         self.setWindowTitle(f"Ouro — {self.display_name()}")
         self.model_name.setText(self.display_name())
         self.model_name.setToolTip(info["name"])

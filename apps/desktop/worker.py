@@ -61,11 +61,15 @@ def hub_progress_bar(emit):
     return Bar
 
 
-def model_summary(model, name: str) -> dict:
+def model_summary(model, tokenizer, name: str) -> dict:
+    from ouro_mlx.demo import plays_the_shell_game
+
     args = model.args
     return {
         "name": BUNDLED if is_bundled(name) else name,
         "bundled": is_bundled(name),
+        # the bundled model or one made from it (fuse, quantize): trained on single games
+        "single_turn": plays_the_shell_game(tokenizer),
         "ut_steps": int(model.ut_steps),
         "exit_threshold": 1.0 if model.exit_threshold is None else float(model.exit_threshold),
         "hidden_size": int(args.hidden_size),
@@ -115,7 +119,7 @@ class Worker(QObject):
                              f"{type(e).__name__}: {e}")
             return
         self.session = session
-        self.loaded.emit(model_summary(session.model, name))
+        self.loaded.emit(model_summary(session.model, session.tokenizer, name))
 
     def fetch(self, name: str) -> Path:
         """A local directory as it is; an HF repo id downloaded with progress."""

@@ -50,15 +50,19 @@ def depth_colour(loops: int) -> str:
     return DEPTH_COLOURS.get(loops, DEEPER)
 
 
+def is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
 def use_colour(stream=None) -> bool:
     """Colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
     stream = sys.stdout if stream is None else stream
     if os.environ.get("NO_COLOR"):
         return False
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # a replaced or closed stream
-        return False
+    return is_terminal(stream)
 
 
 def depth_list(loops: list[int]) -> str:
@@ -87,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="End the answer where this text appears (repeatable).")
     p.add_argument("--single-turn", action="store_true",
                    help="Every message starts a new conversation (the default for the "
-                        "bundled demo model, which was trained on single questions).")
+                        "bundled demo model and models made from it, e.g. by fuse or "
+                        "quantize, which were trained on single questions).")
     add_loop_args(p)
     add_speculative_args(p)
     add_compile_step_arg(p)
@@ -108,9 +113,62 @@ def read_line(prompt: str) -> str | None:
         raise ValueError("That line is not valid UTF-8; please type it again.") from None
 
 
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number written in digits (no sign, no point), else None."""
+    try:
+        return int(text) if text.isascii() and text.isdigit() else None
+    except ValueError:  # more digits than Python converts
+        return None
+
+
+def loops_command(session: ChatSession, arg: str) -> str:
+    """/loops N, every refusal one line in the command's terms."""
+    from ..limits import max_ut_steps
+
+    try:
+        cap = max_ut_steps()
+    except ValueError as e:  # a bad OURO_MLX_MAX_UT_STEPS
+        return f"/loops: {e}"
+    if not arg:
+        return f"/loops needs N, a whole number from 1 to {cap} (e.g. /loops 2)"
+    n = whole_number(arg)
+    if n is None or not 1 <= n <= cap:
+        return (f"/loops {arg}: N must be a whole number from 1 to {cap}"
+                + (" (set OURO_MLX_MAX_UT_STEPS to allow more)" if n else ""))
+    try:
+        session.set_loops(n)
+    except DecodingClash as e:
+        return f"(loop steps unchanged: {flag_names(str(e))})"
+    except ValueError as e:  # clashes with --min-loops, --max-loops, --exit-at-step
+        return f"/loops {n}: {flag_names(str(e))}"
+    return f"(loop steps per token: {n})"
+
+
+THRESHOLD_RANGE = "a number from 0 to 1 (1 = always the last step)"
+
+
+def threshold_command(session: ChatSession, arg: str) -> str:
+    """/exit-threshold Q, every refusal one line in the command's terms."""
+    if not arg:
+        return f"/exit-threshold needs Q, {THRESHOLD_RANGE}"
+    try:
+        q = float(arg)
+    except ValueError:
+        q = None
+    if q is None or not 0.0 <= q <= 1.0:  # also nan
+        return f"/exit-threshold {arg}: Q must be {THRESHOLD_RANGE}"
+    try:
+        session.set_threshold(q)
+    except DecodingClash as e:
+        return f"(exit threshold unchanged: {flag_names(str(e))})"
+    except ValueError as e:
+        return f"/exit-threshold {arg}: {flag_names(str(e))}"
+    return f"(exit threshold: {q:g})"
+
+
 def command(session: ChatSession, line: str) -> str | None:
     """Run a /command; returns text to show, or None to quit."""
-    name, _, arg = line.partition(" ")
+    name, arg = (line.split(maxsplit=1) + [""])[:2]
     arg = arg.strip()
     if name in ("/exit", "/quit"):
         return None
@@ -120,23 +178,14 @@ def command(session: ChatSession, line: str) -> str | None:
         session.reset()
         return "(conversation cleared)"
     if name == "/stats":
-        return str(session.stats)
+        stats = session.stats
+        if not (stats.prompt_tokens or stats.generation_tokens or stats.finish):
+            return "(/stats: no answer yet; it describes the last answer)"
+        return str(stats)
     if name == "/loops":
-        try:
-            session.set_loops(int(arg))
-        except DecodingClash as e:
-            return f"(loop steps unchanged: {flag_names(str(e))})"
-        except ValueError as e:
-            return f"usage: /loops N with N >= 1 ({e})"
-        return f"(loop steps per token: {arg})"
+        return loops_command(session, arg)
     if name == "/exit-threshold":
-        try:
-            session.set_threshold(float(arg))
-        except DecodingClash as e:
-            return f"(exit threshold unchanged: {flag_names(str(e))})"
-        except ValueError as e:
-            return f"usage: /exit-threshold Q with Q in [0, 1] ({e})"
-        return f"(exit threshold: {arg})"
+        return threshold_command(session, arg)
     return f"unknown command {name}; /help lists them"
 
 
@@ -150,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     decoding = decoding_kwargs(args)
     apply_compile_flag(args)
 
-    from ..loading import load
+    from ..demo import plays_the_shell_game
+    from ..loading import load, names_demo
 
-    single_turn = args.single_turn or args.model is None
+    bundled = args.model is None or names_demo(args.model)
+    shown = "the bundled demo model" if bundled else args.model
     args.model = model_or_demo(args)
     model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path,
                             fuse=True)
+    game = plays_the_shell_game(tokenizer)  # the bundled model or one made from it
+    single_turn = args.single_turn or game
     apply_exit_gate(model, args)
     check_kv_args(args, model)
     with flag_terms():
@@ -164,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                               kv_group_size=args.kv_group_size, loop=loop_kwargs(args),
                               sampling=sampling, stop=args.stop, decoding=decoding)
     colour = use_colour()
-    print(f"ouro-mlx chat with {args.model}. /help lists commands, Ctrl-D quits."
-          + (" Every message is a new conversation." if single_turn else ""))
+    turns = ""
+    if single_turn:
+        why = (" (a shell-game model like the bundled demo, trained on single games)"
+               if game and not bundled and not args.single_turn else "")
+        turns = f" Every message is a new conversation{why}."
+    print(f"ouro-mlx chat with {shown}. /help lists commands, Ctrl-D quits.{turns}")
     if args.show_depth and colour:
         print(legend(session.loop.get("ut_steps") or model.ut_steps))
     while True:
@@ -185,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if line.startswith("/"):
             out = command(session, line.strip())
             if out is None:
+                if not is_terminal(sys.stdin):
+                    print()  # no echoed Enter ended the prompt's line
                 return 0
             print(out)
             continue

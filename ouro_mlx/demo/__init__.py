@@ -28,3 +28,27 @@ def model_path() -> Path:
             f"The bundled demo model is missing from {MODEL_DIR}; reinstall ouro-mlx or "
             "pass --model.")
     return MODEL_DIR
+
+
+def shell_game_vocab() -> dict[str, int]:
+    """The bundled demo model's vocabulary (token -> id); empty if it is missing."""
+    import json
+
+    try:
+        data = json.loads((MODEL_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+        return {**data["model"]["vocab"],
+                **{t["content"]: t["id"] for t in data.get("added_tokens") or []}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def plays_the_shell_game(tokenizer) -> bool:
+    """Whether the model reads the bundled demo model's vocabulary, which was made for
+    its shell game: the bundled model, or one made from it (lora + fuse, quantize,
+    convert), all trained on single games. The tokenizer files travel with every
+    such model unchanged, so this needs no marker of its own."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, TypeError):
+        return False
+    return bool(vocab) and vocab == shell_game_vocab()

@@ -162,14 +162,8 @@ class Attention(LoopAware, nn.Module):
         ``last_only``: K/V for every position, the output for the last one only.
         ``t``: the loop step, for per-loop adapters."""
         B, S, _ = x.shape
-        q, k, v = self.qkv(x, t, last_only)
-        Sq = q.shape[1]
-        q = q.reshape(B, Sq, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset if Sq == S else offset + (S - Sq))
-        k = self.rope(k, offset=offset)
+        q, k, v = self.heads(x, cache.offset if cache is not None else 0, t, last_only)
+        Sq = q.shape[2]
         if frozen is not None:
             active, fk, fv = frozen
             k, v = mx.where(active, k, fk), mx.where(active, v, fv)
@@ -179,6 +173,28 @@ class Attention(LoopAware, nn.Module):
         out = scaled_dot_product_attention(q, keys, values, cache, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, Sq, -1)
         return (self.project("o_proj", out, t) if self.loop_keys else self.o_proj(out)), (k, v)
+
+    def heads(
+        self, x: mx.array, offset: int | mx.array, t: int = 0, last_only: bool = False
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """q [B, heads, S or 1 (``last_only``), hd], k and v [B, kv_heads, S, hd] of
+        ``x`` [B, S, H] at positions ``offset``.., q and k rotated. Fused, for every
+        position: q and k are rotated by one RoPE call (the same rotation per head:
+        one kernel fewer a layer application)."""
+        B, S, _ = x.shape
+        if self.fused and not last_only:
+            nq, nk = self.n_heads, self.n_heads + self.n_kv_heads
+            qkv = self.qkv_proj(x).reshape(B, S, nk + self.n_kv_heads, -1)
+            qkv = qkv.transpose(0, 2, 1, 3)
+            qk = self.rope(qkv[:, :nk], offset=offset)
+            return qk[:, :nq], qk[:, nq:], qkv[:, nk:]
+        q, k, v = self.qkv(x, t, last_only)
+        Sq = q.shape[1]
+        q = q.reshape(B, Sq, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=offset if Sq == S else offset + (S - Sq))
+        return q, self.rope(k, offset=offset), v
 
     def qkv(
         self, x: mx.array, t: int = 0, last_only: bool = False

@@ -107,12 +107,7 @@ def _layer(layer, x, t, buf, pos, start, mask):
     """``DecoderLayer`` on ``x`` [1, L, H] with its K/V written into ``buf``."""
     attn = layer.self_attn
     L = x.shape[1]
-    h = layer.input_layernorm(x)
-    q, k, v = attn.qkv(h, t)
-    q = q.reshape(1, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = k.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    v = v.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k = attn.rope(q, offset=pos), attn.rope(k, offset=pos)
+    q, k, v = attn.heads(layer.input_layernorm(x), pos, t)
     keys = mx.slice_update(buf[0], k, start, axes=(2,))
     values = mx.slice_update(buf[1], v, start, axes=(2,))
     o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)

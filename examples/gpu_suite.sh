@@ -13,9 +13,11 @@
 #       (examples/pipeline_bench.py --agree 0.02) against plain decoding
 #   (d) adaptive exit q=0.5 against the same per-token depths at fixed depth
 #   (e) 4-bit decode against bfloat16 decode
+# then examples/decode_profile.py: per token, the host's graph building, the device's
+# run and the bandwidth bound of plain, compiled and peer decoding.
 # It prints each step's own table, then a summary of every target with its threshold.
 # A failing step is named and the others still run; a step still running after
-# SUITE_STEP_TIMEOUT seconds (170) is stopped. Expected to take 3-5 minutes on an
+# SUITE_STEP_TIMEOUT seconds (130) is stopped. Expected to take 3-5 minutes on an
 # H200 (estimated from figures measured there, not yet timed).
 #
 # Sizes and thresholds come from the environment, e.g. a quick check on a CPU:
@@ -32,7 +34,7 @@ PIPE_LAYERS=${SUITE_PIPE_LAYERS:-24}
 PIPE_HIDDEN=${SUITE_PIPE_HIDDEN-2048}  # empty: pipeline_bench's tiny width (hidden 64)
 PY=${SUITE_PYTHON:-python3}
 OUT=${SUITE_OUT:-$(mktemp -d)}
-STEP_TIMEOUT=${SUITE_STEP_TIMEOUT:-170}  # seconds; three steps stay under 9 minutes
+STEP_TIMEOUT=${SUITE_STEP_TIMEOUT:-130}  # seconds; four steps stay under 9 minutes
 export MIN_PEER=${SUITE_MIN_PEER:-1.30}          # (a) Ouro / unrolled peer, full depth
 export MIN_BW=${SUITE_MIN_BW:-0.35}              # (a) share of the bandwidth bound
 export MIN_COMPILED=${SUITE_MIN_COMPILED:-1.10}  # (b) compiled / plain
@@ -41,7 +43,7 @@ export MAX_ADAPTIVE=${SUITE_MAX_ADAPTIVE:-1.10}  # (d) adaptive / same depths fi
 export MIN_4BIT=${SUITE_MIN_4BIT:-1.30}          # (e) 4-bit / bfloat16 decode
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$OUT"
-rm -f "$OUT/bf16.json" "$OUT/quant.json" "$OUT/pipeline.json"  # no stale figures
+rm -f "$OUT/bf16.json" "$OUT/quant.json" "$OUT/pipeline.json" "$OUT/profile.json"  # no stale figures
 failed=()
 
 limit=()
@@ -75,6 +77,10 @@ pipe=("$PY" "$here/pipeline_bench.py" --layers "$PIPE_LAYERS" --agree 0.02 --dty
       --json-out "$OUT/pipeline.json")
 [ -n "$PIPE_HIDDEN" ] && pipe+=(--hidden "$PIPE_HIDDEN")
 step pipeline "${pipe[@]}"
+# where a token's time goes (host graph building, device run, bandwidth bound) for
+# plain, compiled and the peer: what is left where a target is missed
+step profile "$PY" "$here/decode_profile.py" --shape "$MODEL" --dtype bfloat16 \
+  --prompt "$PROMPT" --tokens "$TOKENS" --json-out "$OUT/profile.json"
 
 echo
 fails=${failed[*]-}
@@ -166,6 +172,11 @@ if pipe:
     if pipe["runs_differing"]:
         notes.append(f"(c): {pipe['runs_differing']} runs gave other tokens than plain "
                      "decoding")
+prof = load("profile.json")
+for r in (prof or {}).get("rows", []):
+    notes.append(f"profile: {r['path']}: {r['decode_ms']:.2f} ms/token decoding; building "
+                 f"its graph {r['build_ms']:.2f} ms, running it {r['run_ms']:.2f} ms, "
+                 f"bandwidth bound {r['bound_ms']:.2f} ms")
 for n in notes:
     print("  " + n)
 EOF

@@ -293,7 +293,10 @@ def test_gpu_suite_runs_at_tiny_sizes(tmp_path):
     assert len(targets) == 7 and not any("no figure" in t for t in targets), summary
     assert all(t.rstrip().endswith((" met", " NOT met")) for t in targets)  # a verdict each
     assert {p.name for p in tmp_path.iterdir()} == {"bf16.json", "quant.json",
-                                                    "pipeline.json"}
+                                                    "pipeline.json", "profile.json"}
+    profile = [line for line in summary.splitlines() if line.strip().startswith("profile:")]
+    assert [line.split(":")[1].strip() for line in profile] == [
+        "ouro plain", "ouro compiled", "mlx-lm llama, unrolled"]
 
 
 def test_bench_without_fusing_keeps_the_stored_layout(tmp_path, capsys):

@@ -116,3 +116,15 @@ def assert_pairs_follow_the_target(run, n: int = 1500) -> None:
         counts[out[1], out[2]] += 1
     expected = exact * n
     assert ((counts - expected) ** 2 / expected).sum() < 37.7
+
+
+# Files that take minutes each, longest first. With `pytest -n auto` (whole files
+# handed to workers, in collection order) they start at once instead of one of them
+# being left running alone on one core at the end.
+SLOW_FILES = ("test_documented_commands.py", "test_quantize.py", "test_chat.py",
+              "test_server.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise

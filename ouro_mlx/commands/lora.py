@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = argparse.SUPPRESS  # always refused: never offered
     g = p.add_argument_group("looped model")
     g.add_argument("--loss", choices=["ouro", "fixed"], default=None,
-                   help="ouro: Stage I, Σ_t p_t·L_t − β·H over every loop step; fixed: "
-                        "cross-entropy at the last step, as mlx_lm.lora. (default: ouro)")
+                   help="ouro: Stage I, Σ_t p_t·L_t − β·H over every loop step (the "
+                        "entropy bonus can take the reported loss below 0 once the "
+                        "answers are learnt); fixed: cross-entropy at the last step, as "
+                        "mlx_lm.lora. (default: ouro)")
     g.add_argument("--beta", type=float, default=None,
                    help="Entropy weight β of --loss ouro. (default: 0.1)")
     g.add_argument("--ut-steps", type=int, default=None,

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ut-steps", type=int, default=None,
                    help="Loop steps (default: the model's trained loop count).")
     p.add_argument("--exits", default="q0.5",
-                   help="Comma list of adaptive exits: qQ (Q-exit) or hE (hidden change).")
+                   help="Comma list of adaptive exits to time: qQ, a Q-exit (generate's "
+                        "--exit-threshold Q), or hE, a hidden-state change below E "
+                        "(generate's --hidden-eps E); e.g. q0.5,q0.9,h0.05.")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
                    help="Quantize the KV cache (group 64; default: not quantized).")
     p.add_argument("--prompt-tokens", "-p", type=int, default=32, help="Prompt length.")

@@ -134,7 +134,7 @@ def loops_command(session: ChatSession, arg: str) -> str:
     n = whole_number(arg)
     if n is None or not 1 <= n <= cap:
         return (f"/loops {arg}: N must be a whole number from 1 to {cap}"
-                + (" (set OURO_MLX_MAX_UT_STEPS to allow more)" if n else ""))
+                + (" (set OURO_MLX_MAX_UT_STEPS to allow more)" if n and n > cap else ""))
     try:
         session.set_loops(n)
     except DecodingClash as e:

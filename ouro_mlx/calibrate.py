@@ -247,8 +247,8 @@ def measure(model, samples: list[Sample], thresholds=THRESHOLDS, *, batch_size: 
 
 
 def measure_with_gate_loss(model, samples: list[Sample], thresholds=THRESHOLDS, *,
-                           batch_size: int = 8, max_seq_length: int = 2048, k: float = 50.0,
-                           gamma: float = 0.005) -> tuple[dict, float | None]:
+                           batch_size: int = 8, max_seq_length: int = 2048
+                           ) -> tuple[dict, float | None]:
     """:func:`measure`, and the Stage II loss that :func:`train_gate` minimises, on the
     same samples (token-weighted; None for a model with one loop step), from the same
     forward passes."""
@@ -271,7 +271,7 @@ def measure_with_gate_loss(model, samples: list[Sample], thresholds=THRESHOLDS, 
             sums[key][0] += loops.item()
             sums[key][1] += loss.item()
         if T >= 2:
-            gate_loss, n_gate = adaptive_gate_loss(step_ce, logits, mask, k, gamma)
+            gate_loss, n_gate = adaptive_gate_loss(step_ce, logits, mask)
             gate_sum += (gate_loss * n_gate).item()
         ntoks += int(m.sum().item())
     n = max(ntoks, 1)

@@ -430,12 +430,18 @@ def set_runtime_defaults(
         model.exit_threshold = check_threshold(exit_threshold)
 
 
+def has_tokenizer(path: Path) -> bool:
+    """Whether ``path`` holds a tokenizer (``tokenizer.json`` or sentencepiece's
+    ``tokenizer.model``)."""
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
 def load_tokenizer(path: Path, config: dict | None = None):
     """mlx-lm's tokenizer wrapper; stops on the config's eos and on ``<|im_end|>``
     (the released configs say eos = 0, but chat turns end with ``<|im_end|>``)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
 
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+    if not has_tokenizer(path):
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json).")
     eos = (config or {}).get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])

@@ -381,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             for k in depths:
                 r = (first.get("exit1") if k == 1 else None) or B.run_ouro(
                     model, ExitRule(T, at_step=k - 1), ids, args.gen_tokens,
-                    name=f"ouro {k} loop{'s' if k > 1 else ''}", **kw)
+                    name=f"ouro {depth_name(k)}", **kw)
                 rows.append(B.as_dict(r))
             for k in draft_ks:
                 for compiled in (False, True) if args.compile_step else (False,):
                     r = B.run_ouro(model, ExitRule(T), ids, args.gen_tokens,
-                                   name=f"ouro draft {k} loop{'s' * (k != 1)}"
+                                   name=f"ouro draft {depth_name(k)}"
                                         f"{' compiled' if compiled else ''}",
                                    draft_loops=k, num_draft_tokens=args.num_draft_tokens,
                                    compile_step=compiled, **kw)
@@ -464,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(results, indent=2), encoding="utf-8"))
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
+
+
+def depth_name(k: int) -> str:
+    """A row's depth: "1 loop", "2 loops"."""
+    return f"{k} loop{'s' * (k != 1)}"
 
 
 def summarize(rows: list[dict], peer: dict | None, T: int) -> dict:

@@ -147,7 +147,7 @@ def summary(last: dict) -> dict:
 def saved_line(out: str, trained: bool) -> str | None:
     """Where the run's latest checkpoint is, and how to use it (None without one).
     ``trained``: whether this run took any step (else it was already at --iters)."""
-    from ..loading import latest_checkpoint
+    from ..loading import has_tokenizer, latest_checkpoint
 
     run = Path(out)
     try:
@@ -160,7 +160,7 @@ def saved_line(out: str, trained: bool) -> str | None:
     where = (f"saved {run / ckpt.name} (step {step})" if trained else
              f"nothing to train: {run / ckpt.name} is already at step {step} (raise --iters "
              "to continue)")
-    if not (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer.model").is_file():
+    if not has_tokenizer(ckpt):
         return (f"{where}; it holds no tokenizer, so generate cannot use it (pass --tokenizer "
                 "DIR, the one the data was prepared with, so checkpoints carry it)")
     return (f"{where}; generate with: ouro-mlx generate --model {shlex.quote(str(run))} "
@@ -183,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer_dir = None
     if args.tokenizer is not None:
-        from ..loading import CONFIG_FILES, TOKENIZER_FILES, CheckpointError, resolve
+        from ..loading import (CONFIG_FILES, TOKENIZER_FILES, CheckpointError, has_tokenizer,
+                               resolve)
 
         tokenizer_dir = resolve(args.tokenizer, allow_patterns=CONFIG_FILES + TOKENIZER_FILES)
-        if not (tokenizer_dir / "tokenizer.json").is_file() and not (
-                tokenizer_dir / "tokenizer.model").is_file():
+        if not has_tokenizer(tokenizer_dir):
             raise CheckpointError(f"--tokenizer {args.tokenizer}: no tokenizer.json in "
                                   f"{tokenizer_dir}.")
     try:
